@@ -1,0 +1,140 @@
+"""`call-pipeline`: the project's command line (demo, UI, simulator, CRM set-up, benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from call_pipeline.crm.database import PROJECT_ROOT, CrmTablesExistError, create_crm_engine, create_crm_tables
+
+
+def _init_db(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("CALL_PIPELINE_CRM_URL")
+    if not url:
+        from call_pipeline.crm.database import DEFAULT_CRM_URL
+
+        url = DEFAULT_CRM_URL
+    engine = create_crm_engine(url)
+    try:
+        create_crm_tables(engine, replace=args.replace)
+    except CrmTablesExistError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"CRM tables created in {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from call_pipeline.demo import run_demo
+
+    return run_demo()
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """The demo CRM and the simulator, with `dagster dev` on top: the sensor and the schedule run
+    live, and runs, backfills and re-executions can be driven from the UI."""
+    from call_pipeline.demo import DEMO_DIR, seed_demo_crm
+
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    crm_file = DEMO_DIR / "ui-crm.sqlite3"
+    crm_url = f"sqlite:///{crm_file}"
+    if args.reset or not crm_file.exists():
+        seed_demo_crm(crm_url)
+    home = DEMO_DIR / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(name, None)
+    sim_port = args.simulator_port
+    env.update({
+        "DAGSTER_HOME": str(home),
+        "CALL_PIPELINE_CRM_URL": crm_url,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "demo-access-key",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "demo-access-secret",
+        "OUTBOUNDBOT_INSTANCE_ID": "demo-instance",
+        "OUTBOUNDBOT_ENDPOINT": f"127.0.0.1:{sim_port}",
+        "OUTBOUNDBOT_PROTOCOL": "http",
+        "DASHSCOPE_API_KEY": "sk-demo",
+        "DASHSCOPE_HTTP_BASE_URL": f"http://127.0.0.1:{sim_port}/api/v1",
+        "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS": env.get("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", "120"),
+    })
+    simulator_cmd = [sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
+                     "--port", str(sim_port), "--from-crm", crm_url]
+    for task_id in (1, 2, 3):
+        simulator_cmd += ["--task-id", str(task_id)]
+    dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+                   "-p", str(args.port), "-h", "127.0.0.1"]
+    simulator = subprocess.Popen(simulator_cmd, env=env, cwd=PROJECT_ROOT)
+    time.sleep(1.0)
+    print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}); Ctrl-C stops both.")
+    dagster = subprocess.Popen(dagster_cmd, env=env, cwd=PROJECT_ROOT)
+    try:
+        return dagster.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in (dagster, simulator):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in (dagster, simulator):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from call_pipeline.simulator.__main__ import main as simulator_main
+
+    return simulator_main(args.rest) or 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from call_pipeline.bench import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="call-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-db", help="create the CRM tables in an empty database")
+    p.add_argument("--url", help="SQLAlchemy URL (default: CALL_PIPELINE_CRM_URL, else the SQLite default)")
+    p.add_argument("--replace", action="store_true", help="drop and recreate existing CRM tables (demo/test only)")
+    p.set_defaults(func=_init_db)
+
+    p = sub.add_parser("demo", help="run sync_call_task end to end on a SQLite CRM and the simulator")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("ui", help="the demo CRM and simulator under `dagster dev`")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--simulator-port", type=int, default=8765)
+    p.add_argument("--reset", action="store_true", help="recreate the demo CRM")
+    p.set_defaults(func=_ui)
+
+    p = sub.add_parser("simulator", help="the OutboundBot + DashScope simulator (see --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_simulator)
+
+    p = sub.add_parser("bench", help="the performance benchmark (see --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+

@@ -1,0 +1,239 @@
+"""The one wrapper around Alibaba Cloud OutboundBot (API 2019-12-26), on the real SDK.
+
+What it absorbs from the SDK (see shared/reference/aliyun-apis.md):
+- Retries: the SDK's own `Config(retry_options=...)` retries throttling, 5xx and network errors
+  with backoff (its `RuntimeOptions.autoretry` is ignored, and it retries nothing by default).
+- Every request that goes out, retries included, passes the shared rate limiter: the SDK retries
+  inside its own loop, so a limiter around the call would miss them. The SDK has no per-request
+  hook, so the limiter sits in a requests transport adapter mounted on the SDK's session.
+- Proxies: the SDK reads HTTP(S)_PROXY itself and ignores NO_PROXY; the same adapter drops the
+  proxy for hosts that NO_PROXY (or loopback) excludes.
+- HTTP 200 with `Success: false` is an error (the SDK does not raise on it).
+- `ListJobs` takes at most 99 job ids; the wrapper refuses more, and `list_jobs_batched` splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from alibabacloud_outboundbot20191226 import models as ob
+from alibabacloud_outboundbot20191226.client import Client
+from alibabacloud_tea_openapi import models as open_api_models
+from darabonba.core import DaraCore
+from darabonba.policy.retry import RetryCondition, RetryOptions
+from requests.adapters import HTTPAdapter
+from requests.utils import should_bypass_proxies
+from Tea.exceptions import TeaException, UnretryableException
+
+from call_pipeline.clients.limits import SharedRateLimiter
+
+log = logging.getLogger(__name__)
+
+LIST_JOBS_MAX_IDS = 99
+RETRYABLE_CODES = [
+    "Throttling",
+    "Throttling.User",
+    "Throttling.Api",
+    "ServiceUnavailable",
+    "InternalError",
+]
+
+
+class OutboundBotError(RuntimeError):
+    """A failed OutboundBot call, after the SDK's retries. Never carries credentials."""
+
+    def __init__(self, action: str, code: str | None, message: str, request_id: str | None = None,
+                 retryable: bool = False) -> None:
+        self.action = action
+        self.code = code
+        self.request_id = request_id
+        self.retryable = retryable
+        super().__init__(f"OutboundBot {action} failed: {code or 'error'}: {message}"
+                         + (f" (request id {request_id})" if request_id else ""))
+
+
+@dataclass(frozen=True)
+class OutboundBotSettings:
+    access_key_id: str
+    access_key_secret: str
+    instance_id: str
+    endpoint: str = "outboundbot.cn-shanghai.aliyuncs.com"
+    protocol: str = "https"
+    max_qps: float = 20.0
+    connect_timeout_ms: int = 5000
+    read_timeout_ms: int = 10000
+    max_attempts: int = 3
+    backoff_ms: int = 500
+    max_backoff_ms: int = 8000
+
+
+def build_retry_options(max_attempts: int, backoff_ms: int, max_backoff_ms: int) -> RetryOptions:
+    return RetryOptions({
+        "retryable": True,
+        "retryCondition": [RetryCondition({
+            "maxAttempts": max_attempts,
+            # RetryError is how the SDK reports timeouts and refused connections.
+            "exception": ["ThrottlingException", "ServerException", "RetryError"],
+            "errorCode": RETRYABLE_CODES,
+            "backoff": {"policy": "ExponentialWithEqualJitter", "period": backoff_ms, "cap": max_backoff_ms},
+            "maxDelay": max_backoff_ms * 4,
+        })],
+    })
+
+
+class _GatedAdapter(HTTPAdapter):
+    """Transport adapter for one OutboundBot host: waits for the rate limiter before every
+    request (each retry included) and drops proxies the host is excluded from."""
+
+    def __init__(self, limiter: SharedRateLimiter | None, bypass_proxy: bool) -> None:
+        super().__init__(pool_connections=4, pool_maxsize=64)
+        self.limiter = limiter
+        self.bypass_proxy = bypass_proxy
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        if self.limiter is not None:
+            self.limiter.acquire()
+        if self.bypass_proxy:
+            proxies = {}
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+
+
+_gates: dict[str, _GatedAdapter] = {}
+_gates_lock = threading.Lock()
+_original_get_session = DaraCore._get_session
+
+
+def _get_session_with_gates(*args, **kwargs):
+    session = _original_get_session(*args, **kwargs)
+    for prefix, adapter in list(_gates.items()):
+        if session.adapters.get(prefix) is not adapter:
+            session.mount(prefix, adapter)
+    return session
+
+
+def _install_gate(protocol: str, endpoint: str, adapter: _GatedAdapter) -> None:
+    prefix = f"{protocol.lower()}://{endpoint.rstrip('/')}"
+    with _gates_lock:
+        _gates[prefix] = adapter
+        # Patched once per process; the SDK's sessions are process-wide and cached by host.
+        if DaraCore._get_session is not _get_session_with_gates:
+            DaraCore._get_session = staticmethod(_get_session_with_gates)
+
+
+def _bypasses_proxy(protocol: str, endpoint: str) -> bool:
+    host = endpoint.split(":")[0]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return True
+    return bool(should_bypass_proxies(f"{protocol}://{endpoint}/", no_proxy=None))
+
+
+class OutboundBotClient:
+    def __init__(self, settings: OutboundBotSettings, limiter: SharedRateLimiter | None = None) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        config = open_api_models.Config(
+            access_key_id=settings.access_key_id,
+            access_key_secret=settings.access_key_secret,
+            endpoint=settings.endpoint,
+            protocol=settings.protocol,
+            region_id="cn-shanghai",
+            connect_timeout=settings.connect_timeout_ms,
+            read_timeout=settings.read_timeout_ms,
+            retry_options=build_retry_options(settings.max_attempts, settings.backoff_ms,
+                                              settings.max_backoff_ms),
+        )
+        self._client = Client(config)
+        _install_gate(settings.protocol, settings.endpoint,
+                      _GatedAdapter(limiter, _bypasses_proxy(settings.protocol, settings.endpoint)))
+
+    def _call(self, action: str, method, request) -> dict[str, Any]:
+        try:
+            response = method(request)
+        except TeaException as exc:
+            raise _to_error(action, exc) from None
+        except (requests.RequestException, OSError) as exc:
+            raise OutboundBotError(action, "NetworkError", str(exc), retryable=True) from None
+        body = response.body.to_map() if response.body is not None else {}
+        if body.get("Success") is False:
+            raise OutboundBotError(
+                action,
+                body.get("Code"),
+                body.get("Message") or f"HTTP 200 with Success=false (HttpStatusCode {body.get('HttpStatusCode')})",
+                body.get("RequestId"),
+                retryable=False,
+            )
+        return body
+
+    def list_jobs_by_group(self, job_group_id: str, page_number: int, page_size: int) -> dict[str, Any]:
+        request = ob.ListJobsByGroupRequest(
+            instance_id=self.instance_id, job_group_id=job_group_id,
+            page_number=page_number, page_size=page_size,
+        )
+        return self._call("ListJobsByGroup", self._client.list_jobs_by_group, request)
+
+    def iter_job_group_pages(self, job_group_id: str, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every page of a job group, in order, until TotalCount is covered or a page is empty."""
+        page_number = 1
+        while True:
+            body = self.list_jobs_by_group(job_group_id, page_number, page_size)
+            jobs = body.get("Jobs") or {}
+            listed = jobs.get("List") or []
+            yield body
+            total = int(jobs.get("TotalCount") or 0)
+            if not listed or page_number * page_size >= total:
+                return
+            page_number += 1
+
+    def list_jobs(self, job_ids: Sequence[str]) -> dict[str, Any]:
+        if len(job_ids) > LIST_JOBS_MAX_IDS:
+            raise ValueError(f"ListJobs takes at most {LIST_JOBS_MAX_IDS} job ids, got {len(job_ids)}")
+        if not job_ids:
+            return {"Jobs": []}
+        request = ob.ListJobsRequest(instance_id=self.instance_id, job_id=list(job_ids))
+        return self._call("ListJobs", self._client.list_jobs, request)
+
+    def list_jobs_batched(self, job_ids: Sequence[str]) -> Iterator[tuple[list[str], dict[str, Any]]]:
+        """(the batch's ids, its answer) for calls of at most 99 ids."""
+        ids = list(job_ids)
+        for start in range(0, len(ids), LIST_JOBS_MAX_IDS):
+            batch = ids[start:start + LIST_JOBS_MAX_IDS]
+            yield batch, self.list_jobs(batch)
+
+    def download_recording(self, call_task_id: str) -> str:
+        """The recording's SignatureUrl for a call attempt (the task id, not the job id)."""
+        request = ob.DownloadRecordingRequest(instance_id=self.instance_id, task_id=call_task_id)
+        body = self._call("DownloadRecording", self._client.download_recording, request)
+        url = (body.get("DownloadParams") or {}).get("SignatureUrl")
+        if not url:
+            raise OutboundBotError("DownloadRecording", "NoSignatureUrl",
+                                   f"no DownloadParams.SignatureUrl for task {call_task_id}",
+                                   body.get("RequestId"))
+        return url
+
+    def describe_job_group(self, job_group_id: str) -> dict[str, Any]:
+        request = ob.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
+        return self._call("DescribeJobGroup", self._client.describe_job_group, request)
+
+
+def _to_error(action: str, exc: TeaException) -> OutboundBotError:
+    data = getattr(exc, "data", None) or {}
+    code = getattr(exc, "code", None) or (data.get("Code") if isinstance(data, dict) else None)
+    message = data.get("Message") if isinstance(data, dict) and data.get("Message") else None
+    if message is None:
+        inner = getattr(exc, "inner_exception", None)
+        message = str(inner or getattr(exc, "message", None) or exc)
+    request_id = getattr(exc, "request_id", None) or (data.get("RequestId") if isinstance(data, dict) else None)
+    status = getattr(exc, "status_code", None)
+    retryable = (
+        isinstance(exc, UnretryableException)
+        or code in RETRYABLE_CODES
+        or (isinstance(status, int) and status >= 500)
+    )
+    if isinstance(exc, UnretryableException) and code is None:
+        code = "NetworkError" if "timed out" in message.lower() or "connect" in message.lower() else "BadResponse"
+    return OutboundBotError(action, code, message[:500], request_id, retryable=retryable)

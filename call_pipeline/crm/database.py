@@ -1,0 +1,92 @@
+"""Engines for the CRM database (MySQL/MariaDB in production, SQLite for the demo) and the
+command that creates the CRM tables in an empty database."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+
+from call_pipeline.crm.schema import CRM_TABLES, metadata
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
+DEFAULT_CRM_URL = f"sqlite:///{DEFAULT_DATA_DIR / 'crm.sqlite3'}"
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+class CrmTablesExistError(RuntimeError):
+    """The target database already has CRM tables and was not told to replace them."""
+
+
+def _enable_sqlite_concurrency(engine: Engine) -> None:
+    # The demo runs ops in threads and runs in separate processes against one SQLite file:
+    # WAL lets readers proceed during a write, and busy_timeout waits for a lock instead of failing.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+
+def create_crm_engine(url: str) -> Engine:
+    """A new engine for the CRM. MySQL connections are checked before use (`pool_pre_ping`) so
+    a connection killed by the server or a network blip is replaced instead of failing a step."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _enable_sqlite_concurrency(engine)
+        return engine
+    if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return create_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_size=8,
+        max_overflow=16,
+        connect_args={"connect_timeout": 10, "read_timeout": 60, "write_timeout": 60},
+    )
+
+
+def get_crm_engine(url: str) -> Engine:
+    """The process-wide engine for `url`: ops of one run share its connection pool."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = create_crm_engine(url)
+        return engine
+
+
+def dispose_crm_engines() -> None:
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def existing_crm_tables(engine: Engine) -> list[str]:
+    names = set(inspect(engine).get_table_names())
+    return [table.name for table in CRM_TABLES if table.name in names]
+
+
+def create_crm_tables(engine: Engine, *, replace: bool = False) -> None:
+    """Create the CRM tables. Refuses to touch a database that already has any of them, unless
+    `replace` is set, which drops and recreates them (demo and test databases only)."""
+    existing = existing_crm_tables(engine)
+    if existing and not replace:
+        raise CrmTablesExistError(
+            f"the database already has CRM tables {existing}; refusing to touch them "
+            "(pass --replace to drop and recreate them, for a demo or test database only)"
+        )
+    if existing:
+        metadata.drop_all(engine, tables=list(CRM_TABLES))
+    metadata.create_all(engine, tables=list(CRM_TABLES))

@@ -1,0 +1,350 @@
+"""Every SQL statement the pipeline runs against the CRM, in one place.
+
+Each function reads only the rows that still need a step's work, and each write is guarded in
+SQL so that any step, run or partition can be re-executed at any time: a rerun writes nothing
+twice, and two runs at once cannot both win the same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+
+from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
+from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
+from call_pipeline.domain.followups import FollowUp
+from call_pipeline.domain.matching import LeadMatch
+from call_pipeline.domain.task_state import LeadCounts
+
+ACTIVE_TASK_TYPES = (2, 3)
+_L = leads_task_list
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: int
+    task_name: str
+    task_type: int
+    job_group_id: str | None
+    organization_id: int | None
+
+
+@dataclass(frozen=True)
+class LeadForFollowUp:
+    lead_row_id: int
+    leads_id: int
+    call_job_id: str
+    call_status: str | None
+    call_conversation: str | None
+
+
+@dataclass(frozen=True)
+class LeadForRecording:
+    lead_row_id: int
+    call_job_id: str
+    call_task_id: str
+
+
+def _has_text(column):
+    return and_(column.is_not(None), column != "")
+
+
+def _is_blank(column):
+    return or_(column.is_(None), column == "")
+
+
+def _task_row(row) -> TaskRow:
+    return TaskRow(
+        id=int(row.id),
+        task_name=row.task_name,
+        task_type=int(row.task_type),
+        job_group_id=row.job_group_id,
+        organization_id=row.organization_id,
+    )
+
+
+# ---- step 1: tasks ----------------------------------------------------------------------------
+
+_TASK_COLUMNS = (
+    call_tasks.c.id,
+    call_tasks.c.task_name,
+    call_tasks.c.task_type,
+    call_tasks.c.job_group_id,
+    call_tasks.c.organization_id,
+)
+
+
+def fetch_active_tasks(conn: Connection) -> list[TaskRow]:
+    """Step 1: tasks at 2 or 3 with a non-empty job group."""
+    stmt = (
+        select(*_TASK_COLUMNS)
+        .where(call_tasks.c.task_type.in_(ACTIVE_TASK_TYPES), _has_text(call_tasks.c.job_group_id))
+        .order_by(call_tasks.c.id)
+    )
+    return [_task_row(row) for row in conn.execute(stmt)]
+
+
+def fetch_tasks_in_progress(conn: Connection) -> list[TaskRow]:
+    """Tasks at 2 or 3, with or without a job group: the schedule evaluates their state."""
+    stmt = select(*_TASK_COLUMNS).where(call_tasks.c.task_type.in_(ACTIVE_TASK_TYPES)).order_by(call_tasks.c.id)
+    return [_task_row(row) for row in conn.execute(stmt)]
+
+
+def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
+    row = conn.execute(select(*_TASK_COLUMNS).where(call_tasks.c.id == task_id)).first()
+    return _task_row(row) if row else None
+
+
+# ---- step 2: matching -------------------------------------------------------------------------
+
+
+def fetch_leads_for_matching(
+    conn: Connection, task_id: int, reference_ids: Sequence[str] = (), leads_ids: Sequence[int] = ()
+) -> pd.DataFrame:
+    """The task's leads a page's jobs can concern: every lead without a job (the candidates), plus
+    the leads that already have one but whose reference id (or legacy-reference leads_id) the
+    page's jobs carry, so that a second job for an already-matched lead is recognised as such
+    instead of falling through to phone matching. Reading only these, not every lead of the task
+    for every page, keeps matching a large task's pages cheap."""
+    concerned = [_is_blank(_L.c.call_job_id)]
+    if reference_ids:
+        concerned.append(_L.c.reference_id.in_(sorted(set(reference_ids))))
+    if leads_ids:
+        concerned.append(_L.c.leads_id.in_(sorted(set(leads_ids))))
+    stmt = (
+        select(_L.c.id, _L.c.leads_id, _L.c.reference_id, _L.c.leads_phone, _L.c.call_job_id)
+        .where(_L.c.task_id == task_id, or_(*concerned))
+        .order_by(_L.c.id)
+    )
+    rows = conn.execute(stmt).all()
+    return pd.DataFrame(rows, columns=["id", "leads_id", "reference_id", "leads_phone", "call_job_id"])
+
+
+def fetch_assigned_job_ids(conn: Connection, task_id: int, job_ids: Sequence[str]) -> set[str]:
+    """Which of `job_ids` some lead of the task already holds (strategy 4: keep it)."""
+    if not job_ids:
+        return set()
+    stmt = select(_L.c.call_job_id).where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(job_ids)))
+    return {row.call_job_id for row in conn.execute(stmt)}
+
+
+def assign_jobs_to_leads(conn: Connection, task_id: int, matches: Sequence[LeadMatch], now: datetime) -> int:
+    """One bulk, conditional write per page. A lead that got a job meanwhile keeps it, and a
+    provisional `Failed` (set while the lead had no job) is cleared so step 3 picks the lead up."""
+    if not matches:
+        return 0
+    stmt = (
+        update(_L)
+        .where(
+            _L.c.id == bindparam("b_id"),
+            _L.c.task_id == bindparam("b_task_id"),
+            _is_blank(_L.c.call_job_id),
+        )
+        .values(call_job_id=bindparam("b_job_id"), call_status=None, updated_time=bindparam("b_now"))
+    )
+    params = [{"b_id": m.lead_row_id, "b_task_id": task_id, "b_job_id": m.job_id, "b_now": now} for m in matches]
+    result = conn.execute(stmt, params)
+    return int(result.rowcount or 0)
+
+
+def mark_unmatched_leads_failed(conn: Connection, task_id: int, now: datetime) -> int:
+    """After the last page: a lead with no job but with a reference id or a phone is marked
+    `Failed` (provisional: a later match clears it)."""
+    stmt = (
+        update(_L)
+        .where(
+            _L.c.task_id == task_id,
+            _is_blank(_L.c.call_job_id),
+            or_(_has_text(_L.c.reference_id), _has_text(_L.c.leads_phone)),
+            or_(_L.c.call_status.is_(None), _L.c.call_status != "Failed"),
+        )
+        .values(call_status="Failed", updated_time=now)
+    )
+    return int(conn.execute(stmt).rowcount or 0)
+
+
+# ---- step 3: call results ---------------------------------------------------------------------
+
+
+def _needs_result():
+    return and_(
+        _has_text(_L.c.call_job_id),
+        or_(_L.c.call_status.is_(None), _L.c.call_status.not_in(sorted(TERMINAL_JOB_STATUSES))),
+    )
+
+
+def fetch_job_ids_needing_results(
+    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
+) -> list[str]:
+    """Job ids of the task's leads whose status is empty or not yet terminal."""
+    stmt = select(_L.c.call_job_id).where(_L.c.task_id == task_id, _needs_result()).order_by(_L.c.id)
+    if job_ids is not None:
+        stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+    return [row.call_job_id for row in conn.execute(stmt)]
+
+
+def store_call_results(conn: Connection, task_id: int, results: Sequence[CallResult], now: datetime) -> int:
+    """A terminal status is never overwritten: a rerun or a late answer cannot move a lead back."""
+    if not results:
+        return 0
+    stmt = (
+        update(_L)
+        .where(
+            _L.c.task_id == bindparam("b_task_id"),
+            _L.c.call_job_id == bindparam("b_job_id"),
+            or_(_L.c.call_status.is_(None), _L.c.call_status.not_in(sorted(TERMINAL_JOB_STATUSES))),
+        )
+        .values(
+            call_status=bindparam("b_status"),
+            call_conversation=bindparam("b_conversation"),
+            planed_time=bindparam("b_planed_time"),
+            updated_time=bindparam("b_now"),
+            call_task_id=bindparam("b_call_task_id"),
+            calling_number=bindparam("b_calling_number"),
+        )
+    )
+    params = [
+        {
+            "b_task_id": task_id,
+            "b_job_id": r.job_id,
+            "b_status": r.call_status,
+            "b_conversation": r.call_conversation,
+            "b_planed_time": r.planed_time,
+            "b_now": now,
+            "b_call_task_id": r.call_task_id,
+            "b_calling_number": r.calling_number,
+        }
+        for r in results
+    ]
+    return int(conn.execute(stmt, params).rowcount or 0)
+
+
+# ---- step 4: recordings -----------------------------------------------------------------------
+
+
+def fetch_leads_needing_recording(
+    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
+) -> list[LeadForRecording]:
+    stmt = (
+        select(_L.c.id, _L.c.call_job_id, _L.c.call_task_id)
+        .where(
+            _L.c.task_id == task_id,
+            _L.c.call_status == "Succeeded",
+            _has_text(_L.c.call_task_id),
+            _is_blank(_L.c.recording_url),
+        )
+        .order_by(_L.c.id)
+    )
+    if job_ids is not None:
+        stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+    return [LeadForRecording(int(r.id), r.call_job_id, r.call_task_id) for r in conn.execute(stmt)]
+
+
+def store_recording_urls(conn: Connection, urls: Sequence[tuple[int, str]], now: datetime) -> int:
+    """`urls` is (lead row id, SignatureUrl); only a lead still without a recording is written."""
+    if not urls:
+        return 0
+    stmt = (
+        update(_L)
+        .where(_L.c.id == bindparam("b_id"), _is_blank(_L.c.recording_url))
+        .values(recording_url=bindparam("b_url"), updated_time=bindparam("b_now"))
+    )
+    params = [{"b_id": lead_row_id, "b_url": url, "b_now": now} for lead_row_id, url in urls]
+    return int(conn.execute(stmt, params).rowcount or 0)
+
+
+# ---- step 5: follow-ups -----------------------------------------------------------------------
+
+
+def fetch_leads_needing_follow_up(
+    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
+) -> list[LeadForFollowUp]:
+    stmt = (
+        select(_L.c.id, _L.c.leads_id, _L.c.call_job_id, _L.c.call_status, _L.c.call_conversation)
+        .where(
+            _L.c.task_id == task_id,
+            _has_text(_L.c.call_job_id),
+            _L.c.leads_follow_id.is_(None),
+            _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)),
+        )
+        .order_by(_L.c.id)
+    )
+    if job_ids is not None:
+        stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+    return [
+        LeadForFollowUp(int(r.id), int(r.leads_id), r.call_job_id, r.call_status, r.call_conversation)
+        for r in conn.execute(stmt)
+    ]
+
+
+def create_follow_up(engine: Engine, lead: LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
+    """Insert the follow-up and link it to the lead in ONE transaction. The link is conditional on
+    `leads_follow_id IS NULL`: when another run got there first the insert is rolled back, so a
+    lead never has two follow-ups. Returns the new follow id, or None when another run won."""
+    with engine.connect() as conn, conn.begin() as tx:
+        follow_id = conn.execute(
+            dcc_leads_follow.insert().values(
+                leads_id=lead.leads_id,
+                follow_time=now,
+                leads_remark=follow_up.leads_remark,
+                frist_follow_time=now,
+                new_follow_time=now,
+                next_follow_time=follow_up.next_follow_time,
+            )
+        ).inserted_primary_key[0]
+        linked = conn.execute(
+            update(_L)
+            .where(_L.c.id == lead.lead_row_id, _L.c.leads_follow_id.is_(None))
+            .values(leads_follow_id=follow_id, is_interested=follow_up.is_interested, updated_time=now)
+        ).rowcount
+        if not linked:
+            tx.rollback()
+            return None
+    return int(follow_id)
+
+
+# ---- task state -------------------------------------------------------------------------------
+
+
+def count_task_leads(conn: Connection, task_id: int) -> LeadCounts:
+    """Only leads with a job count (SPEC §4)."""
+    has_job = _has_text(_L.c.call_job_id)
+    terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
+    stmt = select(
+        func.count().filter(has_job),
+        func.count().filter(and_(has_job, terminal)),
+        func.count().filter(and_(has_job, _L.c.is_interested.is_not(None))),
+    ).where(_L.c.task_id == task_id)
+    with_job, with_terminal, with_interest = conn.execute(stmt).one()
+    return LeadCounts(
+        with_job=int(with_job or 0),
+        with_terminal_status=int(with_terminal or 0),
+        with_interest=int(with_interest or 0),
+    )
+
+
+def advance_task_type(conn: Connection, task_id: int, from_type: int, to_type: int, now: datetime) -> bool:
+    """Transitions only go up, guarded in SQL: the update applies only while the task is still
+    at `from_type`."""
+    if to_type <= from_type:
+        return False
+    stmt = (
+        update(call_tasks)
+        .where(call_tasks.c.id == task_id, call_tasks.c.task_type == from_type)
+        .values(task_type=to_type, updated_time=now)
+    )
+    return bool(conn.execute(stmt).rowcount)
+
+
+def count_statuses(conn: Connection, task_id: int) -> dict[str, int]:
+    """Leads per call_status, for the run summary."""
+    stmt = (
+        select(func.coalesce(_L.c.call_status, ""), func.count())
+        .where(_L.c.task_id == task_id)
+        .group_by(func.coalesce(_L.c.call_status, ""))
+    )
+    return {(status or "(none)"): int(n) for status, n in conn.execute(stmt)}

@@ -1,0 +1,88 @@
+"""The CRM tables of SPEC §2 as SQLAlchemy Core objects.
+
+The pipeline owns none of these tables: it reads and writes only the columns below, never adds
+columns and never deletes rows. The same definitions create the tables on MySQL/MariaDB
+(utf8mb4) for the tests and on SQLite for the embedded demo.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+
+metadata = MetaData()
+
+# SQLite only auto-increments an `INTEGER PRIMARY KEY`, so BIGINT ids become INTEGER there.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+_TINYINT = SmallInteger().with_variant(mysql.TINYINT(), "mysql", "mariadb")
+_LONGTEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+_MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_unicode_ci", "mysql_engine": "InnoDB"}
+
+call_tasks = Table(
+    "call_tasks",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("task_name", String(255), nullable=False),
+    Column("organization_id", BigInteger, nullable=True),
+    # 1 created, 2 calling, 3 calls done / follow-up running, 4 follow-up done
+    Column("task_type", _TINYINT, nullable=False, server_default="1"),
+    Column("job_group_id", String(64), nullable=True),
+    Column("created_time", DateTime, nullable=True),
+    Column("updated_time", DateTime, nullable=True),
+    **_MYSQL_TABLE_ARGS,
+)
+
+leads_task_list = Table(
+    "leads_task_list",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("task_id", BigInteger, nullable=False),
+    Column("leads_id", BigInteger, nullable=False),
+    Column("organization_id", BigInteger, nullable=True),
+    Column("leads_phone", String(32), nullable=True),
+    # written at task creation: f"{task_id}{organization_id}{leads_id}"
+    Column("reference_id", String(128), nullable=True),
+    Column("call_job_id", String(64), nullable=True),
+    Column("call_status", String(32), nullable=True),
+    Column("call_conversation", _LONGTEXT, nullable=True),
+    Column("planed_time", DateTime, nullable=True),
+    Column("updated_time", DateTime, nullable=True),
+    Column("call_task_id", String(64), nullable=True),
+    Column("calling_number", String(32), nullable=True),
+    Column("recording_url", String(2048), nullable=True),
+    Column("leads_follow_id", BigInteger, nullable=True),
+    # 0 cannot tell, 1 interested, 2 not interested
+    Column("is_interested", _TINYINT, nullable=True),
+    Index("idx_task", "task_id"),
+    Index("idx_job", "call_job_id"),
+    Index("idx_call_task", "call_task_id"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+dcc_leads_follow = Table(
+    "dcc_leads_follow",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),  # the follow_id
+    Column("leads_id", BigInteger, nullable=False),
+    Column("follow_time", DateTime, nullable=False),
+    Column("leads_remark", Text, nullable=True),
+    # The misspelling is the real column name in the CRM.
+    Column("frist_follow_time", DateTime, nullable=True),
+    Column("new_follow_time", DateTime, nullable=True),
+    Column("next_follow_time", DateTime, nullable=True),
+    **_MYSQL_TABLE_ARGS,
+)
+
+CRM_TABLES = (call_tasks, leads_task_list, dcc_leads_follow)

@@ -1,0 +1,166 @@
+"""Step 3: turn ListJobs answers into the values written to a lead (SPEC §3 step 3)."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from call_pipeline.domain._values import clean_text
+
+TERMINAL_JOB_STATUSES = frozenset({"Succeeded", "Failed", "Cancelled"})
+NON_TERMINAL_JOB_STATUSES = frozenset({"Scheduling", "Executing", "Paused", "Drafted"})
+
+# Epoch values below this are seconds: 1e11 ms is 1973, 1e11 s is the year 5138.
+_SECONDS_BELOW = 1e11
+
+
+def is_terminal_status(status: str | None) -> bool:
+    text = clean_text(status)
+    return text in TERMINAL_JOB_STATUSES
+
+
+def _zone(tz: str | ZoneInfo) -> ZoneInfo:
+    return tz if isinstance(tz, ZoneInfo) else ZoneInfo(tz)
+
+
+def _epoch_number(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        text = clean_text(value)
+        if text is None:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+    return number if math.isfinite(number) else None
+
+
+def epoch_to_crm_datetime(value: object, tz: str | ZoneInfo) -> datetime | None:
+    """An API epoch time (ms, or s by magnitude) as a naive datetime in the CRM's zone.
+
+    Truncated to whole seconds: MySQL DATETIME rounds fractions while SQLite keeps them, and the
+    two back ends should store the same value.
+    """
+    number = _epoch_number(value)
+    if number is None or number <= 0:
+        return None
+    seconds = number if number < _SECONDS_BELOW else number / 1000.0
+    try:
+        moment = datetime.fromtimestamp(int(seconds), tz=_zone(tz))
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class CallResult:
+    job_id: str
+    call_status: str | None
+    call_conversation: str | None
+    planed_time: datetime | None
+    call_task_id: str | None
+    calling_number: str | None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass
+class ListJobsParse:
+    results: list[CallResult] = field(default_factory=list)
+    missing_job_ids: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _conversation(raw: object, problems: list[str]) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        problems.append(f"conversation is a {type(raw).__name__}, not a list; not stored")
+        return None
+    if not raw:
+        return None
+    # default=str: a stray non-JSON value inside an entry must not lose the whole transcript.
+    return json.dumps(raw, ensure_ascii=False, default=str)
+
+
+def parse_list_jobs_job(job: dict, tz: str | ZoneInfo) -> CallResult:
+    """One ListJobs job → the lead's new values; raises ValueError only when the job has no JobId."""
+    if not isinstance(job, dict):
+        raise ValueError(f"job is a {type(job).__name__}, not an object")
+    job_id = clean_text(job.get("JobId"))
+    if job_id is None:
+        raise ValueError("job has no JobId, so it cannot be tied to a lead")
+    problems: list[str] = []
+
+    tasks = job.get("Tasks")
+    last: dict = {}
+    if not isinstance(tasks, list) or not tasks:
+        problems.append("job has no call attempts")
+    elif not isinstance(tasks[-1], dict):
+        problems.append(f"last call attempt is a {type(tasks[-1]).__name__}, not an object")
+    else:
+        last = tasks[-1]
+
+    status = clean_text(job.get("Status"))
+    if status is None:
+        status = clean_text(last.get("Status"))
+        if status is not None:
+            problems.append(f"job has no Status; used the last call attempt's status {status!r}")
+    if status is None:
+        problems.append("job has no status")
+    elif status not in TERMINAL_JOB_STATUSES and status not in NON_TERMINAL_JOB_STATUSES:
+        problems.append(f"unknown job status {status!r}; stored as is and queried again later")
+
+    raw_time = last.get("PlanedTime")
+    planed_time = epoch_to_crm_datetime(raw_time, tz)
+    if planed_time is None and clean_text(raw_time) not in (None, "0"):
+        problems.append(f"PlanedTime {raw_time!r} is not an epoch time; not stored")
+
+    return CallResult(
+        job_id=job_id,
+        call_status=status,
+        call_conversation=_conversation(last.get("Conversation"), problems),
+        planed_time=planed_time,
+        call_task_id=clean_text(last.get("TaskId")),
+        calling_number=clean_text(last.get("CallingNumber")),
+        problems=tuple(problems),
+    )
+
+
+def parse_list_jobs_body(body: dict, requested_job_ids: list[str], tz: str | ZoneInfo) -> ListJobsParse:
+    """A ListJobs body → one result per requested job it contains; the rest are reported missing."""
+    parsed = ListJobsParse()
+    requested = list(dict.fromkeys(j for j in map(clean_text, requested_job_ids) if j is not None))
+    jobs = body.get("Jobs") if isinstance(body, dict) else None
+    if jobs is None:
+        parsed.problems.append("response has no Jobs")
+        jobs = []
+    elif not isinstance(jobs, list):
+        parsed.problems.append(f"response Jobs is a {type(jobs).__name__}, not a list")
+        jobs = []
+
+    wanted = set(requested)
+    found: set[str] = set()
+    for position, job in enumerate(jobs, start=1):
+        try:
+            result = parse_list_jobs_job(job, tz)
+        except ValueError as exc:
+            parsed.problems.append(f"job #{position} in the response: {exc}")
+            continue
+        if result.job_id not in wanted:
+            parsed.problems.append(f"job {result.job_id} was returned but not requested; ignored")
+            continue
+        if result.job_id in found:
+            parsed.problems.append(f"job {result.job_id} was returned twice; the first is used")
+            continue
+        found.add(result.job_id)
+        parsed.results.append(result)
+    parsed.missing_job_ids = [j for j in requested if j not in found]
+    return parsed

@@ -1,0 +1,96 @@
+"""The Markdown summary attached to a task run's metadata in the Dagster UI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from call_pipeline.domain.task_state import TASK_TYPE_NAMES
+
+_VERDICTS = ((0, "cannot tell"), (1, "interested"), (2, "not interested"))
+_SOURCES = (("llm", "AI analysis"), ("no_conversation", "no conversation"), ("ai_fallback", "AI fallback"))
+_MATCH_ROWS = (
+    ("reference_id", "leads matched by reference_id"),
+    ("legacy_reference_id", "leads matched by legacy reference id"),
+    ("phone", "leads matched by phone"),
+    ("already_matched", "jobs already matched (kept)"),
+    ("unmatched_jobs", "jobs left unmatched"),
+)
+
+
+def sum_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
+    """Add up per-page count dicts (e.g. MatchResult.counts()) into one."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0) + int(value or 0)
+    return total
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value: object) -> str:
+    return "0" if value is None else _cell(value)
+
+
+def _lookup(counts: Mapping, key: object) -> object:
+    # Verdict keys arrive as ints from Python and as strings after a JSON round trip.
+    return counts.get(key, counts.get(str(key)))
+
+
+def _task_type(value: object) -> str:
+    if value is None:
+        return "—"
+    name = TASK_TYPE_NAMES.get(value) if isinstance(value, int) else None
+    return f"{value} ({name})" if name else _cell(value)
+
+
+def _first(*values: object) -> object:
+    return next((v for v in values if v is not None), None)
+
+
+def render_run_summary(stats: dict) -> str:
+    """Markdown table of one task run; missing counts show as 0 and a missing state as —.
+
+    Keys read (all optional): task_id, jobs_listed, the MatchResult.counts() keys summed over pages
+    (nested under match_counts, or flat at the top level), unmatched_leads_failed (or
+    unmatched_marked_failed), statuses ({status: leads}), recordings_fetched, recordings_failed,
+    recordings_invalid_task_id, follow_ups_by_verdict ({0|1|2: leads}, or flat "follow_ups:0" keys),
+    follow_ups_by_source ({"llm"|"no_conversation"|"ai_fallback": leads}, or flat "source:llm"
+    keys), ai_fallbacks (defaults to the "ai_fallback" source count), task_type_before,
+    task_type_after. Both spellings are read because the ops total their per-page counters into
+    one flat dict.
+    """
+    matched = stats.get("match_counts") or stats
+    statuses = stats.get("statuses") or {}
+    verdicts = stats.get("follow_ups_by_verdict") or {}
+    sources = stats.get("follow_ups_by_source") or {}
+    verdict_count = {v: _first(_lookup(verdicts, v), stats.get(f"follow_ups:{v}")) for v, _ in _VERDICTS}
+    source_count = {k: _first(sources.get(k), stats.get(f"source:{k}")) for k, _ in _SOURCES}
+    fallbacks = _first(stats.get("ai_fallbacks"), source_count["ai_fallback"])
+    unmatched_failed = _first(stats.get("unmatched_leads_failed"), stats.get("unmatched_marked_failed"))
+
+    rows: list[tuple[str, str]] = [("jobs listed", _number(stats.get("jobs_listed")))]
+    rows += [(label, _number(matched.get(key))) for key, label in _MATCH_ROWS]
+    rows.append(("unmatched leads marked Failed", _number(unmatched_failed)))
+    if statuses:
+        ordered = sorted(statuses.items(), key=lambda item: str(item[0]))
+        rows += [(f"status {_cell(status)}", _number(count)) for status, count in ordered]
+    else:
+        rows.append(("statuses", "—"))
+    rows.append(("recordings fetched", _number(stats.get("recordings_fetched"))))
+    rows.append(("recordings failed", _number(stats.get("recordings_failed"))))
+    rows.append(("recordings skipped (invalid task id)", _number(stats.get("recordings_invalid_task_id"))))
+    rows += [(f"follow-ups: {label} ({v})", _number(verdict_count[v])) for v, label in _VERDICTS]
+    rows += [(f"follow-ups from {label}", _number(source_count[key])) for key, label in _SOURCES]
+    rows.append(("AI fallbacks", _number(fallbacks)))
+    before, after = stats.get("task_type_before"), stats.get("task_type_after")
+    rows.append(("task state before", _task_type(before)))
+    rows.append(("task state after", _task_type(after)))
+
+    task_id = stats.get("task_id")
+    title = "Run summary" if task_id is None else f"Run summary for task {_cell(task_id)}"
+    lines = [f"**{title}**", "", "| metric | value |", "| --- | ---: |"]
+    lines += [f"| {label} | {value} |" for label, value in rows]
+    return "\n".join(lines) + "\n"

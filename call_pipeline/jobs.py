@@ -1,0 +1,45 @@
+"""The graph jobs."""
+
+
+import dagster as dg
+
+from call_pipeline.ops import (
+    advance_all_task_states,
+    advance_task_state,
+    create_follow_ups,
+    fetch_call_results,
+    fetch_recordings,
+    list_job_pages,
+    load_task,
+    mark_unmatched_leads,
+    match_job_page,
+)
+from call_pipeline.partitions import call_tasks_partitions
+
+# Run retries re-execute only the failed mapped step and what follows it, on the same partition.
+RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
+
+
+@dg.job(
+    partitions_def=call_tasks_partitions,
+    executor_def=dg.in_process_executor,
+    tags=RUN_RETRY_TAGS,
+    description="Sync one CRM call task (partition = task id) with OutboundBot and DashScope: "
+    "map jobs to leads, fetch call results and recordings, write AI follow-ups, advance the task.",
+)
+def sync_call_task():
+    task = load_task()
+    # One fan-out over the job group's pages; every later step is chained on it with .map(),
+    # so a page's results, recordings and follow-ups start as soon as that page is matched.
+    pages = list_job_pages(task)
+    batches = pages.map(match_job_page).map(fetch_call_results)
+    recordings = batches.map(fetch_recordings)
+    follow_ups = batches.map(create_follow_ups)
+    totals = mark_unmatched_leads(task, batches.collect(), recordings.collect(), follow_ups.collect())
+    advance_task_state(task, totals)
+
+
+@dg.job(executor_def=dg.in_process_executor,
+        description="Advance the state (2 -> 3 -> 4) of every CRM call task at 2 or 3.")
+def advance_task_states():
+    advance_all_task_states()

@@ -1,0 +1,148 @@
+"""Dagster resources: the CRM database and the two cloud APIs, configured from the environment
+variables of SPEC §6. Secrets come in through `EnvVar`, so they are resolved inside each process
+and never stored in run config, tags or logs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+from pydantic import Field
+from sqlalchemy import Engine
+
+from call_pipeline.clients.dashscope_llm import LlmClient, LlmSettings
+from call_pipeline.clients.limits import SharedRateLimiter, SharedSemaphore
+from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
+from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
+
+DEFAULT_OUTBOUNDBOT_ENDPOINT = "outboundbot.cn-shanghai.aliyuncs.com"
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _cached(key: tuple, factory):
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = factory()
+        return client
+
+
+class CrmDatabase(dg.ConfigurableResource):
+    """The CRM's database (SQLAlchemy URL). The engine and its pool are shared per process."""
+
+    url: str = Field(description="SQLAlchemy URL of the CRM database (CALL_PIPELINE_CRM_URL).")
+    timezone: str = Field(default=DEFAULT_TIMEZONE, description="The CRM's time zone (CALL_PIPELINE_TIMEZONE).")
+
+    @property
+    def engine(self) -> Engine:
+        return get_crm_engine(self.url)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def now(self) -> datetime:
+        """Now, naive, in the CRM's zone: how the CRM stores datetimes."""
+        return datetime.now(self.zone).replace(tzinfo=None, microsecond=0)
+
+
+class OutboundBotResource(dg.ConfigurableResource):
+    access_key_id: str
+    access_key_secret: str
+    instance_id: str
+    endpoint: str = DEFAULT_OUTBOUNDBOT_ENDPOINT
+    protocol: str = "https"
+    max_qps: float = Field(
+        default=20.0, description="Requests per second across every op and run (OUTBOUNDBOT_MAX_QPS)."
+    )
+    connect_timeout_ms: int = 5000
+    read_timeout_ms: int = 10000
+    max_attempts: int = 3
+
+    def get_client(self) -> OutboundBotClient:
+        settings = OutboundBotSettings(
+            access_key_id=self.access_key_id,
+            access_key_secret=self.access_key_secret,
+            instance_id=self.instance_id,
+            endpoint=self.endpoint,
+            protocol=self.protocol,
+            max_qps=self.max_qps,
+            connect_timeout_ms=self.connect_timeout_ms,
+            read_timeout_ms=self.read_timeout_ms,
+            max_attempts=self.max_attempts,
+        )
+
+        def build() -> OutboundBotClient:
+            limiter = SharedRateLimiter(f"outboundbot-{self.endpoint}-{self.instance_id}", self.max_qps)
+            return OutboundBotClient(settings, limiter)
+
+        return _cached(("outboundbot", settings), build)
+
+
+class DashScopeResource(dg.ConfigurableResource):
+    api_key: str
+    model: str = "qwen-plus"
+    app_id: str | None = Field(
+        default=None, description="A Bailian app id; wins over the model when set (BAILIAN_APP_ID)."
+    )
+    base_http_api_url: str | None = Field(
+        default=None, description="DASHSCOPE_HTTP_BASE_URL; the SDK's default when unset."
+    )
+    max_concurrency: int = Field(
+        default=8, description="LLM calls in flight across every op and run (DASHSCOPE_MAX_CONCURRENCY)."
+    )
+    request_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+    def get_client(self) -> LlmClient:
+        settings = LlmSettings(
+            api_key=self.api_key,
+            model=self.model,
+            app_id=self.app_id or None,
+            base_http_api_url=self.base_http_api_url or None,
+            max_concurrency=self.max_concurrency,
+            request_timeout_s=self.request_timeout_s,
+            max_attempts=self.max_attempts,
+        )
+
+        def build() -> LlmClient:
+            target = self.base_http_api_url or "default"
+            return LlmClient(settings, SharedSemaphore(f"dashscope-{target}", self.max_concurrency))
+
+        return _cached(("dashscope", settings), build)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+    """The resources as SPEC §6 configures them. Credentials are `EnvVar`s: a run without them
+    fails before its first step with Dagster's error naming every missing variable; it never
+    falls back to the simulator."""
+    crm_url = dg.EnvVar("CALL_PIPELINE_CRM_URL") if _env("CALL_PIPELINE_CRM_URL") else DEFAULT_CRM_URL
+    return {
+        "crm": CrmDatabase(url=crm_url, timezone=_env("CALL_PIPELINE_TIMEZONE", DEFAULT_TIMEZONE)),
+        "outboundbot": OutboundBotResource(
+            access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),
+            access_key_secret=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
+            instance_id=dg.EnvVar("OUTBOUNDBOT_INSTANCE_ID"),
+            endpoint=_env("OUTBOUNDBOT_ENDPOINT", DEFAULT_OUTBOUNDBOT_ENDPOINT),
+            protocol=_env("OUTBOUNDBOT_PROTOCOL", "https"),
+            max_qps=float(_env("OUTBOUNDBOT_MAX_QPS", "20")),
+        ),
+        "dashscope": DashScopeResource(
+            api_key=dg.EnvVar("DASHSCOPE_API_KEY"),
+            model=_env("DASHSCOPE_MODEL", "qwen-plus"),
+            app_id=_env("BAILIAN_APP_ID"),
+            base_http_api_url=_env("DASHSCOPE_HTTP_BASE_URL"),
+            max_concurrency=int(_env("DASHSCOPE_MAX_CONCURRENCY", "8")),
+        ),
+    }

@@ -1,0 +1,29 @@
+"""Pipeline settings that are not resources: how often things run and how ops retry.
+Read from the environment once, when the definitions load."""
+
+from __future__ import annotations
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+# How often the sensor relaunches a run for an active task (seconds).
+SENSOR_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", 300)
+# How often the sensor looks at the CRM (seconds); a task is relaunched once per interval above.
+SENSOR_TICK_SECONDS = _int("CALL_PIPELINE_SENSOR_TICK_SECONDS", 30)
+# Cron of the schedule that advances every task's state.
+STATE_SCHEDULE_CRON = os.environ.get("CALL_PIPELINE_STATE_SCHEDULE_CRON") or "*/10 * * * *"
+# ListJobsByGroup page size: one page is the batch that steps 3-5 work on.
+DEFAULT_PAGE_SIZE = _int("CALL_PIPELINE_PAGE_SIZE", 100)
+# Op retries (after the SDKs' own per-request retries): tries and first delay in seconds.
+OP_MAX_RETRIES = _int("CALL_PIPELINE_OP_MAX_RETRIES", 3)
+OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 30)

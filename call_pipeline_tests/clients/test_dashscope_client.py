@@ -1,0 +1,81 @@
+"""The DashScope wrapper through the real `dashscope` SDK against the simulator."""
+
+import threading
+import time
+
+import pytest
+
+from call_pipeline.clients.dashscope_llm import LlmClient, LlmError, LlmSettings
+from call_pipeline.clients.limits import SharedSemaphore
+
+MESSAGES = [
+    {"role": "system",
+     "content": "只输出JSON：{leads_remark, is_interested, next_follow_time}。当前时间：2026-11-28 10:00:00"},
+    {"role": "user", "content": "<transcript>\n机器人: 您好\n客户: 我想问下价格，明天下午可以试驾吗\n</transcript>"},
+]
+
+
+def make_client(simulator, tmp_path, **overrides) -> LlmClient:
+    settings = LlmSettings(api_key="sk-test-secret", base_http_api_url=simulator.dashscope_base_url,
+                           request_timeout_s=overrides.pop("request_timeout_s", 2.0), backoff_s=0.01,
+                           max_backoff_s=0.05, **overrides)
+    return LlmClient(settings, SharedSemaphore(f"llm-{simulator.port}", settings.max_concurrency, tmp_path))
+
+
+def test_generation_returns_the_models_text(simulator, tmp_path):
+    text = make_client(simulator, tmp_path).complete(MESSAGES)
+    assert '"is_interested"' in text
+    body = simulator.state.llm_requests[-1]
+    assert body["model"] == "qwen-plus"
+    assert body["parameters"]["response_format"] == {"type": "json_object"}
+
+
+def test_bailian_app_is_used_when_an_app_id_is_set(simulator, tmp_path):
+    text = make_client(simulator, tmp_path, app_id="app-demo").complete(MESSAGES)
+    assert '"is_interested"' in text
+    assert simulator.state.stats()["requests"].get("Application", 0) >= 1 or \
+        simulator.state.llm_requests[-1].get("model") == ""
+
+
+@pytest.mark.parametrize("status,code", [(429, "Throttling.RateQuota"), (500, "InternalError")])
+def test_throttling_and_5xx_are_retried(simulator, tmp_path, status, code):
+    simulator.state.inject_fault(action="dashscope", status=status, code=code, message="x", times=2)
+    assert '"is_interested"' in make_client(simulator, tmp_path).complete(MESSAGES)
+    assert simulator.state.stats()["dashscope_requests"] == 3
+
+
+def test_throttling_longer_than_the_budget_is_a_clear_error(simulator, tmp_path):
+    simulator.state.inject_fault(action="dashscope", status=429, code="Throttling.RateQuota", message="x", times=9)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path).complete(MESSAGES)
+    assert info.value.status_code == 429 and info.value.retryable
+    assert "sk-test-secret" not in str(info.value)
+
+
+def test_data_inspection_failed_is_not_retried(simulator, tmp_path):
+    simulator.state.inject_fault(action="dashscope", status=400, code="DataInspectionFailed",
+                                 message="Input data may contain inappropriate content.", times=1)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path).complete(MESSAGES)
+    assert info.value.code == "DataInspectionFailed" and not info.value.retryable
+    assert simulator.state.stats()["dashscope_requests"] == 1
+
+
+def test_timeout_is_retried_then_a_clear_error(simulator, tmp_path):
+    simulator.state.inject_fault(action="dashscope", latency_ms=800, times=3)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path, request_timeout_s=0.2).complete(MESSAGES)
+    assert info.value.code == "Timeout"
+
+
+def test_concurrency_limit_holds_across_threads(simulator, tmp_path):
+    simulator.state.set_latency(dashscope_ms=100)
+    client = make_client(simulator, tmp_path, max_concurrency=3)
+    threads = [threading.Thread(target=client.complete, args=(MESSAGES,)) for _ in range(9)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert simulator.state.stats()["max_llm_in_flight"] <= 3
+    assert time.monotonic() - started >= 0.3  # 9 calls, 3 at a time, 0.1 s each

@@ -1,0 +1,87 @@
+"""Shared fixtures: a real MariaDB database per test session (created and dropped here), SQLite
+for the embedded default, and the simulator on a free port, reached through the real SDKs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from call_pipeline.crm.database import create_crm_engine, create_crm_tables
+
+MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_TEST_MYSQL_URL", "mysql+pymysql://root:@127.0.0.1:3306")
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+
+# The Alibaba SDK sends even loopback traffic through HTTP(S)_PROXY; the tests talk to loopback only.
+for _name in PROXY_VARIABLES:
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _limits_state_dir(tmp_path_factory) -> Iterator[None]:
+    """Each test session keeps its rate-limiter files apart from any other run on the machine."""
+    previous = os.environ.get("CALL_PIPELINE_STATE_DIR")
+    os.environ["CALL_PIPELINE_STATE_DIR"] = str(tmp_path_factory.mktemp("limits"))
+    yield
+    if previous is None:
+        os.environ.pop("CALL_PIPELINE_STATE_DIR", None)
+    else:
+        os.environ["CALL_PIPELINE_STATE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def mariadb_database_url() -> Iterator[str]:
+    """A fresh utf8mb4 database on the machine's MariaDB for this test session, dropped after.
+    An unreachable MariaDB is an error, never a skip: CI must not pass without the MySQL tests."""
+    name = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"MariaDB at {MARIADB_SERVER_URL} is unreachable; the MySQL tests cannot run: {exc}")
+    try:
+        yield f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4"
+    finally:
+        with server.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        server.dispose()
+
+
+@pytest.fixture
+def mariadb_url(mariadb_database_url: str) -> Iterator[str]:
+    """The session database with empty CRM tables for this test."""
+    engine = create_crm_engine(mariadb_database_url)
+    create_crm_tables(engine, replace=True)
+    engine.dispose()
+    yield mariadb_database_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'crm.sqlite3'}"
+    engine = create_crm_engine(url)
+    create_crm_tables(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["mariadb", "sqlite"])
+def crm_url(request) -> str:
+    """Both CRM backends: MariaDB over TCP and the embedded SQLite default."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def simulator():
+    """A fresh simulator per test, on a free port."""
+    from call_pipeline.simulator.server import start_simulator
+
+    handle = start_simulator()
+    try:
+        yield handle
+    finally:
+        handle.stop()

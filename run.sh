@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up .venv (Python 3.11) on first use, then
+#   ./run.sh demo   - runs sync_call_task end to end on the embedded default (SQLite CRM + simulator)
+#   ./run.sh test   - runs the test suite (needs MariaDB on 127.0.0.1:3306, root, empty password)
+#   ./run.sh ui     - starts the simulator and `dagster dev` on the demo CRM (sensor + schedule live)
+#   ./run.sh bench  - the performance benchmark (see README)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+  fi
+  # Reinstall only when the dependencies changed.
+  local stamp=.venv/.call_pipeline-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    touch "$stamp"
+  fi
+}
+
+# The Alibaba SDK ignores NO_PROXY and would send loopback traffic to the simulator via a proxy.
+unset HTTP_PROXY HTTPS_PROXY http_proxy https_proxy ALL_PROXY all_proxy
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)  setup; exec .venv/bin/call-pipeline demo "$@" ;;
+  test)  setup; exec .venv/bin/python -m pytest "$@" ;;
+  ui)    setup; exec .venv/bin/call-pipeline ui "$@" ;;
+  bench) setup; exec .venv/bin/call-pipeline bench "$@" ;;
+  setup) setup ;;
+  *) echo "usage: ./run.sh {demo|test|ui|bench|setup} [args]" >&2; exit 2 ;;
+esac
