@@ -135,6 +135,9 @@ def prepare_environment(crm_url: str, simulator_handle) -> None:
         "DASHSCOPE_API_KEY": "sk-demo",
         "DASHSCOPE_HTTP_BASE_URL": simulator_handle.dashscope_base_url,
     })
+    # Nothing here should fail; if something does, the demo should say so quickly, not back off.
+    os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1")
+    os.environ.setdefault("CALL_PIPELINE_OP_MAX_RETRIES", "1")
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         os.environ.pop(name, None)
 
@@ -205,7 +208,7 @@ def run_round(instance, label: str) -> list[str]:
     from call_pipeline.definitions import defs
     from call_pipeline.sensors import call_task_sensor
 
-    context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
+    context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources)
     result = call_task_sensor.evaluate_tick(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
@@ -235,6 +238,7 @@ def run_demo(data_dir: Path = DEMO_DIR) -> int:
         prepare_environment(crm_url, simulator)
         load_job_groups(simulator, crm_url, tasks)
         os.environ["CALL_PIPELINE_STATE_DIR"] = str(data_dir / "limits")
+        (data_dir / "dagster_home").mkdir()
         with dg.DagsterInstance.local_temp(tempdir=str(data_dir / "dagster_home")) as instance:
             print("\nRound 1: the sensor picks the active tasks and each runs sync_call_task")
             for line in run_round(instance, "round 1"):

@@ -9,6 +9,7 @@ What it absorbs from the SDK (see shared/reference/aliyun-apis.md):
 - Proxies: the SDK reads HTTP(S)_PROXY itself and ignores NO_PROXY; the same adapter drops the
   proxy for hosts that NO_PROXY (or loopback) excludes.
 - HTTP 200 with `Success: false` is an error (the SDK does not raise on it).
+- An answer the SDK's models cannot parse comes back with `body=None`; the raw answer is used.
 - `ListJobs` takes at most 99 job ids; the wrapper refuses more, and `list_jobs_batched` splits.
 """
 
@@ -158,7 +159,7 @@ class OutboundBotClient:
             raise _to_error(action, exc) from None
         except (requests.RequestException, OSError) as exc:
             raise OutboundBotError(action, "NetworkError", str(exc), retryable=True) from None
-        body = response.body.to_map() if response.body is not None else {}
+        body = _body_of(response)
         if body.get("Success") is False:
             raise OutboundBotError(
                 action,
@@ -218,6 +219,18 @@ class OutboundBotClient:
     def describe_job_group(self, job_group_id: str) -> dict[str, Any]:
         request = ob.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
         return self._call("DescribeJobGroup", self._client.describe_job_group, request)
+
+
+def _body_of(response) -> dict[str, Any]:
+    """The answer as a wire-key dict. The SDK swallows any error while building its response
+    model (DaraCore.from_map) and then leaves `body` None, keeping the raw answer in `_map`: one
+    malformed job (say a Conversation that is a string) would otherwise empty the whole page."""
+    if response.body is not None:
+        return response.body.to_map()
+    raw = getattr(response, "_map", None)
+    if isinstance(raw, dict) and isinstance(raw.get("body"), dict):
+        return raw["body"]
+    return {}
 
 
 def _to_error(action: str, exc: TeaException) -> OutboundBotError:

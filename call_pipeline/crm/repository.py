@@ -170,11 +170,13 @@ def mark_unmatched_leads_failed(conn: Connection, task_id: int, now: datetime) -
 # ---- step 3: call results ---------------------------------------------------------------------
 
 
+def _not_terminal():
+    # Spelled out instead of NOT IN: an expanding IN cannot be used with executemany().
+    return or_(_L.c.call_status.is_(None), and_(*(_L.c.call_status != s for s in sorted(TERMINAL_JOB_STATUSES))))
+
+
 def _needs_result():
-    return and_(
-        _has_text(_L.c.call_job_id),
-        or_(_L.c.call_status.is_(None), _L.c.call_status.not_in(sorted(TERMINAL_JOB_STATUSES))),
-    )
+    return and_(_has_text(_L.c.call_job_id), _not_terminal())
 
 
 def fetch_job_ids_needing_results(
@@ -196,7 +198,7 @@ def store_call_results(conn: Connection, task_id: int, results: Sequence[CallRes
         .where(
             _L.c.task_id == bindparam("b_task_id"),
             _L.c.call_job_id == bindparam("b_job_id"),
-            or_(_L.c.call_status.is_(None), _L.c.call_status.not_in(sorted(TERMINAL_JOB_STATUSES))),
+            _not_terminal(),
         )
         .values(
             call_status=bindparam("b_status"),

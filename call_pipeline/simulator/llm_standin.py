@@ -7,6 +7,7 @@ SPEC §3 step 5 JSON::
 
 Finding the customer's words, in order:
 
+0. if the text has ``<transcript>…</transcript>`` (or ``<conversation>``) blocks, only their content counts;
 1. a JSON array of conversation entries anywhere in the user text (``[{"Speaker": ..., "Script": ...}]``,
    also ``role``/``content`` or ``speaker``/``text``; ASCII-escaped JSON works): the non-robot entries;
 2. else lines prefixed ``客户:`` / ``用户:`` / ``Contact:`` / ``Customer:`` (full- or half-width colon);
@@ -66,6 +67,7 @@ _ROBOT_SPEAKERS = {"robot", "机器人", "bot", "assistant", "ivr", "agent", "�
 _CONTACT_LINE_RE = re.compile(r"^\s*(?:客户|用户|联系人|contact|customer|user)\s*[:：]\s*(.*)$",
                               re.IGNORECASE | re.MULTILINE)
 _ANY_SPEAKER_LINE_RE = re.compile(r"^\s*(?:机器人|robot|客服|坐席)\s*[:：]", re.IGNORECASE | re.MULTILINE)
+_TRANSCRIPT_RE = re.compile(r"<(?:transcript|conversation)>(.*?)</(?:transcript|conversation)>", re.DOTALL)
 _NOW_RE = re.compile(
     r"(?:当前时间|现在时间|当前日期时间|当前日期|现在是|current\s+time|\bnow\b)\D{0,20}?"
     r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?)", re.IGNORECASE)
@@ -123,6 +125,9 @@ def _conversation_arrays(text: str) -> list[list[tuple[str, str]]]:
 
 def customer_lines(user_text: str) -> list[str]:
     """What the customer said, found as described in the module docstring."""
+    blocks = _TRANSCRIPT_RE.findall(user_text)
+    if blocks:
+        user_text = "\n".join(blocks)
     arrays = _conversation_arrays(user_text)
     if not arrays and '\\"' in user_text:  # a conversation JSON embedded as a JSON string
         arrays = _conversation_arrays(user_text.replace('\\"', '"'))
@@ -132,7 +137,7 @@ def customer_lines(user_text: str) -> list[str]:
     prefixed = _CONTACT_LINE_RE.findall(user_text)
     if prefixed or _ANY_SPEAKER_LINE_RE.search(user_text):
         return prefixed
-    return [user_text]
+    return user_text.splitlines()  # per line, so that an injected line drops alone
 
 
 def current_time(all_text: str, now: datetime | None = None) -> datetime:

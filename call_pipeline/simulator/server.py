@@ -71,6 +71,7 @@ from urllib.parse import parse_qsl, urlsplit
 from call_pipeline.simulator import llm_standin, scenarios
 
 JSON_CT = "application/json;charset=utf-8"
+MAX_LLM_REQUESTS_KEPT = 10_000
 OB_HOST_ID = "outboundbot.cn-shanghai.aliyuncs.com"
 TERMINAL = set(scenarios.TERMINAL_JOB_STATUSES)
 GENERATION_PATH = "/services/aigc/text-generation/generation"
@@ -271,6 +272,7 @@ class SimulatorState:
         if jobs is None:
             jobs = group.pop("Jobs", [])
         with self._lock:
+            self._check_new_jobs(jobs, replacing=set(self._group_jobs.get(gid, [])))
             for job_id in self._group_jobs.pop(gid, []):
                 self._forget_job(job_id)
             group.setdefault("JobGroupName", gid)
@@ -297,13 +299,18 @@ class SimulatorState:
                 raise KeyError(f"unknown job group {job_group_id!r}")
             return self._add_jobs_locked(job_group_id, copy.deepcopy(jobs))
 
-    def _add_jobs_locked(self, gid: str, jobs: list[dict]) -> int:
+    def _check_new_jobs(self, jobs: list[dict], replacing: set[str] = frozenset()) -> None:
+        seen: set[str] = set()
         for job in jobs:
-            job_id = str(job.get("JobId") or "")
+            job_id = str(job.get("JobId") or "") if isinstance(job, dict) else ""
             if not job_id:
-                raise ValueError("every job needs a JobId")
-            if job_id in self._jobs:
+                raise ValueError("every job must be a dict with a JobId")
+            if job_id in seen or (job_id in self._jobs and job_id not in replacing):
                 raise ValueError(f"duplicate JobId {job_id!r}")
+            seen.add(job_id)
+
+    def _add_jobs_locked(self, gid: str, jobs: list[dict]) -> int:
+        self._check_new_jobs(jobs, replacing=set())
         for job in jobs:
             meta = job.pop("_sim", None) or {}
             job.setdefault("JobGroupId", gid)
@@ -422,6 +429,13 @@ class SimulatorState:
         if unknown:
             raise ValueError(f"unknown fault keys: {sorted(unknown)}")
         f = Fault(**fault)
+        if f.status is not None:
+            f.status = int(f.status)
+        if f.times is not None and int(f.times) < 1:
+            raise ValueError("times must be >= 1, or null for every matching request")
+        if f.latency_only and not f.latency_ms:
+            raise ValueError("a fault needs an effect: status, code, raw_body, success_false, llm_content "
+                             "or latency_ms")
         if f.job_ids is not None:
             f.job_ids = [str(j) for j in f.job_ids]
         f.headers = {str(k): str(v) for k, v in (f.headers or {}).items()}
@@ -512,7 +526,7 @@ class SimulatorState:
 
     @property
     def llm_requests(self) -> list[dict]:
-        """The DashScope request bodies received so far (parsed JSON), oldest first."""
+        """The DashScope request bodies received so far (parsed JSON), oldest first (the last 10,000)."""
         with self._lock:
             return copy.deepcopy(self._llm_requests)
 
@@ -553,7 +567,7 @@ class SimulatorState:
         """One OutboundBot request, end to end: stats, QPS cap, faults, latency, then the answer."""
         now = time.time()
         with self._lock:
-            self._action_counts[action or "<none>"] += 1
+            self._action_counts[action] += 1
             second = int(now)
             self._per_second[second] += 1
             self._arrivals.append(time.monotonic())
@@ -905,6 +919,8 @@ class SimulatorState:
         with self._lock:
             if isinstance(body, dict):
                 self._llm_requests.append(copy.deepcopy(body))
+                if len(self._llm_requests) > MAX_LLM_REQUESTS_KEPT:  # a long-running demo must not grow forever
+                    del self._llm_requests[: len(self._llm_requests) - MAX_LLM_REQUESTS_KEPT]
         auth = headers.get("Authorization") or ""
         if not auth.startswith("Bearer ") or not auth[len("Bearer "):].strip():
             return self._ds_error(401, "InvalidApiKey", "Invalid API-key provided.", compat)
@@ -1143,8 +1159,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith("/compatible-mode/v1/chat/completions"):
             return state.handle_dashscope("ChatCompletions", None, self.headers, raw)
         action = self.headers.get("x-acs-action") or query.get("Action")
-        if action or path == "/":
-            return state.handle_outboundbot(action or "", query, self._base_url())
+        if action:
+            return state.handle_outboundbot(action, query, self._base_url())
+        if path == "/":
+            return SimResponse(404, ob_error_body("InvalidAction.NotFound", "No action given (x-acs-action header "
+                                                                            "or Action query parameter)."))
         return SimResponse(404, ob_error_body("InvalidApi.NotFound", f"No such path: {path}"))
 
     def _base_url(self) -> str:
@@ -1222,8 +1241,13 @@ class SimulatorHandle:
         self.dashscope_base_url = f"{self.url}/api/v1"
         self.compatible_base_url = f"{self.url}/compatible-mode/v1"
         self.state: SimulatorState = server.state
+        self._stopped = False
 
     def stop(self) -> None:
+        """Stops serving and drops open keep-alive connections (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._server.shutdown()
         self._server.server_close()
         self._server.close_connections()
@@ -1243,7 +1267,7 @@ def start_simulator(host: str = "127.0.0.1", port: int = 0,
                     state: SimulatorState | None = None) -> SimulatorHandle:
     """Starts the simulator on a background thread (port 0: any free port) and returns its handle."""
     server = SimulatorHTTPServer((host, port), state or SimulatorState())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name=f"simulator-{server.server_address[1]}", daemon=True)
     thread.start()
     return SimulatorHandle(server, thread)
