@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import sqlalchemy as sa
-
+from call_pipeline.crm import repository
 from call_pipeline.crm.database import DEFAULT_DATA_DIR, create_crm_engine, create_crm_tables
 from call_pipeline.crm.schema import call_tasks, leads_task_list
 
@@ -155,31 +154,8 @@ def load_job_groups(simulator_handle, crm_url: str, tasks: dict[int, DemoTask]) 
 def task_table(crm_url: str) -> list[dict]:
     """One row per task: what the pipeline wrote to the CRM."""
     engine = create_crm_engine(crm_url)
-    L = leads_task_list
-    has_job = sa.and_(L.c.call_job_id.is_not(None), L.c.call_job_id != "")
-    stmt = (
-        sa.select(
-            call_tasks.c.id, call_tasks.c.task_name, call_tasks.c.task_type,
-            sa.func.count(L.c.id).label("leads"),
-            sa.func.count(L.c.id).filter(has_job).label("matched"),
-            sa.func.count(L.c.id).filter(sa.and_(sa.not_(has_job), L.c.call_status == "Failed")).label("unmatched"),
-            sa.func.count(L.c.id).filter(L.c.call_status == "Succeeded").label("succeeded"),
-            sa.func.count(L.c.id).filter(sa.and_(has_job, L.c.call_status == "Failed")).label("failed"),
-            sa.func.count(L.c.id).filter(L.c.call_status == "Cancelled").label("cancelled"),
-            sa.func.count(L.c.id).filter(L.c.call_status.in_(["Scheduling", "Executing", "Paused"])).label("running"),
-            sa.func.count(L.c.id).filter(sa.and_(L.c.recording_url.is_not(None), L.c.recording_url != ""))
-            .label("recordings"),
-            sa.func.count(L.c.leads_follow_id).label("follow_ups"),
-            sa.func.count(L.c.id).filter(L.c.is_interested == 1).label("interested"),
-            sa.func.count(L.c.id).filter(L.c.is_interested == 2).label("not_interested"),
-            sa.func.count(L.c.id).filter(L.c.is_interested == 0).label("cannot_tell"),
-        )
-        .select_from(call_tasks.outerjoin(L, L.c.task_id == call_tasks.c.id))
-        .group_by(call_tasks.c.id, call_tasks.c.task_name, call_tasks.c.task_type)
-        .order_by(call_tasks.c.id)
-    )
     with engine.connect() as conn:
-        rows = [dict(row._mapping) for row in conn.execute(stmt)]
+        rows = repository.task_progress(conn)
     engine.dispose()
     return rows
 

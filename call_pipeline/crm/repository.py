@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, func, not_, or_, select, update
 
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
@@ -312,14 +312,19 @@ def create_follow_up(engine: Engine, lead: LeadForFollowUp, follow_up: FollowUp,
 # ---- task state -------------------------------------------------------------------------------
 
 
+def _count_where(condition):
+    # Portable conditional count: MySQL/MariaDB have no aggregate FILTER clause.
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
 def count_task_leads(conn: Connection, task_id: int) -> LeadCounts:
     """Only leads with a job count (SPEC §4)."""
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     stmt = select(
-        func.count().filter(has_job),
-        func.count().filter(and_(has_job, terminal)),
-        func.count().filter(and_(has_job, _L.c.is_interested.is_not(None))),
+        _count_where(has_job),
+        _count_where(and_(has_job, terminal)),
+        _count_where(and_(has_job, _L.c.is_interested.is_not(None))),
     ).where(_L.c.task_id == task_id)
     with_job, with_terminal, with_interest = conn.execute(stmt).one()
     return LeadCounts(
@@ -350,3 +355,30 @@ def count_statuses(conn: Connection, task_id: int) -> dict[str, int]:
         .group_by(func.coalesce(_L.c.call_status, ""))
     )
     return {(status or "(none)"): int(n) for status, n in conn.execute(stmt)}
+
+
+def task_progress(conn: Connection) -> list[dict]:
+    """Per task, what the pipeline has written: for the demo's and the benchmark's tables."""
+    has_job = _has_text(_L.c.call_job_id)
+    stmt = (
+        select(
+            call_tasks.c.id, call_tasks.c.task_name, call_tasks.c.task_type,
+            func.count(_L.c.id).label("leads"),
+            _count_where(has_job).label("matched"),
+            _count_where(and_(not_(has_job), _L.c.call_status == "Failed")).label("unmatched"),
+            _count_where(_L.c.call_status == "Succeeded").label("succeeded"),
+            _count_where(and_(has_job, _L.c.call_status == "Failed")).label("failed"),
+            _count_where(_L.c.call_status == "Cancelled").label("cancelled"),
+            _count_where(_L.c.call_status.in_(["Scheduling", "Executing", "Paused", "Drafted"])).label("running"),
+            _count_where(_has_text(_L.c.recording_url)).label("recordings"),
+            func.count(_L.c.leads_follow_id).label("follow_ups"),
+            _count_where(_L.c.is_interested == 1).label("interested"),
+            _count_where(_L.c.is_interested == 2).label("not_interested"),
+            _count_where(_L.c.is_interested == 0).label("cannot_tell"),
+        )
+        .select_from(call_tasks.outerjoin(_L, _L.c.task_id == call_tasks.c.id))
+        .group_by(call_tasks.c.id, call_tasks.c.task_name, call_tasks.c.task_type)
+        .order_by(call_tasks.c.id)
+    )
+    return [{k: (int(v) if k not in ("task_name",) and v is not None else v) for k, v in row._mapping.items()}
+            for row in conn.execute(stmt)]

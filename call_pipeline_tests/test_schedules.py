@@ -1,0 +1,52 @@
+"""The state-advancement job that the schedule runs, on MariaDB."""
+
+import dagster as dg
+
+from call_pipeline.crm.database import get_crm_engine
+from call_pipeline.crm.schema import leads_task_list
+from call_pipeline.jobs import advance_task_states
+from call_pipeline.resources import CrmDatabase
+from call_pipeline_tests.pipeline_harness import create_task, snapshot
+
+
+def lead(leads_id, job=None, status=None, interested=None):
+    return {"leads_id": leads_id, "call_job_id": job, "call_status": status, "is_interested": interested}
+
+
+def test_advance_task_states_moves_every_task_as_far_as_spec_allows(mariadb_url):
+    tasks = {
+        # all leads with a job are terminal but one has no follow-up yet: 2 -> 3
+        "to_3": (2, [lead(1, "j1", "Succeeded", 1), lead(2, "j2", "Failed", None)]),
+        # everything done: 2 -> 3 -> 4 in one evaluation
+        "to_4": (2, [lead(1, "j3", "Succeeded", 0), lead(2, "j4", "Cancelled", 2), lead(3)]),
+        # from 3, everything has is_interested: 3 -> 4
+        "3_to_4": (3, [lead(1, "j5", "Failed", 0)]),
+        # a job still running: stays
+        "stays_2": (2, [lead(1, "j6", "Executing"), lead(2, "j7", "Succeeded", 1)]),
+        # no lead with a job: stays (leads without a job do not count)
+        "no_jobs": (2, [lead(1, None, "Failed")]),
+        # already at 4 with a lead that lost its verdict: never down
+        "never_down": (4, [lead(1, "j8", "Executing")]),
+    }
+    ids = {}
+    for name, (task_type, leads) in tasks.items():
+        ids[name] = create_task(mariadb_url, task_type=task_type, job_group_id=f"jg-{name}", leads=leads)
+    with dg.instance_for_test() as instance:
+        result = advance_task_states.execute_in_process(instance=instance,
+                                                        resources={"crm": CrmDatabase(url=mariadb_url)})
+    assert result.success
+    got = {name: snapshot(mariadb_url, task_id).task_type for name, task_id in ids.items()}
+    assert got == {"to_3": 3, "to_4": 4, "3_to_4": 4, "stays_2": 2, "no_jobs": 2, "never_down": 4}
+    moved = result.output_for_node("advance_all_task_states")
+    assert moved == {str(ids["to_3"]): "2 -> 3", str(ids["to_4"]): "2 -> 4", str(ids["3_to_4"]): "3 -> 4"}
+
+
+def test_running_it_again_changes_nothing(mariadb_url):
+    task_id = create_task(mariadb_url, task_type=2, leads=[lead(1, "j1", "Succeeded", 1)])
+    with dg.instance_for_test() as instance:
+        for _ in range(2):
+            assert advance_task_states.execute_in_process(
+                instance=instance, resources={"crm": CrmDatabase(url=mariadb_url)}).success
+    assert snapshot(mariadb_url, task_id).task_type == 4
+    with get_crm_engine(mariadb_url).connect() as conn:
+        assert conn.execute(leads_task_list.select()).rowcount == 1

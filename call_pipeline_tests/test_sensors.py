@@ -1,0 +1,97 @@
+"""The sensor through `build_sensor_context`, against a real CRM on MariaDB."""
+
+import dagster as dg
+import pytest
+
+from call_pipeline import settings
+from call_pipeline.definitions import defs
+from call_pipeline.resources import CrmDatabase
+from call_pipeline.sensors import call_task_sensor, run_key_for
+from call_pipeline_tests.pipeline_harness import create_task
+
+
+@pytest.fixture(autouse=True)
+def _credentials(monkeypatch):
+    # Validating a run request resolves the job's resource config, credentials included, as the
+    # code server does with its own environment.
+    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "OUTBOUNDBOT_INSTANCE_ID",
+                 "DASHSCOPE_API_KEY"):
+        monkeypatch.setenv(name, "test-value")
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def evaluate(instance, crm_url):
+    resources = {"crm": CrmDatabase(url=crm_url)}
+    context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
+    return call_task_sensor.evaluate_tick(context)
+
+
+def make_tasks(crm_url):
+    return {
+        "calling": create_task(crm_url, task_type=2, job_group_id="jg-a"),
+        "calls_done": create_task(crm_url, task_type=3, job_group_id="jg-b"),
+        "follow_up_done": create_task(crm_url, task_type=4, job_group_id="jg-c"),
+        "created": create_task(crm_url, task_type=1, job_group_id="jg-d"),
+        "no_group": create_task(crm_url, task_type=2, job_group_id=None),
+        "blank_group": create_task(crm_url, task_type=3, job_group_id=""),
+    }
+
+
+def test_sensor_requests_runs_for_active_tasks_only_and_adds_their_partitions(mariadb_url, instance):
+    tasks = make_tasks(mariadb_url)
+    result = evaluate(instance, mariadb_url)
+    wanted = {str(tasks["calling"]), str(tasks["calls_done"])}
+    assert {r.partition_key for r in result.run_requests} == wanted
+    added = {key for request in result.dynamic_partitions_requests for key in request.partition_keys}
+    assert added == wanted
+    assert all(r.run_key.startswith(f"task-{r.partition_key}-") for r in result.run_requests)
+
+
+def test_sensor_does_not_relaunch_a_task_with_a_queued_or_running_run(mariadb_url, instance):
+    tasks = make_tasks(mariadb_url)
+    instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"]), str(tasks["calls_done"])])
+    job = defs.resolve_job_def("sync_call_task")
+    # (a QUEUED run needs a code-location origin to be created; it is filtered the same way)
+    for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):
+        run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])}, status=status)
+        result = evaluate(instance, mariadb_url)
+        assert {r.partition_key for r in result.run_requests} == {str(tasks["calls_done"])}
+        assert result.dynamic_partitions_requests == []  # both known already
+        instance.report_run_failed(run)
+    # once the run has ended the task is requested again
+    result = evaluate(instance, mariadb_url)
+    assert str(tasks["calling"]) in {r.partition_key for r in result.run_requests}
+
+
+def test_run_keys_repeat_within_an_interval_and_change_across_intervals():
+    interval = settings.SENSOR_INTERVAL_SECONDS
+    assert run_key_for(7, 1000 * interval, interval) == run_key_for(7, 1000 * interval + interval - 1, interval)
+    assert run_key_for(7, 1000 * interval, interval) != run_key_for(7, 1001 * interval, interval)
+    assert run_key_for(7, 0, interval) != run_key_for(8, 0, interval)
+
+
+def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance):
+    create_task(mariadb_url, task_type=4, job_group_id="jg-z")
+    result = evaluate(instance, mariadb_url)
+    assert result.run_requests == [] and result.dynamic_partitions_requests == []
+
+
+def test_definitions_load_with_sensor_and_schedule_running_by_default():
+    assert defs.resolve_sensor_def("call_task_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    schedule = defs.resolve_schedule_def("advance_task_states_schedule")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.cron_schedule == settings.STATE_SCHEDULE_CRON
+    job = defs.resolve_job_def("sync_call_task")
+    assert job.partitions_def.name == "call_tasks"
+    tags = {node.name: node.definition.tags for node in job.graph.nodes}
+    assert tags["match_job_page"]["dagster-celery/queue"] == "sync_queue"
+    assert tags["fetch_call_results"]["dagster-celery/queue"] == "query_queue"
+    assert tags["fetch_recordings"]["dagster-celery/queue"] == "download_queue"
+    assert tags["create_follow_ups"]["dagster-celery/queue"] == "ai_queue"
+    pools = {node.name: node.definition.pool for node in job.graph.nodes}
+    assert pools["create_follow_ups"] == "ai_queue" and pools["fetch_recordings"] == "download_queue"
