@@ -37,16 +37,23 @@ def _demo(_args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _ui(args: argparse.Namespace) -> int:
     """The demo CRM and the simulator, with `dagster dev` on top: the sensor and the schedule run
     live, and runs, backfills and re-executions can be driven from the UI."""
-    from call_pipeline.demo import DEMO_DIR, seed_demo_crm
+    from call_pipeline.demo import DEMO_DIR, demo_job_groups, seed_demo_crm
+    from call_pipeline.simulator.scenarios import save_scenario_file
 
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     crm_file = DEMO_DIR / "ui-crm.sqlite3"
+    scenario_file = DEMO_DIR / "ui-scenario.json"
     crm_url = f"sqlite:///{crm_file}"
-    if args.reset or not crm_file.exists():
-        seed_demo_crm(crm_url)
+    if args.reset or not crm_file.exists() or not scenario_file.exists():
+        tasks = seed_demo_crm(crm_url)
+        save_scenario_file(scenario_file, demo_job_groups(crm_url, tasks))
     home = DEMO_DIR / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -67,11 +74,11 @@ def _ui(args: argparse.Namespace) -> int:
         "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS": env.get("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", "120"),
     })
     simulator_cmd = [sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
-                     "--port", str(sim_port), "--from-crm", crm_url]
-    for task_id in (1, 2, 3):
-        simulator_cmd += ["--task-id", str(task_id)]
+                     "--port", str(sim_port), "--scenario", str(scenario_file)]
     dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                    "-p", str(args.port), "-h", "127.0.0.1"]
+    # SIGTERM (e.g. from a supervisor) must stop the children too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     simulator = subprocess.Popen(simulator_cmd, env=env, cwd=PROJECT_ROOT)
     time.sleep(1.0)
     print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}); Ctrl-C stops both.")
@@ -129,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
 
+    # `simulator` and `bench` hand the rest of the line to their own parsers: argparse's REMAINDER
+    # does not take a rest that starts with an option (`bench --leads 50000`).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("simulator", "bench"):
+        args = argparse.Namespace(rest=argv[1:])
+        return int((_simulator if argv[0] == "simulator" else _bench)(args) or 0)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -141,14 +141,21 @@ def prepare_environment(crm_url: str, simulator_handle) -> None:
         os.environ.pop(name, None)
 
 
-def load_job_groups(simulator_handle, crm_url: str, tasks: dict[int, DemoTask]) -> None:
+def demo_job_groups(crm_url: str, tasks: dict[int, DemoTask]) -> list[dict]:
+    """The simulated cloud's job groups for the demo tasks, built from their leads in the CRM."""
     from call_pipeline.simulator.scenarios import build_job_group_from_crm
 
-    for task_id, spec in tasks.items():
-        if spec.job_group_id and spec.task_type == 2:
-            group = build_job_group_from_crm(crm_url, task_id, seed=task_id,
-                                             special_cases=demo_special_cases(task_id, spec), **spec.build)
-            simulator_handle.state.add_job_group(group)
+    return [
+        build_job_group_from_crm(crm_url, task_id, seed=task_id, special_cases=demo_special_cases(task_id, spec),
+                                 **spec.build)
+        for task_id, spec in tasks.items()
+        if spec.job_group_id and spec.task_type == 2
+    ]
+
+
+def load_job_groups(simulator_handle, crm_url: str, tasks: dict[int, DemoTask]) -> None:
+    for group in demo_job_groups(crm_url, tasks):
+        simulator_handle.state.add_job_group(group)
 
 
 def task_table(crm_url: str) -> list[dict]:

@@ -1,0 +1,67 @@
+"""The command line: the simulator as a process that the real SDK pages through, CRM set-up,
+and the definitions loading as `dagster definitions validate` would."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+
+from call_pipeline.cli import main
+from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_simulator_command_serves_a_1000_job_group_to_the_real_sdk():
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "call_pipeline.cli", "simulator", "--port", str(port), "--demo-jobs", "1000",
+         "--job-group-id", "jg-1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = OutboundBotClient(OutboundBotSettings(access_key_id="ak", access_key_secret="sk",
+                                                       instance_id="inst", endpoint=f"127.0.0.1:{port}",
+                                                       protocol="http"))
+        job_ids = [job["JobId"] for body in client.iter_job_group_pages("jg-1000", page_size=100)
+                   for job in body["Jobs"]["List"]]
+        assert len(job_ids) == 1000 == len(set(job_ids))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_init_db_creates_tables_and_refuses_to_touch_existing_ones(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'crm.sqlite3'}"
+    assert main(["init-db", "--url", url]) == 0
+    assert main(["init-db", "--url", url]) == 1
+    assert "refusing" in capsys.readouterr().err
+    assert main(["init-db", "--url", url, "--replace"]) == 0
+
+
+def test_definitions_are_loadable():
+    from call_pipeline.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)
+    assert {job.name for job in defs.resolve_all_job_defs()} >= {"sync_call_task", "advance_task_states"}
+
+
+@pytest.mark.parametrize("command", [["--help"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 0
+    assert "demo" in capsys.readouterr().out
