@@ -9,6 +9,8 @@ from call_pipeline.ops import (
     create_follow_ups,
     fetch_call_results,
     fetch_recordings,
+    finish_page_work,
+    finish_page_work_on_failure,
     list_job_pages,
     load_task,
     mark_unmatched_leads,
@@ -24,6 +26,7 @@ RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FA
     partitions_def=call_tasks_partitions,
     executor_def=dg.in_process_executor,
     tags=RUN_RETRY_TAGS,
+    hooks={finish_page_work_on_failure},
     description="Sync one CRM call task (partition = task id) with OutboundBot and DashScope: "
     "map jobs to leads, fetch call results and recordings, write AI follow-ups, advance the task.",
 )
@@ -33,9 +36,12 @@ def sync_call_task():
     # so a page's results, recordings and follow-ups start as soon as that page is matched.
     pages = list_job_pages(task)
     batches = pages.map(match_job_page).map(fetch_call_results)
+    # Steps 4 and 5 of a page hand their calls to shared pools, so that they run side by side
+    # with each other and with later pages; the op after .collect() waits for them.
     recordings = batches.map(fetch_recordings)
     follow_ups = batches.map(create_follow_ups)
-    totals = mark_unmatched_leads(task, batches.collect(), recordings.collect(), follow_ups.collect())
+    page_work = finish_page_work(task, recordings.collect(), follow_ups.collect())
+    totals = mark_unmatched_leads(task, batches.collect(), page_work)
     advance_task_state(task, totals)
 
 

@@ -20,6 +20,11 @@ QUERY_QUEUE = {"dagster-celery/queue": "query_queue", "dagster-celery/priority":
 DOWNLOAD_QUEUE = {"dagster-celery/queue": "download_queue", "dagster-celery/priority": "3"}
 AI_QUEUE = {"dagster-celery/queue": "ai_queue", "dagster-celery/priority": "4"}
 
+# The in-process executor runs the ready step with the highest `dagster/priority` first. Later
+# steps of a page's chain rank higher, so that a page goes through steps 2 to 5 before the next
+# page is matched (depth first): the first LLM calls start after one page, not after all of them.
+CHAIN_PRIORITY = {step: {"dagster/priority": str(step)} for step in (2, 3, 4, 5)}
+
 API_RETRY_POLICY = dg.RetryPolicy(
     max_retries=settings.OP_MAX_RETRIES,
     delay=settings.OP_RETRY_DELAY_SECONDS,
@@ -33,7 +38,6 @@ class PageRequest:
     task: repo.TaskRow
     page_number: int
     page_size: int
-    prefetched_body: dict | None = None
 
 
 class PagingConfig(dg.Config):
@@ -85,28 +89,30 @@ def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, task: r
     """Fans out over the job group's pages: one ListJobsByGroup call for TotalCount, then one
     mapped chain per page, so that each page's matching, results, recordings and follow-ups can
     start as soon as that page is fetched."""
-    pages, first_body = steps.count_job_pages(outboundbot.get_client(), task.job_group_id, config.page_size)
+    # The first page's answer is not handed on: what steps pass each other is pickled into
+    # Dagster's storage, and the customers' phones and names should not rest there.
+    pages, _ = steps.count_job_pages(outboundbot.get_client(), task.job_group_id, config.page_size)
     context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs")
     for page_number in range(1, pages + 1):
         yield dg.DynamicOutput(
-            PageRequest(task, page_number, config.page_size, first_body if page_number == 1 else None),
+            PageRequest(task, page_number, config.page_size),
             mapping_key=f"page_{page_number}",
         )
 
 
-@dg.op(tags=SYNC_QUEUE, pool="sync_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**SYNC_QUEUE, **CHAIN_PRIORITY[2]}, pool="sync_queue", retry_policy=API_RETRY_POLICY)
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
                    outboundbot: OutboundBotResource) -> steps.PageBatch:
     """Step 2 for one page: map its jobs to leads (one read, one bulk write)."""
     batch = steps.match_page(
         crm.engine, outboundbot.get_client(), page.task, page.page_number, page.page_size, crm.now(),
-        context.log, prefetched_body=page.prefetched_body,
+        context.log,
     )
     context.log.info(f"task {page.task.id} page {page.page_number}: {batch.match_counts}")
     return batch
 
 
-@dg.op(tags=QUERY_QUEUE, pool="query_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**QUERY_QUEUE, **CHAIN_PRIORITY[3]}, pool="query_queue", retry_policy=API_RETRY_POLICY)
 def fetch_call_results(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
                        outboundbot: OutboundBotResource) -> steps.PageBatch:
     """Step 3 for the page's jobs whose status is empty or not terminal."""
@@ -117,36 +123,80 @@ def fetch_call_results(context: dg.OpExecutionContext, batch: steps.PageBatch, c
                            {**batch.match_counts, **report.counts})
 
 
-@dg.op(tags=DOWNLOAD_QUEUE, pool="download_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**DOWNLOAD_QUEUE, **CHAIN_PRIORITY[4]}, pool="download_queue", retry_policy=API_RETRY_POLICY)
 def fetch_recordings(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> dict:
-    """Step 4 for the page's succeeded calls without a recording."""
-    report = steps.fetch_recordings(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
-                                    crm.now(), context.log)
-    return dict(report.counts)
+                     outboundbot: OutboundBotResource) -> steps.PageTicket:
+    """Step 4 for the page's succeeded calls without a recording. The downloads go to a shared
+    pool and run while later pages are worked on; `finish_page_work` waits for them."""
+    return steps.run_page_work(context.run_id).queue_recordings(
+        crm.engine, outboundbot.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now, context.log)
 
 
-@dg.op(tags=AI_QUEUE, pool="ai_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**AI_QUEUE, **CHAIN_PRIORITY[5]}, pool="ai_queue", retry_policy=API_RETRY_POLICY)
 def create_follow_ups(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
-                      dashscope: DashScopeResource) -> dict:
-    """Step 5 for the page's leads with a terminal status and no follow-up."""
-    client = dashscope.get_client()
-    report = steps.create_follow_ups(crm.engine, client, batch.task_id, batch.job_ids, crm.now(), context.log,
-                                     threads=dashscope.max_concurrency)
-    _fail_on(report, f"task {batch.task_id} page {batch.page_number}: follow-ups")
+                      dashscope: DashScopeResource) -> steps.PageTicket:
+    """Step 5 for the page's leads with a terminal status and no follow-up. Its leads go to the
+    shared LLM pool, which stays full across pages, alongside step 4; `finish_page_work` waits
+    for them. Waits first while many leads are still queued (back-pressure)."""
+    ticket = steps.run_page_work(context.run_id).queue_follow_ups(
+        crm.engine, dashscope.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now,
+        dashscope.max_concurrency, context.log)
+    context.log.debug(f"task {batch.task_id} page {batch.page_number}: {ticket.queued} follow-up(s) queued")
+    return ticket
+
+
+@dg.op(tags=SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
+def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow, recordings: list[steps.PageTicket],
+                     follow_ups: list[steps.PageTicket], crm: CrmDatabase, outboundbot: OutboundBotResource,
+                     dashscope: DashScopeResource) -> dict:
+    """After the last page: waits for the recordings and follow-ups that the page ops handed to
+    the shared pools. A page whose work this process does not hold (a retry of this op, a
+    re-execution from failure, a page op run in another process) is redone here from what the
+    CRM still needs. Fails, once everything else is saved, if any lead or page failed, so that a
+    retry or a rerun picks them up."""
+    work = steps.run_page_work(context.run_id)
+
+    def redo(ticket: steps.PageTicket) -> None:
+        if ticket.kind == steps.RECORDINGS:
+            work.queue_recordings(crm.engine, outboundbot.get_client(), ticket.task_id, ticket.page_number,
+                                  ticket.job_ids, crm.now, context.log)
+        else:
+            work.queue_follow_ups(crm.engine, dashscope.get_client(), ticket.task_id, ticket.page_number,
+                                  ticket.job_ids, crm.now, dashscope.max_concurrency, context.log)
+
+    try:
+        report = work.finish([*recordings, *follow_ups], redo)
+    finally:
+        steps.forget_run_page_work(context.run_id)
+    if context.run.parent_run_id:
+        # A re-execution skips the parent's mapped steps that never started (see catch_up_task).
+        context.log.info(f"task {task.id}: re-execution of run {context.run.parent_run_id}: "
+                         "catching up on every page of the job group")
+        report.merge(steps.catch_up_task(crm.engine, outboundbot.get_client(), dashscope.get_client(), task,
+                                         settings.DEFAULT_PAGE_SIZE, crm.zone, crm.now(), context.log,
+                                         threads=dashscope.max_concurrency))
+    _fail_on(report, f"task {task.id}: recordings and follow-ups")
     return dict(report.counts)
+
+
+@dg.failure_hook
+def finish_page_work_on_failure(context: dg.HookContext) -> None:
+    """A step failed for good, so `finish_page_work` will not run: wait for the run's queued
+    recordings and follow-ups here, and have its remaining page ops work inline, so that no work
+    outlives the run (the next run or a re-execution redoes whatever failed)."""
+    steps.drain_run_page_work(context.run_id)
 
 
 @dg.op(tags=SYNC_QUEUE)
 def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, batches: list[steps.PageBatch],
-                         recordings: list[dict], follow_ups: list[dict], crm: CrmDatabase) -> dict:
+                         page_work: dict, crm: CrmDatabase) -> dict:
     """After the last page: leads that should have a job and have none are marked Failed
     (provisionally: a later run that matches them clears it)."""
     marked = steps.mark_unmatched_leads(crm.engine, task.id, crm.now())
     if marked:
         context.log.warning(f"task {task.id}: {marked} lead(s) matched no job and are marked Failed for now")
     totals: Counter = Counter()
-    for part in [*(b.match_counts for b in batches), *recordings, *follow_ups]:
+    for part in [*(b.match_counts for b in batches), page_work]:
         totals.update({k: v for k, v in part.items() if isinstance(v, int)})
     totals["unmatched_marked_failed"] += marked
     totals["pages"] = len(batches)
@@ -187,16 +237,45 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, total
     return after if after is not None else -1
 
 
+def last_sync_run_status(instance: dg.DagsterInstance, task_id: int) -> dg.DagsterRunStatus | None:
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(job_name="sync_call_task", tags={"dagster/partition": str(task_id)}), limit=1
+    )
+    return runs[0].status if runs else None
+
+
+# A task whose last sync run did not finish may have pages never matched: concluding it now would
+# lose their leads for good, since a task at 4 is never run again. Its next run evaluates it.
+UNFINISHED_RUN_STATUSES = {
+    dg.DagsterRunStatus.FAILURE,
+    dg.DagsterRunStatus.CANCELED,
+    dg.DagsterRunStatus.CANCELING,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+}
+
+
 @dg.op(tags=SYNC_QUEUE)
 def advance_all_task_states(context: dg.OpExecutionContext, crm: CrmDatabase) -> dict:
-    """For the schedule: evaluate every task at 2 or 3, whether or not a run came by lately."""
+    """For the schedule: evaluate every task at 2 or 3, whether or not a run came by lately,
+    except a task whose last sync run failed or is still under way (that run, or its rerun,
+    evaluates the task when it completes)."""
     with crm.engine.connect() as conn:
         tasks = repo.fetch_tasks_in_progress(conn)
-    moved = {}
+    moved, held = {}, {}
     for task in tasks:
+        status = last_sync_run_status(context.instance, task.id)
+        if status in UNFINISHED_RUN_STATUSES:
+            held[str(task.id)] = status.value
+            continue
         before, after = steps.advance_task_state(crm.engine, task.id, crm.now())
         if after is not None and after != before:
             moved[str(task.id)] = f"{before} -> {after}"
-    context.log.info(f"evaluated {len(tasks)} task(s); moved: {moved or 'none'}")
-    context.add_output_metadata({"tasks_evaluated": len(tasks), "moved": dg.MetadataValue.json(moved)})
+    if held:
+        context.log.info(f"not evaluated, their last sync run has not completed: {held}")
+    context.log.info(f"evaluated {len(tasks) - len(held)} task(s); moved: {moved or 'none'}")
+    context.add_output_metadata({"tasks_evaluated": len(tasks) - len(held), "moved": dg.MetadataValue.json(moved),
+                                 "held": dg.MetadataValue.json(held)})
     return moved

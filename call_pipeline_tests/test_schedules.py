@@ -50,3 +50,30 @@ def test_running_it_again_changes_nothing(mariadb_url):
     assert snapshot(mariadb_url, task_id).task_type == 4
     with get_crm_engine(mariadb_url).connect() as conn:
         assert conn.execute(leads_task_list.select()).rowcount == 1
+
+
+def test_a_task_whose_last_sync_run_failed_is_left_to_its_rerun(mariadb_url):
+    task_id = create_task(mariadb_url, task_type=2, leads=[lead(1, "j1", "Succeeded", 1)])
+    with dg.instance_for_test() as instance:
+        job = defs_sync_job()
+        run = instance.create_run_for_job(job, tags={"dagster/partition": str(task_id)},
+                                          status=dg.DagsterRunStatus.NOT_STARTED)
+        instance.report_run_failed(run)
+        result = advance_task_states.execute_in_process(instance=instance,
+                                                        resources={"crm": CrmDatabase(url=mariadb_url)})
+        assert result.success and result.output_for_node("advance_all_task_states") == {}
+        assert snapshot(mariadb_url, task_id).task_type == 2
+        # once a run of the task has succeeded, the schedule evaluates it again
+        ok = instance.create_run_for_job(job, tags={"dagster/partition": str(task_id)},
+                                         status=dg.DagsterRunStatus.SUCCESS)
+        assert ok.status == dg.DagsterRunStatus.SUCCESS
+        result = advance_task_states.execute_in_process(instance=instance,
+                                                        resources={"crm": CrmDatabase(url=mariadb_url)})
+    assert result.output_for_node("advance_all_task_states") == {str(task_id): "2 -> 4"}
+    assert snapshot(mariadb_url, task_id).task_type == 4
+
+
+def defs_sync_job():
+    from call_pipeline.jobs import sync_call_task
+
+    return sync_call_task

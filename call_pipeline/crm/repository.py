@@ -7,12 +7,14 @@ twice, and two runs at once cannot both win the same row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, bindparam, case, func, not_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, literal, not_, or_, select, update
 
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
@@ -55,6 +57,31 @@ def _has_text(column):
 
 def _is_blank(column):
     return or_(column.is_(None), column == "")
+
+
+_sqlite_write_locks: dict[str, threading.RLock] = {}
+_sqlite_write_locks_guard = threading.Lock()
+
+
+def _write_lock(engine: Engine) -> contextlib.AbstractContextManager:
+    """SQLite takes one writer at a time, and a writer that finds the database locked sleeps in
+    SQLite's busy handler in steps of up to 100 ms. This process's writers (the pipeline's worker
+    threads) take turns on a lock here instead; other processes still meet the busy timeout."""
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    key = str(engine.url)
+    with _sqlite_write_locks_guard:
+        lock = _sqlite_write_locks.get(key)
+        if lock is None:
+            lock = _sqlite_write_locks[key] = threading.RLock()
+    return lock
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """`engine.begin()` for a transaction that writes (see `_write_lock`)."""
+    with _write_lock(engine), engine.begin() as conn:
+        yield conn
 
 
 def _task_row(row) -> TaskRow:
@@ -103,18 +130,26 @@ def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
 
 
 def fetch_leads_for_matching(
-    conn: Connection, task_id: int, reference_ids: Sequence[str] = (), leads_ids: Sequence[int] = ()
+    conn: Connection, task_id: int, reference_ids: Sequence[str] = (), leads_ids: Sequence[int] = (),
+    *, free_leads: bool = True,
 ) -> pd.DataFrame:
     """The task's leads a page's jobs can concern: every lead without a job (the candidates), plus
     the leads that already have one but whose reference id (or legacy-reference leads_id) the
     page's jobs carry, so that a second job for an already-matched lead is recognised as such
     instead of falling through to phone matching. Reading only these, not every lead of the task
-    for every page, keeps matching a large task's pages cheap."""
-    concerned = [_is_blank(_L.c.call_job_id)]
+    for every page, keeps matching a large task's pages cheap.
+
+    With `free_leads=False`, only the leads that the page's reference ids name: enough when every
+    job of the page matches by reference (new tasks), and far smaller than every free lead of a
+    large task, read again for each page."""
+    concerned = [_is_blank(_L.c.call_job_id)] if free_leads else []
     if reference_ids:
         concerned.append(_L.c.reference_id.in_(sorted(set(reference_ids))))
     if leads_ids:
         concerned.append(_L.c.leads_id.in_(sorted(set(leads_ids))))
+    columns = ["id", "leads_id", "reference_id", "leads_phone", "call_job_id"]
+    if not concerned:
+        return pd.DataFrame([], columns=columns)
     stmt = (
         select(_L.c.id, _L.c.leads_id, _L.c.reference_id, _L.c.leads_phone, _L.c.call_job_id)
         .where(_L.c.task_id == task_id, or_(*concerned))
@@ -137,18 +172,13 @@ def assign_jobs_to_leads(conn: Connection, task_id: int, matches: Sequence[LeadM
     provisional `Failed` (set while the lead had no job) is cleared so step 3 picks the lead up."""
     if not matches:
         return 0
+    job_of = {m.lead_row_id: m.job_id for m in matches}
     stmt = (
         update(_L)
-        .where(
-            _L.c.id == bindparam("b_id"),
-            _L.c.task_id == bindparam("b_task_id"),
-            _is_blank(_L.c.call_job_id),
-        )
-        .values(call_job_id=bindparam("b_job_id"), call_status=None, updated_time=bindparam("b_now"))
+        .where(_L.c.id.in_(list(job_of)), _L.c.task_id == task_id, _is_blank(_L.c.call_job_id))
+        .values(call_job_id=case(job_of, value=_L.c.id), call_status=None, updated_time=now)
     )
-    params = [{"b_id": m.lead_row_id, "b_task_id": task_id, "b_job_id": m.job_id, "b_now": now} for m in matches]
-    result = conn.execute(stmt, params)
-    return int(result.rowcount or 0)
+    return int(conn.execute(stmt).rowcount or 0)
 
 
 def mark_unmatched_leads_failed(conn: Connection, task_id: int, now: datetime) -> int:
@@ -193,36 +223,31 @@ def store_call_results(conn: Connection, task_id: int, results: Sequence[CallRes
     """A terminal status is never overwritten: a rerun or a late answer cannot move a lead back."""
     if not results:
         return 0
+    # One statement for the batch (CASE on the job id), not one round trip per job. A job listed
+    # twice keeps its terminal answer, else its last one, as one UPDATE per answer in order would.
+    by_job: dict[str, CallResult] = {}
+    for r in results:
+        held = by_job.get(r.job_id)
+        if held is None or held.call_status not in TERMINAL_JOB_STATUSES:
+            by_job[r.job_id] = r
+
+    def per_job(attribute: str, type_):
+        return case({job_id: literal(getattr(r, attribute), type_) for job_id, r in by_job.items()},
+                    value=_L.c.call_job_id)
+
     stmt = (
         update(_L)
-        .where(
-            _L.c.task_id == bindparam("b_task_id"),
-            _L.c.call_job_id == bindparam("b_job_id"),
-            _not_terminal(),
-        )
+        .where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(by_job)), _not_terminal())
         .values(
-            call_status=bindparam("b_status"),
-            call_conversation=bindparam("b_conversation"),
-            planed_time=bindparam("b_planed_time"),
-            updated_time=bindparam("b_now"),
-            call_task_id=bindparam("b_call_task_id"),
-            calling_number=bindparam("b_calling_number"),
+            call_status=per_job("call_status", _L.c.call_status.type),
+            call_conversation=per_job("call_conversation", _L.c.call_conversation.type),
+            planed_time=per_job("planed_time", _L.c.planed_time.type),
+            updated_time=now,
+            call_task_id=per_job("call_task_id", _L.c.call_task_id.type),
+            calling_number=per_job("calling_number", _L.c.calling_number.type),
         )
     )
-    params = [
-        {
-            "b_task_id": task_id,
-            "b_job_id": r.job_id,
-            "b_status": r.call_status,
-            "b_conversation": r.call_conversation,
-            "b_planed_time": r.planed_time,
-            "b_now": now,
-            "b_call_task_id": r.call_task_id,
-            "b_calling_number": r.calling_number,
-        }
-        for r in results
-    ]
-    return int(conn.execute(stmt, params).rowcount or 0)
+    return int(conn.execute(stmt).rowcount or 0)
 
 
 # ---- step 4: recordings -----------------------------------------------------------------------
@@ -250,13 +275,13 @@ def store_recording_urls(conn: Connection, urls: Sequence[tuple[int, str]], now:
     """`urls` is (lead row id, SignatureUrl); only a lead still without a recording is written."""
     if not urls:
         return 0
+    url_of = dict(urls)
     stmt = (
         update(_L)
-        .where(_L.c.id == bindparam("b_id"), _is_blank(_L.c.recording_url))
-        .values(recording_url=bindparam("b_url"), updated_time=bindparam("b_now"))
+        .where(_L.c.id.in_(list(url_of)), _is_blank(_L.c.recording_url))
+        .values(recording_url=case(url_of, value=_L.c.id), updated_time=now)
     )
-    params = [{"b_id": lead_row_id, "b_url": url, "b_now": now} for lead_row_id, url in urls]
-    return int(conn.execute(stmt, params).rowcount or 0)
+    return int(conn.execute(stmt).rowcount or 0)
 
 
 # ---- step 5: follow-ups -----------------------------------------------------------------------
@@ -287,7 +312,14 @@ def create_follow_up(engine: Engine, lead: LeadForFollowUp, follow_up: FollowUp,
     """Insert the follow-up and link it to the lead in ONE transaction. The link is conditional on
     `leads_follow_id IS NULL`: when another run got there first the insert is rolled back, so a
     lead never has two follow-ups. Returns the new follow id, or None when another run won."""
-    with engine.connect() as conn, conn.begin() as tx:
+    with engine.connect() as conn:
+        return create_follow_up_on(conn, lead, follow_up, now)
+
+
+def create_follow_up_on(conn: Connection, lead: LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
+    """`create_follow_up` on a connection the caller holds (with no transaction open): one
+    transaction of its own, the insert and the conditional link."""
+    with _write_lock(conn.engine), conn.begin() as tx:
         follow_id = conn.execute(
             dcc_leads_follow.insert().values(
                 leads_id=lead.leads_id,

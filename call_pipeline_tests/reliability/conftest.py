@@ -1,0 +1,83 @@
+"""Fixtures of the reliability suite: a persistent Dagster instance per test (runs can be
+re-executed from failure), a second MariaDB database for clean runs, and the clean run of each
+scenario, computed once per session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
+from call_pipeline.simulator.server import start_simulator
+from call_pipeline_tests.conftest import MARIADB_SERVER_URL
+from call_pipeline_tests.reliability.harness import pipeline_env, settle
+from call_pipeline_tests.reliability.invariant import normalized
+from call_pipeline_tests.reliability.scenarios import Scenario
+
+
+@pytest.fixture
+def instance(tmp_path) -> Iterator[dg.DagsterInstance]:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def clean_database_url() -> Iterator[str]:
+    """A second database, where each scenario's clean run happens."""
+    name = f"call_pipeline_clean_{uuid.uuid4().hex[:10]}"
+    server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    try:
+        yield f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4"
+    finally:
+        get_crm_engine(f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4").dispose()
+        with server.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        server.dispose()
+
+
+@pytest.fixture(scope="session")
+def clean_run(clean_database_url, tmp_path_factory) -> Callable[[Scenario], dict]:
+    """`clean_run(scenario)`: the normalized CRM after a clean run of the scenario (every job
+    loaded from the start, no faults), cached per scenario name and task id."""
+    cache: dict[tuple, dict] = {}
+
+    def run(scenario: Scenario, page_size: int = 20) -> dict:
+        key = (scenario.name, scenario.task_id, len(scenario.leads), page_size)
+        if key not in cache:
+            engine = create_crm_engine(clean_database_url)
+            create_crm_tables(engine, replace=True)
+            engine.dispose()
+            home = tmp_path_factory.mktemp("clean_home")
+            with start_simulator() as simulator, pipeline_env(clean_database_url, simulator), \
+                    dg.instance_for_test(temp_dir=str(home)) as instance:
+                scenario.install(clean_database_url, simulator, all_jobs=True)
+                settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size)
+                assert all(a.success for a in settled.attempts), f"the clean run of {scenario.name} failed"
+                cache[key] = normalized(clean_database_url, scenario.task_id)
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture
+def env(mariadb_url, simulator):
+    """The pipeline's environment pointed at this test's database and simulator; call it again
+    with knobs (read_timeout_ms=..., llm_timeout_s=..., max_concurrency=...) to change them."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+
+    def configure(crm_url: str | None = None, **knobs) -> dict:
+        return stack.enter_context(pipeline_env(crm_url or mariadb_url, simulator, **knobs))
+
+    configure()
+    yield configure
+    stack.close()
