@@ -1,0 +1,79 @@
+"""The cross-process limits, on their own: counted the way a server counts requests."""
+
+import multiprocessing
+import threading
+import time
+
+from call_pipeline.clients.limits import SharedRateLimiter, SharedSemaphore
+
+
+def _send_times(name: str, rate: float, state_dir, seconds: float, threads: int) -> list[float]:
+    limiter = SharedRateLimiter(name, rate, state_dir)
+    times: list[float] = []
+    lock = threading.Lock()
+    deadline = time.time() + seconds
+
+    def worker() -> None:
+        while time.time() < deadline:
+            limiter.acquire()
+            with lock:
+                times.append(time.time())
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return times
+
+
+def _max_in_any_second(times: list[float]) -> int:
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _process_worker(args) -> list[float]:
+    name, rate, state_dir, seconds = args
+    return _send_times(name, rate, state_dir, seconds, threads=4)
+
+
+def test_rate_holds_in_every_sliding_second_across_threads_and_processes(tmp_path):
+    rate = 25
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        parts = pool.map(_process_worker, [("shared", rate, tmp_path, 2.5)] * 3)
+    times = [t for part in parts for t in part]
+    assert _max_in_any_second(times) <= rate
+    assert len(times) >= rate * 2  # the limiter lets requests through, not just holds them
+
+
+def test_fractional_rates_space_requests(tmp_path):
+    times = _send_times("slow", 2.5, tmp_path, 1.6, threads=3)
+    assert _max_in_any_second(times) <= 2
+
+
+def test_semaphore_never_has_more_holders_than_slots(tmp_path):
+    semaphore = SharedSemaphore("llm", 3, tmp_path)
+    holders, most = 0, 0
+    lock = threading.Lock()
+
+    def hold() -> None:
+        nonlocal holders, most
+        with semaphore.hold():
+            with lock:
+                holders += 1
+                most = max(most, holders)
+            time.sleep(0.02)
+            with lock:
+                holders -= 1
+
+    threads = [threading.Thread(target=hold) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 3
