@@ -26,7 +26,7 @@ from sqlalchemy.exc import DataError
 from call_pipeline.clients.dashscope_llm import LlmClient, LlmError
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError
 from call_pipeline.crm import repository as repo
-from call_pipeline.domain.call_results import parse_list_jobs_body
+from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, parse_list_jobs_body
 from call_pipeline.domain.followups import (
     FollowUp,
     InvalidLlmAnswer,
@@ -174,8 +174,10 @@ def fetch_call_results(
         for problem in parsed.problems:
             logger.warning("task %s: %s", task_id, problem)
         for result in parsed.results:
+            # A job still waiting to be dialled has no call attempts yet: expected, not a problem.
+            waiting = result.call_status in NON_TERMINAL_JOB_STATUSES
             for problem in result.problems:
-                logger.warning("task %s job %s: %s", task_id, result.job_id, problem)
+                (logger.debug if waiting else logger.warning)("task %s job %s: %s", task_id, result.job_id, problem)
         if parsed.missing_job_ids:
             report.counts["jobs_not_returned"] += len(parsed.missing_job_ids)
             logger.warning("task %s: ListJobs did not return %d job(s) (retried next run): %s", task_id,
