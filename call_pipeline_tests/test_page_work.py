@@ -97,7 +97,16 @@ def test_a_failed_write_fails_that_lead_only_and_the_writer_goes_on(crm_url, mon
             raise sa.exc.OperationalError("INSERT", {}, Exception("server has gone away"))
         return original(conn, lead, follow_up, now)
 
+    original_batch = repo.create_follow_ups_on
+
+    def flaky_batch(conn, items, now):
+        if any(lead.call_job_id == broken_job for lead, _ in items):
+            raise sa.exc.OperationalError("INSERT", {}, Exception("server has gone away"))
+        return original_batch(conn, items, now)
+
     monkeypatch.setattr(repo, "create_follow_up_on", flaky)
+    # a batch holding the broken lead fails whole; the writer then writes its leads one by one
+    monkeypatch.setattr(repo, "create_follow_ups_on", flaky_batch)
     work = steps.RunPageWork(f"test-{uuid.uuid4().hex}")
     ticket = work.queue_follow_ups(engine, NoLlm(), task_id, 1, job_ids, lambda: NOW, concurrency=4)
     report = work.finish([ticket], lambda t: None)
@@ -105,6 +114,7 @@ def test_a_failed_write_fails_that_lead_only_and_the_writer_goes_on(crm_url, mon
     assert _follow_ups(crm_url, task_id) == (11, 11)
 
     monkeypatch.setattr(repo, "create_follow_up_on", original)
+    monkeypatch.setattr(repo, "create_follow_ups_on", original_batch)
     retry = steps.RunPageWork(f"test-{uuid.uuid4().hex}")
     report = retry.finish([ticket], lambda t: retry.queue_follow_ups(engine, NoLlm(), t.task_id, t.page_number,
                                                                       t.job_ids, lambda: NOW, concurrency=4))

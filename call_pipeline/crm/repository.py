@@ -341,6 +341,60 @@ def create_follow_up_on(conn: Connection, lead: LeadForFollowUp, follow_up: Foll
     return int(follow_id)
 
 
+class FollowUpBatchConflict(RuntimeError):
+    """A lead of the batch got its follow-up elsewhere between the check and the link."""
+
+
+def create_follow_ups_on(
+    conn: Connection, items: Sequence[tuple[LeadForFollowUp, FollowUp]], now: datetime
+) -> list[int | None]:
+    """Several leads' follow-ups in ONE transaction, in three statements: lock the leads still
+    without a follow-up (SELECT ... FOR UPDATE on MySQL; SQLite's writer lock), insert their
+    follow-ups (one INSERT ... RETURNING), and link them (one UPDATE, still conditional on
+    `leads_follow_id IS NULL`). Each lead's insert and link commit or roll back together, as in
+    `create_follow_up_on`, at a fraction of its round trips and commits. Returns each item's
+    follow id, or None for a lead that already had a follow-up. Raises (the whole batch rolled
+    back) when a link did not apply; the caller then writes the leads one by one."""
+    ids = [lead.lead_row_id for lead, _ in items]
+    with _write_lock(conn.engine), conn.begin():
+        free = set(conn.execute(
+            select(_L.c.id).where(_L.c.id.in_(ids), _L.c.leads_follow_id.is_(None)).with_for_update()
+        ).scalars())
+        todo = [(lead, follow_up) for lead, follow_up in items if lead.lead_row_id in free]
+        # a lead twice in one batch gets one follow-up: the first
+        first: dict[int, tuple[LeadForFollowUp, FollowUp]] = {}
+        for lead, follow_up in todo:
+            first.setdefault(lead.lead_row_id, (lead, follow_up))
+        todo = list(first.values())
+        follow_ids: dict[int, int] = {}
+        if todo:
+            inserted = conn.execute(
+                dcc_leads_follow.insert().returning(dcc_leads_follow.c.id, sort_by_parameter_order=True),
+                [{"leads_id": lead.leads_id, "follow_time": now, "leads_remark": follow_up.leads_remark,
+                  "frist_follow_time": now, "new_follow_time": now, "next_follow_time": follow_up.next_follow_time}
+                 for lead, follow_up in todo],
+            ).scalars().all()
+            follow_ids = {lead.lead_row_id: int(fid) for (lead, _), fid in zip(todo, inserted, strict=True)}
+            linked = conn.execute(
+                update(_L)
+                .where(_L.c.id.in_(list(follow_ids)), _L.c.leads_follow_id.is_(None))
+                .values(
+                    leads_follow_id=case(follow_ids, value=_L.c.id),
+                    is_interested=case({lead.lead_row_id: f.is_interested for lead, f in todo}, value=_L.c.id),
+                    updated_time=now,
+                )
+            ).rowcount
+            if linked != len(follow_ids):
+                raise FollowUpBatchConflict(f"{len(follow_ids) - linked} lead(s) got a follow-up meanwhile")
+    seen: set[int] = set()
+    results: list[int | None] = []
+    for lead, _ in items:
+        fid = follow_ids.get(lead.lead_row_id) if lead.lead_row_id not in seen else None
+        seen.add(lead.lead_row_id)
+        results.append(fid)
+    return results
+
+
 # ---- task state -------------------------------------------------------------------------------
 
 

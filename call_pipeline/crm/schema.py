@@ -27,6 +27,9 @@ metadata = MetaData()
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 _TINYINT = SmallInteger().with_variant(mysql.TINYINT(), "mysql", "mariadb")
 _LONGTEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# Dagster's storage registers a process-wide compile hook that renders a generic DateTime as
+# DATETIME(6) on MySQL; the CRM's columns are plain DATETIME, whichever process creates them.
+_DATETIME = DateTime().with_variant(mysql.DATETIME(), "mysql", "mariadb")
 
 _MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_unicode_ci", "mysql_engine": "InnoDB"}
 
@@ -39,8 +42,8 @@ call_tasks = Table(
     # 1 created, 2 calling, 3 calls done / follow-up running, 4 follow-up done
     Column("task_type", _TINYINT, nullable=False, server_default="1"),
     Column("job_group_id", String(64), nullable=True),
-    Column("created_time", DateTime, nullable=True),
-    Column("updated_time", DateTime, nullable=True),
+    Column("created_time", _DATETIME, nullable=True),
+    Column("updated_time", _DATETIME, nullable=True),
     **_MYSQL_TABLE_ARGS,
 )
 
@@ -57,8 +60,8 @@ leads_task_list = Table(
     Column("call_job_id", String(64), nullable=True),
     Column("call_status", String(32), nullable=True),
     Column("call_conversation", _LONGTEXT, nullable=True),
-    Column("planed_time", DateTime, nullable=True),
-    Column("updated_time", DateTime, nullable=True),
+    Column("planed_time", _DATETIME, nullable=True),
+    Column("updated_time", _DATETIME, nullable=True),
     Column("call_task_id", String(64), nullable=True),
     Column("calling_number", String(32), nullable=True),
     Column("recording_url", String(2048), nullable=True),
@@ -76,12 +79,12 @@ dcc_leads_follow = Table(
     metadata,
     Column("id", _ID, primary_key=True, autoincrement=True),  # the follow_id
     Column("leads_id", BigInteger, nullable=False),
-    Column("follow_time", DateTime, nullable=False),
+    Column("follow_time", _DATETIME, nullable=False),
     Column("leads_remark", Text, nullable=True),
     # The misspelling is the real column name in the CRM.
-    Column("frist_follow_time", DateTime, nullable=True),
-    Column("new_follow_time", DateTime, nullable=True),
-    Column("next_follow_time", DateTime, nullable=True),
+    Column("frist_follow_time", _DATETIME, nullable=True),
+    Column("new_follow_time", _DATETIME, nullable=True),
+    Column("next_follow_time", _DATETIME, nullable=True),
     **_MYSQL_TABLE_ARGS,
 )
 
