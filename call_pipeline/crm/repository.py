@@ -308,17 +308,11 @@ def fetch_leads_needing_follow_up(
     ]
 
 
-def create_follow_up(engine: Engine, lead: LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
-    """Insert the follow-up and link it to the lead in ONE transaction. The link is conditional on
+def create_follow_up_on(conn: Connection, lead: LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
+    """Insert one lead's follow-up and link it to the lead in ONE transaction of its own, on a
+    connection the caller holds (with no transaction open). The link is conditional on
     `leads_follow_id IS NULL`: when another run got there first the insert is rolled back, so a
     lead never has two follow-ups. Returns the new follow id, or None when another run won."""
-    with engine.connect() as conn:
-        return create_follow_up_on(conn, lead, follow_up, now)
-
-
-def create_follow_up_on(conn: Connection, lead: LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
-    """`create_follow_up` on a connection the caller holds (with no transaction open): one
-    transaction of its own, the insert and the conditional link."""
     with _write_lock(conn.engine), conn.begin() as tx:
         follow_id = conn.execute(
             dcc_leads_follow.insert().values(
