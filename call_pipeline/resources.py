@@ -123,6 +123,17 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _env_number(name: str, default: str, kind: type) -> float | int:
+    raw = _env(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {raw!r}")
+    return value
+
+
 def resources_from_env() -> dict[str, dg.ConfigurableResource]:
     """The resources as SPEC §6 configures them. Credentials are `EnvVar`s: a run without them
     fails before its first step with Dagster's error naming every missing variable; it never
@@ -136,13 +147,13 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             instance_id=dg.EnvVar("OUTBOUNDBOT_INSTANCE_ID"),
             endpoint=_env("OUTBOUNDBOT_ENDPOINT", DEFAULT_OUTBOUNDBOT_ENDPOINT),
             protocol=_env("OUTBOUNDBOT_PROTOCOL", "https"),
-            max_qps=float(_env("OUTBOUNDBOT_MAX_QPS", "20")),
+            max_qps=_env_number("OUTBOUNDBOT_MAX_QPS", "20", float),
         ),
         "dashscope": DashScopeResource(
             api_key=dg.EnvVar("DASHSCOPE_API_KEY"),
             model=_env("DASHSCOPE_MODEL", "qwen-plus"),
             app_id=_env("BAILIAN_APP_ID"),
             base_http_api_url=_env("DASHSCOPE_HTTP_BASE_URL"),
-            max_concurrency=int(_env("DASHSCOPE_MAX_CONCURRENCY", "8")),
+            max_concurrency=_env_number("DASHSCOPE_MAX_CONCURRENCY", "8", int),
         ),
     }

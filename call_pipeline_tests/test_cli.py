@@ -65,3 +65,25 @@ def test_help(command, capsys):
         main(command)
     assert info.value.code == 0
     assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "value"), [("OUTBOUNDBOT_MAX_QPS", "fast"), ("DASHSCOPE_MAX_CONCURRENCY", "0")])
+def test_a_bad_limit_setting_is_named(monkeypatch, name, value):
+    from call_pipeline.resources import resources_from_env
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        resources_from_env()
+
+
+def test_limits_come_from_the_environment(monkeypatch):
+    from call_pipeline.resources import resources_from_env
+
+    monkeypatch.setenv("OUTBOUNDBOT_MAX_QPS", "50")
+    monkeypatch.setenv("DASHSCOPE_MAX_CONCURRENCY", "16")
+    monkeypatch.setenv("DASHSCOPE_MODEL", "qwen-max")
+    monkeypatch.setenv("BAILIAN_APP_ID", "app-123")
+    resources = resources_from_env()
+    assert resources["outboundbot"].max_qps == 50.0
+    assert resources["dashscope"].max_concurrency == 16
+    assert resources["dashscope"].model == "qwen-max" and resources["dashscope"].app_id == "app-123"
