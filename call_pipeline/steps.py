@@ -251,7 +251,7 @@ def fetch_recordings(
 
 class FollowUpWriter:
     """Writes follow-ups for every thread of this process, from one thread on one connection.
-    The workers hand it their decided follow-up and wait for the answer. What arrives within
+    The shared LLM pool's workers hand it their decided follow-up and go on; what arrives within
     `GATHER_SECONDS` is written together (`repository.create_follow_ups_on`: one transaction,
     each lead's insert and conditional link in it), so that 10,000 follow-ups cost a few hundred
     commits instead of 10,000 (the commit, an fsync, was most of the database time); a batch
@@ -259,7 +259,9 @@ class FollowUpWriter:
     Writing from one thread also keeps the workers from contending for the database (on SQLite,
     for its single write lock)."""
 
-    GATHER_SECONDS = 0.02
+    # Leads handed over without waiting (the shared LLM pool) are gathered this long; a caller
+    # that waits for its write is served at once.
+    GATHER_SECONDS = 0.25
     MAX_BATCH = 200
 
     def __init__(self, engine: Engine) -> None:
@@ -268,16 +270,23 @@ class FollowUpWriter:
         self._thread = threading.Thread(target=self._run, name="call-pipeline-follow-up-writer", daemon=True)
         self._thread.start()
 
-    def write(self, lead: repo.LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
-        """The new follow id, or None when the lead already had a follow-up; raises what the
-        database raised."""
+    def submit(self, lead: repo.LeadForFollowUp, follow_up: FollowUp, now: datetime) -> Future:
+        """Queue a follow-up; the future gives the new follow id, or None when the lead already
+        had a follow-up, or raises what the database raised."""
         future: Future = Future()
-        self._queue.put((lead, follow_up, now, future))
+        self._queue.put((lead, follow_up, now, future, False))
+        return future
+
+    def write(self, lead: repo.LeadForFollowUp, follow_up: FollowUp, now: datetime) -> int | None:
+        """`submit`, waiting for the answer; a caller that waits is not made to wait for a batch."""
+        future: Future = Future()
+        self._queue.put((lead, follow_up, now, future, True))
         return future.result()
 
     def _gather(self) -> list[tuple]:
         batch = [self._queue.get()]
-        deadline = time.monotonic() + self.GATHER_SECONDS
+        urgent = batch[0][4]
+        deadline = time.monotonic() + (0.0 if urgent else self.GATHER_SECONDS)
         while len(batch) < self.MAX_BATCH:
             remaining = deadline - time.monotonic()
             try:
@@ -295,7 +304,7 @@ class FollowUpWriter:
                     if conn is None:
                         conn = self.engine.connect()
                     now = max(item[2] for item in batch)
-                    ids = repo.create_follow_ups_on(conn, [(lead, follow_up) for lead, follow_up, _, _ in batch], now)
+                    ids = repo.create_follow_ups_on(conn, [(item[0], item[1]) for item in batch], now)
                 except Exception as exc:
                     # the batch rolled back as a whole: write its leads one by one, so that only a
                     # lead that cannot be written fails
@@ -303,10 +312,10 @@ class FollowUpWriter:
                              len(batch), type(exc).__name__)
                     conn = self._drop(conn)
                 else:
-                    for (_, _, _, future), follow_id in zip(batch, ids, strict=True):
-                        future.set_result(follow_id)
+                    for item, follow_id in zip(batch, ids, strict=True):
+                        item[3].set_result(follow_id)
                     continue
-            for lead, follow_up, now, future in batch:
+            for lead, follow_up, now, future, _ in batch:
                 try:
                     if conn is None:
                         conn = self.engine.connect()
@@ -339,6 +348,25 @@ def follow_up_writer(engine: Engine) -> FollowUpWriter:
         return writer
 
 
+def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
+                     logger: logging.Logger) -> FollowUp | None:
+    """One lead's follow-up (LLM or basic, SPEC §3 step 5), or None when it has none yet."""
+    plan = plan_follow_up(lead.call_status, lead.call_conversation)
+    if plan == "skip":
+        return None
+    if plan == "basic":
+        return basic_follow_up(lead.call_status or "")
+    try:
+        answer = llm.complete(build_llm_messages(lead.call_conversation or "[]", now))
+        return parse_llm_answer(answer, now)
+    except LlmError as exc:
+        logger.warning("job %s: AI analysis unavailable, basic follow-up written: %s", lead.call_job_id, exc)
+        return ai_fallback_follow_up(exc.code or "LLM error")
+    except InvalidLlmAnswer as exc:
+        logger.warning("job %s: the model's answer was invalid (%s), basic follow-up written", lead.call_job_id, exc)
+        return ai_fallback_follow_up(f"invalid answer: {exc}")
+
+
 def write_follow_up_for_lead(
     engine: Engine,
     llm: LlmClient,
@@ -346,24 +374,11 @@ def write_follow_up_for_lead(
     now: datetime,
     logger: logging.Logger,
 ) -> FollowUp | None:
-    """Decide one lead's follow-up (LLM or basic) and write it. Returns what was written, or None
-    when there was nothing to do or another run wrote it first."""
-    plan = plan_follow_up(lead.call_status, lead.call_conversation)
-    if plan == "skip":
+    """Decide one lead's follow-up and write it, waiting for the write. Returns what was
+    written, or None when there was nothing to do or another run wrote it first."""
+    follow_up = decide_follow_up(llm, lead, now, logger)
+    if follow_up is None:
         return None
-    if plan == "basic":
-        follow_up = basic_follow_up(lead.call_status or "")
-    else:
-        try:
-            answer = llm.complete(build_llm_messages(lead.call_conversation or "[]", now))
-            follow_up = parse_llm_answer(answer, now)
-        except LlmError as exc:
-            logger.warning("job %s: AI analysis unavailable, basic follow-up written: %s", lead.call_job_id, exc)
-            follow_up = ai_fallback_follow_up(exc.code or "LLM error")
-        except InvalidLlmAnswer as exc:
-            logger.warning("job %s: the model's answer was invalid (%s), basic follow-up written",
-                           lead.call_job_id, exc)
-            follow_up = ai_fallback_follow_up(f"invalid answer: {exc}")
     follow_id = follow_up_writer(engine).write(lead, follow_up, now)
     if follow_id is None:
         logger.info("job %s: follow-up already written by another run", lead.call_job_id)
@@ -408,6 +423,49 @@ def follow_up_one_lead(engine: Engine, llm: LlmClient, task_id: int, lead: repo.
     if follow_up is not None:
         report.add(f"follow_ups:{follow_up.is_interested}")
         report.add(f"source:{follow_up.source}")
+
+
+def queue_follow_up_of_lead(engine: Engine, llm: LlmClient, task_id: int, lead: repo.LeadForFollowUp,
+                            clock: Callable[[], datetime], logger: logging.Logger, report: StepReport,
+                            written: list[Future]) -> None:
+    """Step 5 for one lead in the shared LLM pool: decide, then hand the follow-up to the writer
+    without waiting for it, so that the worker takes the next lead at once and the writer can
+    gather many leads into one transaction. `written` gets a future that completes (never with
+    an error) once the write is done and counted in `report`."""
+    done: Future = Future()
+    try:
+        now = clock()
+        follow_up = decide_follow_up(llm, lead, now, logger)
+        if follow_up is None:
+            done.set_result(None)
+            written.append(done)
+            return
+        pending = follow_up_writer(engine).submit(lead, follow_up, now)
+    except Exception as exc:  # one lead's failure must not lose the others' work
+        report.fail(f"job {lead.call_job_id}: {type(exc).__name__}: {exc}")
+        logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
+                     task_id, lead.call_job_id, type(exc).__name__, exc)
+        done.set_result(None)
+        written.append(done)
+        return
+
+    def count(future: Future) -> None:
+        try:
+            error = future.exception()
+            if error is not None:
+                report.fail(f"job {lead.call_job_id}: {type(error).__name__}: {error}")
+                logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
+                             task_id, lead.call_job_id, type(error).__name__, error)
+            elif future.result() is None:
+                logger.info("job %s: follow-up already written by another run", lead.call_job_id)
+            else:
+                report.add(f"follow_ups:{follow_up.is_interested}")
+                report.add(f"source:{follow_up.source}")
+        finally:
+            done.set_result(None)
+
+    written.append(done)
+    pending.add_done_callback(count)
 
 
 # ---- steps 4 and 5 across pages: shared pools, waited for after the last page -------------------
@@ -477,6 +535,21 @@ class PageTicket:
 class _PageWork:
     futures: list[Future] = field(default_factory=list)
     report: StepReport = field(default_factory=StepReport)
+    written: list[Future] = field(default_factory=list)  # follow-up writes; filled as leads are decided
+    retries: list[_PageWork] = field(default_factory=list)  # the same page's op run again in this run
+
+    def settle(self) -> list[tuple[Future, _PageWork]]:
+        """Wait for this page's work (and its retries'); return the failed pool futures."""
+        failed = []
+        for work in (self, *self.retries):
+            for future in work.futures:
+                if future.exception() is not None:
+                    failed.append((future, work))
+            # every lead is decided once its pool future is done, so `written` is complete now
+            wait(list(work.written))
+            if work is not self:
+                self.report.merge(work.report)
+        return failed
 
 
 class RunPageWork:
@@ -517,8 +590,7 @@ class RunPageWork:
             if held is None:
                 self._pages[ticket.key] = work
             else:  # the op ran again in this run (an op retry): keep both
-                held.futures.extend(work.futures)
-                held.report.merge(work.report)
+                held.retries.append(work)
             self._futures.extend(work.futures)
         return ticket
 
@@ -558,11 +630,15 @@ class RunPageWork:
         elif leads:
             self._reserve(FOLLOW_UPS, len(leads), concurrency * QUEUED_FOLLOW_UPS_PER_LLM_SLOT)
             pool = _shared_pool("llm", concurrency + LLM_SPARE_WORKERS)
+            # The pool futures complete when a lead is decided and handed to the writer; the
+            # writes themselves are awaited through `written`, after them.
+            written: list[Future] = []
             work.futures.extend(
-                pool.submit(self._unit, FOLLOW_UPS, follow_up_one_lead, engine, llm, task_id, lead, clock, logger,
-                            work.report)
+                pool.submit(self._unit, FOLLOW_UPS, queue_follow_up_of_lead, engine, llm, task_id, lead, clock,
+                            logger, work.report, written)
                 for lead in leads
             )
+            work.written = written
         return self._register(ticket, work)
 
     # -- waiting -------------------------------------------------------------------------------
@@ -584,10 +660,9 @@ class RunPageWork:
                 work = self._take(ticket.key) or _PageWork()
             held.append((ticket, work))
         for ticket, work in held:
-            for future in work.futures:
+            for future, _ in work.settle():
                 error = future.exception()
-                if error is not None:
-                    report.fail(f"{ticket.kind} of page {ticket.page_number}: {type(error).__name__}: {error}")
+                report.fail(f"{ticket.kind} of page {ticket.page_number}: {type(error).__name__}: {error}")
             report.merge(work.report)
         return report
 
@@ -596,7 +671,10 @@ class RunPageWork:
         self.inline = True
         with self._cond:
             futures = list(self._futures)
+            pages = list(self._pages.values())
         wait(futures)
+        for page in pages:
+            page.settle()
 
 
 _runs: dict[str, RunPageWork] = {}
