@@ -409,6 +409,14 @@ def create_follow_ups(
     return report
 
 
+def _follow_up_failed(report: StepReport, logger: logging.Logger, task_id: int, lead: repo.LeadForFollowUp,
+                      exc: BaseException) -> None:
+    """One lead's follow-up failed: counted for its step, logged, and picked up by the next run."""
+    report.fail(f"job {lead.call_job_id}: {type(exc).__name__}: {exc}")
+    logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
+                 task_id, lead.call_job_id, type(exc).__name__, exc)
+
+
 def follow_up_one_lead(engine: Engine, llm: LlmClient, task_id: int, lead: repo.LeadForFollowUp,
                        clock: Callable[[], datetime], logger: logging.Logger, report: StepReport) -> None:
     """Step 5 for one lead, counted in `report`; its failure is recorded there, never raised, so
@@ -416,9 +424,7 @@ def follow_up_one_lead(engine: Engine, llm: LlmClient, task_id: int, lead: repo.
     try:
         follow_up = write_follow_up_for_lead(engine, llm, lead, clock(), logger)
     except Exception as exc:
-        report.fail(f"job {lead.call_job_id}: {type(exc).__name__}: {exc}")
-        logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
-                     task_id, lead.call_job_id, type(exc).__name__, exc)
+        _follow_up_failed(report, logger, task_id, lead, exc)
         return
     if follow_up is not None:
         report.add(f"follow_ups:{follow_up.is_interested}")
@@ -442,9 +448,7 @@ def queue_follow_up_of_lead(engine: Engine, llm: LlmClient, task_id: int, lead: 
             return
         pending = follow_up_writer(engine).submit(lead, follow_up, now)
     except Exception as exc:  # one lead's failure must not lose the others' work
-        report.fail(f"job {lead.call_job_id}: {type(exc).__name__}: {exc}")
-        logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
-                     task_id, lead.call_job_id, type(exc).__name__, exc)
+        _follow_up_failed(report, logger, task_id, lead, exc)
         done.set_result(None)
         written.append(done)
         return
@@ -453,9 +457,7 @@ def queue_follow_up_of_lead(engine: Engine, llm: LlmClient, task_id: int, lead: 
         try:
             error = future.exception()
             if error is not None:
-                report.fail(f"job {lead.call_job_id}: {type(error).__name__}: {error}")
-                logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
-                             task_id, lead.call_job_id, type(error).__name__, error)
+                _follow_up_failed(report, logger, task_id, lead, error)
             elif future.result() is None:
                 logger.info("job %s: follow-up already written by another run", lead.call_job_id)
             else:
