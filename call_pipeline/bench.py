@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OutboundBot requests/s the simulator allows; OUTBOUNDBOT_MAX_QPS is set to match (50)")
     p.add_argument("--llm-concurrency", type=int, default=16, help="DASHSCOPE_MAX_CONCURRENCY (16)")
     p.add_argument("--page-size", type=int, default=None,
-                   help="ListJobsByGroup page size = the fan-out batch (default: the pipeline's setting)")
+                   help="ListJobsByGroup page size (default: the pipeline's setting, 100)")
+    p.add_argument("--pages-per-batch", type=int, default=None,
+                   help="pages per mapped chain, the fan-out granularity (default: the pipeline's setting)")
     p.add_argument("--db", choices=("sqlite", "mariadb"), default="sqlite")
     p.add_argument("--zero-latency", action="store_true",
                    help="no latency and no caps: report leads/s and where the time goes (cProfile)")
@@ -90,6 +92,9 @@ class DbTimer:
         self._lock = threading.Lock()
         self.seconds: Counter = Counter()
         self.counts: Counter = Counter()
+        # statement time by the repository function that ran it (what to make cheaper)
+        self.by_function: Counter = Counter()
+        self.function_counts: Counter = Counter()
 
     def _add(self, kind: str, seconds: float) -> None:
         with self._lock:
@@ -101,8 +106,12 @@ class DbTimer:
             conn.info.setdefault("_bench_started", []).append(time.perf_counter())
 
         def after(conn, cursor, statement, parameters, context, executemany):
-            started = conn.info["_bench_started"].pop()
-            self._add(statement.lstrip().split(None, 1)[0].upper(), time.perf_counter() - started)
+            seconds = time.perf_counter() - conn.info["_bench_started"].pop()
+            self._add(statement.lstrip().split(None, 1)[0].upper(), seconds)
+            function = _repository_caller()
+            with self._lock:
+                self.by_function[function] += seconds
+                self.function_counts[function] += 1
 
         sa.event.listen(engine, "before_cursor_execute", before)
         sa.event.listen(engine, "after_cursor_execute", after)
@@ -119,6 +128,65 @@ class DbTimer:
 
             setattr(dialect, name, timed)
 
+        if engine.dialect.name in ("mysql", "mariadb"):
+            self._attach_server_profiling(engine)
+
+    # ---- server side (MySQL/MariaDB session profiling) ----
+    # The client-side figures above include the network and, above all, waiting for the GIL: with
+    # 30 busy threads a statement's answer often waits milliseconds before its thread runs again.
+    # SHOW PROFILES gives what the server itself spent on each statement of a session (commits
+    # and rollbacks included); it keeps the last 100, so each connection's history is read every
+    # HARVEST_EVERY statements and when it goes back to the pool.
+    HARVEST_EVERY = 40
+
+    def _attach_server_profiling(self, engine: sa.Engine) -> None:
+        self.server_seconds: Counter = Counter()
+        self.server_counts: Counter = Counter()
+        seen: dict[int, list[int]] = {}  # id(DBAPI connection) -> [last Query_ID read, unread count]
+
+        def harvest(dbapi_connection) -> None:
+            state = seen.setdefault(id(dbapi_connection), [0, 0])
+            try:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SHOW PROFILES")
+                rows = cursor.fetchall()
+                cursor.close()
+            except Exception:  # a connection that died is not the benchmark's business
+                return
+            with self._lock:
+                for query_id, duration, query in rows:
+                    if query_id > state[0] and not query.upper().startswith(("SET PROFILING", "SHOW PROFILES")):
+                        kind = _server_kind(query)
+                        self.server_seconds[kind] += float(duration)
+                        self.server_counts[kind] += 1
+                state[0] = max([state[0], *(row[0] for row in rows)])
+                state[1] = 0
+
+        def on_connect(dbapi_connection, record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET profiling = 1, profiling_history_size = 100")
+            cursor.close()
+
+        def after(conn, cursor, statement, parameters, context, executemany):
+            dbapi_connection = conn.connection.dbapi_connection
+            state = seen.setdefault(id(dbapi_connection), [0, 0])
+            state[1] += 1
+            if state[1] >= self.HARVEST_EVERY:
+                harvest(dbapi_connection)
+
+        sa.event.listen(engine, "connect", on_connect)
+        sa.event.listen(engine, "checkin", lambda dbapi_connection, record: dbapi_connection is not None
+                        and harvest(dbapi_connection))
+        sa.event.listen(engine, "after_cursor_execute", after)
+
+    @property
+    def server_total(self) -> float | None:
+        return sum(self.server_seconds.values()) if hasattr(self, "server_seconds") else None
+
+    def describe_server(self) -> str:
+        return ", ".join(f"{kind} {self.server_counts[kind]:,} in {seconds:.2f} s"
+                         for kind, seconds in self.server_seconds.most_common())
+
     CONNECTION_KINDS = ("COMMIT", "ROLLBACK", "PING")
 
     @property
@@ -131,10 +199,36 @@ class DbTimer:
         """Commits, rollbacks (the pool's reset on return) and pre-pings."""
         return sum(v for k, v in self.seconds.items() if k in self.CONNECTION_KINDS)
 
+    def describe_functions(self, limit: int = 8) -> str:
+        return ", ".join(f"{name} {self.function_counts[name]:,} in {seconds:.2f} s"
+                         for name, seconds in self.by_function.most_common(limit))
+
     def describe(self, connection: bool) -> str:
         kinds = [k for k in self.seconds if (k in self.CONNECTION_KINDS) == connection]
         return ", ".join(f"{kind} {self.counts[kind]:,} in {self.seconds[kind]:.2f} s"
                          for kind in sorted(kinds, key=lambda k: -self.seconds[k]))
+
+
+def _server_kind(query: str) -> str:
+    """SELECT / INSERT / COMMIT ...; an UPDATE is named by its first column, which tells the
+    pipeline's UPDATEs apart (call_job_id: matching, call_status: results, recording_url,
+    leads_follow_id: follow-up links)."""
+    words = query.split(None, 4)
+    if not words:
+        return "?"
+    kind = words[0].upper()
+    if kind == "UPDATE" and len(words) >= 4 and words[2].upper() == "SET":
+        return f"UPDATE {words[3].split('=', 1)[0]}"
+    return kind
+
+
+def _repository_caller() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "call_pipeline.crm.repository":
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return "(elsewhere)"
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -380,8 +474,9 @@ def run_task(instance, task_id: int, args: argparse.Namespace) -> RunFigures:
 
     # Dagster's console logger prints every event; the events still go to the instance as usual.
     run_config: dict = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    if args.page_size:
-        run_config["ops"] = {"list_job_pages": {"config": {"page_size": args.page_size}}}
+    paging = {k: v for k, v in (("page_size", args.page_size), ("pages_per_batch", args.pages_per_batch)) if v}
+    if paging:
+        run_config["ops"] = {"list_job_pages": {"config": paging}}
     started = time.perf_counter()
     if args.job:
         module_name, _, function_name = args.job.partition(":")
@@ -453,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"leads": args.leads, "db": args.db, "executor": args.job or args.executor, "shares": shares,
                      "zero_latency": args.zero_latency, "outboundbot_latency_ms": args.outboundbot_latency_ms,
                      "llm_latency_ms": args.llm_latency_ms, "qps_cap": qps_cap,
-                     "llm_concurrency": args.llm_concurrency, "page_size": args.page_size}
+                     "llm_concurrency": args.llm_concurrency, "page_size": args.page_size,
+                     "pages_per_batch": args.pages_per_batch}
     simulator: SimulatorProcess | None = None
     try:
         with crm_database(args.db, workdir) as crm_url:
@@ -481,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[RunFigures] = []
             profiles: list[cProfile.Profile] = []
             profiling = args.zero_latency and not args.no_profile
-            with dg.DagsterInstance.local_temp(tempdir=os.path.join(workdir, "dagster_home")) as instance:
+            home = os.path.join(workdir, "dagster_home")
+            with dg.DagsterInstance.local_temp(tempdir=home, overrides={"telemetry": {"enabled": False}}) as instance:
                 instance.add_dynamic_partitions("call_tasks", [str(task_id)])
                 with profile_all_threads() if profiling else contextlib.nullcontext([]) as profiles:
                     for _ in range(max(1, args.max_runs)):
@@ -554,6 +651,15 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
     print(f"database time (statements, summed over threads): {timer.statement_seconds:.2f} s "
           f"({timer.describe(connection=False)}); commits, pool resets and pings: "
           f"{timer.connection_seconds:.2f} s ({timer.describe(connection=True)})")
+    print(f"  by repository function: {timer.describe_functions()}")
+    if timer.server_total is not None:
+        print(f"database time on the server (SHOW PROFILES, every statement incl. commits): "
+              f"{timer.server_total:.2f} s ({timer.describe_server()})")
+        figures["db_server_seconds"] = round(timer.server_total, 3)
+        figures["db_server"] = {k: {"count": timer.server_counts[k], "seconds": round(v, 3)}
+                                for k, v in timer.server_seconds.items()}
+    figures["db_by_function"] = {k: {"count": timer.function_counts[k], "seconds": round(v, 3)}
+                                 for k, v in timer.by_function.items()}
     overhead = (wall - step_seconds) / steps if steps else 0.0
     print(f"dagster: {steps:,} steps ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
           f"step time {step_seconds:.1f} s; wall minus step time per step {overhead * 1000:.0f} ms")

@@ -225,7 +225,8 @@ def run_demo(data_dir: Path = DEMO_DIR) -> int:
         load_job_groups(simulator, crm_url, tasks)
         os.environ["CALL_PIPELINE_STATE_DIR"] = str(data_dir / "limits")
         (data_dir / "dagster_home").mkdir()
-        with dg.DagsterInstance.local_temp(tempdir=str(data_dir / "dagster_home")) as instance:
+        with dg.DagsterInstance.local_temp(
+                tempdir=str(data_dir / "dagster_home"), overrides={"telemetry": {"enabled": False}}) as instance:
             print("\nRound 1: the sensor picks the active tasks and each runs sync_call_task")
             for line in run_round(instance, "round 1"):
                 print("  " + line)

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import dagster as dg
+from pydantic import Field
 
 from call_pipeline import settings, steps
 from call_pipeline.crm import repository as repo
@@ -35,13 +36,20 @@ API_RETRY_POLICY = dg.RetryPolicy(
 
 @dataclass(frozen=True)
 class PageRequest:
+    """A batch of `page_count` consecutive pages of the task's job group, from `page_number`."""
+
     task: repo.TaskRow
     page_number: int
     page_size: int
+    page_count: int = 1
 
 
 class PagingConfig(dg.Config):
-    page_size: int = settings.DEFAULT_PAGE_SIZE
+    page_size: int = Field(default=settings.DEFAULT_PAGE_SIZE, ge=1,
+                           description="ListJobsByGroup page size (CALL_PIPELINE_PAGE_SIZE).")
+    pages_per_batch: int = Field(default=settings.DEFAULT_PAGES_PER_BATCH, ge=1,
+                                 description="Pages whose jobs one mapped chain (steps 2-5) works on together "
+                                             "(CALL_PIPELINE_PAGES_PER_BATCH).")
 
 
 def _task_id_of(context: dg.OpExecutionContext) -> int:
@@ -53,6 +61,13 @@ def _task_id_of(context: dg.OpExecutionContext) -> int:
     if task_id <= 0:
         raise dg.Failure(description=f"partition key {key!r} is not a call task id", allow_retries=False)
     return task_id
+
+
+def _not_run(context: dg.OpExecutionContext) -> None:
+    # See call_pipeline/io_managers.py: the batch's upstream step never ran in this lineage.
+    context.log.warning(f"{context.op_handle}: the batch's earlier steps never ran in this run's lineage; "
+                        "finish_page_work catches up on its work")
+    return None
 
 
 def _fail_on(report: steps.StepReport, what: str) -> None:
@@ -87,68 +102,77 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
 def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, task: repo.TaskRow,
                    outboundbot: OutboundBotResource):
     """Fans out over the job group's pages: one ListJobsByGroup call for TotalCount, then one
-    mapped chain per page, so that each page's matching, results, recordings and follow-ups can
-    start as soon as that page is fetched."""
+    mapped chain per batch of `pages_per_batch` pages, so that each batch's matching, results,
+    recordings and follow-ups can start as soon as its pages are fetched."""
     # The first page's answer is not handed on: what steps pass each other is pickled into
     # Dagster's storage, and the customers' phones and names should not rest there.
     pages, _ = steps.count_job_pages(outboundbot.get_client(), task.job_group_id, config.page_size)
-    context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs")
-    for page_number in range(1, pages + 1):
+    batches = steps.batch_pages(pages, config.pages_per_batch)
+    context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(batches)} "
+                     f"batch(es) of up to {config.pages_per_batch} page(s)")
+    for page_number, page_count in batches:
+        last = page_number + page_count - 1
         yield dg.DynamicOutput(
-            PageRequest(task, page_number, config.page_size),
-            mapping_key=f"page_{page_number}",
+            PageRequest(task, page_number, config.page_size, page_count),
+            mapping_key=f"page_{page_number}" if page_count == 1 else f"pages_{page_number}_{last}",
         )
 
 
 @dg.op(tags={**SYNC_QUEUE, **CHAIN_PRIORITY[2]}, pool="sync_queue", retry_policy=API_RETRY_POLICY)
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
                    outboundbot: OutboundBotResource) -> steps.PageBatch:
-    """Step 2 for one page: map its jobs to leads (one read, one bulk write)."""
+    """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
     batch = steps.match_page(
         crm.engine, outboundbot.get_client(), page.task, page.page_number, page.page_size, crm.now(),
-        context.log,
+        context.log, page_count=page.page_count,
     )
-    context.log.info(f"task {page.task.id} page {page.page_number}: {batch.match_counts}")
+    context.log.info(f"task {page.task.id} {batch.label}: {batch.match_counts}")
     return batch
 
 
 @dg.op(tags={**QUERY_QUEUE, **CHAIN_PRIORITY[3]}, pool="query_queue", retry_policy=API_RETRY_POLICY)
-def fetch_call_results(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
-                       outboundbot: OutboundBotResource) -> steps.PageBatch:
-    """Step 3 for the page's jobs whose status is empty or not terminal."""
+def fetch_call_results(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
+                       outboundbot: OutboundBotResource) -> steps.PageBatch | None:
+    """Step 3 for the batch's jobs whose status is empty or not terminal."""
+    if batch is None:
+        return _not_run(context)
     report = steps.fetch_call_results(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
                                       crm.zone, crm.now(), context.log)
-    _fail_on(report, f"task {batch.task_id} page {batch.page_number}: call results")
+    _fail_on(report, f"task {batch.task_id} {batch.label}: call results")
     return steps.PageBatch(batch.task_id, batch.page_number, batch.job_ids,
-                           {**batch.match_counts, **report.counts})
+                           {**batch.match_counts, **report.counts}, batch.page_count)
 
 
 @dg.op(tags={**DOWNLOAD_QUEUE, **CHAIN_PRIORITY[4]}, pool="download_queue", retry_policy=API_RETRY_POLICY)
-def fetch_recordings(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> steps.PageTicket:
-    """Step 4 for the page's succeeded calls without a recording. The downloads go to a shared
-    pool and run while later pages are worked on; `finish_page_work` waits for them."""
+def fetch_recordings(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
+                     outboundbot: OutboundBotResource) -> steps.PageTicket | None:
+    """Step 4 for the batch's succeeded calls without a recording. The downloads go to a shared
+    pool and run while later batches are worked on; `finish_page_work` waits for them."""
+    if batch is None:
+        return _not_run(context)
     return steps.run_page_work(context.run_id).queue_recordings(
         crm.engine, outboundbot.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now, context.log)
 
 
 @dg.op(tags={**AI_QUEUE, **CHAIN_PRIORITY[5]}, pool="ai_queue", retry_policy=API_RETRY_POLICY)
-def create_follow_ups(context: dg.OpExecutionContext, batch: steps.PageBatch, crm: CrmDatabase,
-                      dashscope: DashScopeResource) -> steps.PageTicket:
+def create_follow_ups(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
+                      dashscope: DashScopeResource) -> steps.PageTicket | None:
     """Step 5 for the page's leads with a terminal status and no follow-up. Its leads go to the
     shared LLM pool, which stays full across pages, alongside step 4; `finish_page_work` waits
     for them. Waits first while many leads are still queued (back-pressure)."""
+    if batch is None:
+        return _not_run(context)
     ticket = steps.run_page_work(context.run_id).queue_follow_ups(
         crm.engine, dashscope.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now,
         dashscope.max_concurrency, context.log)
-    context.log.debug(f"task {batch.task_id} page {batch.page_number}: {ticket.queued} follow-up(s) queued")
+    context.log.debug(f"task {batch.task_id} {batch.label}: {ticket.queued} follow-up(s) queued")
     return ticket
 
 
 @dg.op(tags=SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
-def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow, recordings: list[steps.PageTicket],
-                     follow_ups: list[steps.PageTicket], crm: CrmDatabase, outboundbot: OutboundBotResource,
-                     dashscope: DashScopeResource) -> dict:
+def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow,
+                     recordings: list[steps.PageTicket | None], follow_ups: list[steps.PageTicket | None],
+                     crm: CrmDatabase, outboundbot: OutboundBotResource, dashscope: DashScopeResource) -> dict:
     """After the last page: waits for the recordings and follow-ups that the page ops handed to
     the shared pools. A page whose work this process does not hold (a retry of this op, a
     re-execution from failure, a page op run in another process) is redone here from what the
@@ -165,7 +189,7 @@ def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow, recordi
                                   ticket.job_ids, crm.now, dashscope.max_concurrency, context.log)
 
     try:
-        report = work.finish([*recordings, *follow_ups], redo)
+        report = work.finish([t for t in (*recordings, *follow_ups) if t is not None], redo)
     finally:
         steps.forget_run_page_work(context.run_id)
     if context.run.parent_run_id:
@@ -174,7 +198,8 @@ def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow, recordi
                          "catching up on every page of the job group")
         report.merge(steps.catch_up_task(crm.engine, outboundbot.get_client(), dashscope.get_client(), task,
                                          settings.DEFAULT_PAGE_SIZE, crm.zone, crm.now(), context.log,
-                                         threads=dashscope.max_concurrency))
+                                         threads=dashscope.max_concurrency,
+                                         pages_per_batch=settings.DEFAULT_PAGES_PER_BATCH))
     _fail_on(report, f"task {task.id}: recordings and follow-ups")
     return dict(report.counts)
 
@@ -188,18 +213,20 @@ def finish_page_work_on_failure(context: dg.HookContext) -> None:
 
 
 @dg.op(tags=SYNC_QUEUE)
-def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, batches: list[steps.PageBatch],
-                         page_work: dict, crm: CrmDatabase) -> dict:
+def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow,
+                         batches: list[steps.PageBatch | None], page_work: dict, crm: CrmDatabase) -> dict:
     """After the last page: leads that should have a job and have none are marked Failed
     (provisionally: a later run that matches them clears it)."""
     marked = steps.mark_unmatched_leads(crm.engine, task.id, crm.now())
     if marked:
         context.log.warning(f"task {task.id}: {marked} lead(s) matched no job and are marked Failed for now")
+    batches = [b for b in batches if b is not None]
     totals: Counter = Counter()
     for part in [*(b.match_counts for b in batches), page_work]:
         totals.update({k: v for k, v in part.items() if isinstance(v, int)})
     totals["unmatched_marked_failed"] += marked
-    totals["pages"] = len(batches)
+    totals["pages"] = sum(b.page_count for b in batches)
+    totals["batches"] = len(batches)
     return dict(totals)
 
 

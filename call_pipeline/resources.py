@@ -17,6 +17,7 @@ from call_pipeline.clients.dashscope_llm import LlmClient, LlmSettings
 from call_pipeline.clients.limits import SharedRateLimiter, SharedSemaphore
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
 from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
+from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 
 DEFAULT_OUTBOUNDBOT_ENDPOINT = "outboundbot.cn-shanghai.aliyuncs.com"
 DEFAULT_TIMEZONE = "Asia/Shanghai"
@@ -134,12 +135,14 @@ def _env_number(name: str, default: str, kind: type) -> float | int:
     return value
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+def resources_from_env() -> dict[str, dg.ConfigurableResource | dg.ConfigurableIOManagerFactory]:
     """The resources as SPEC §6 configures them. Credentials are `EnvVar`s: a run without them
     fails before its first step with Dagster's error naming every missing variable; it never
-    falls back to the simulator."""
+    falls back to the simulator. The IO manager: Dagster's filesystem one, safe for re-execution
+    from failure after a killed run (call_pipeline/io_managers.py)."""
     crm_url = dg.EnvVar("CALL_PIPELINE_CRM_URL") if _env("CALL_PIPELINE_CRM_URL") else DEFAULT_CRM_URL
     return {
+        "io_manager": ReexecutionSafeFilesystemIOManager(),
         "crm": CrmDatabase(url=crm_url, timezone=_env("CALL_PIPELINE_TIMEZONE", DEFAULT_TIMEZONE)),
         "outboundbot": OutboundBotResource(
             access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),

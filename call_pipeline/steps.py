@@ -53,12 +53,19 @@ class StepFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class PageBatch:
-    """One page of a job group: the batch that steps 3-5 work on."""
+    """The jobs of one or more consecutive pages of a job group: the batch that steps 3-5 work
+    on. `page_number` is its first page, which also names the batch."""
 
     task_id: int
     page_number: int
     job_ids: tuple[str, ...]
     match_counts: dict[str, int] = field(default_factory=dict)
+    page_count: int = 1
+
+    @property
+    def label(self) -> str:
+        last = self.page_number + self.page_count - 1
+        return f"page {self.page_number}" if last == self.page_number else f"pages {self.page_number}-{last}"
 
 
 @dataclass
@@ -101,6 +108,13 @@ def count_job_pages(client: OutboundBotClient, job_group_id: str, page_size: int
     return (total + page_size - 1) // page_size, body
 
 
+def batch_pages(pages: int, pages_per_batch: int) -> list[tuple[int, int]]:
+    """(first page, page count) of each batch of up to `pages_per_batch` consecutive pages."""
+    if pages_per_batch < 1:
+        raise ValueError(f"pages_per_batch must be at least 1, got {pages_per_batch}")
+    return [(first, min(pages_per_batch, pages - first + 1)) for first in range(1, pages + 1, pages_per_batch)]
+
+
 def match_page(
     engine: Engine,
     client: OutboundBotClient,
@@ -110,38 +124,44 @@ def match_page(
     now: datetime,
     logger: logging.Logger | None = None,
     prefetched_body: dict | None = None,
+    page_count: int = 1,
 ) -> PageBatch:
-    """Step 2 for one page: one read of the task's unmatched leads, one bulk write."""
+    """Step 2 for a batch of `page_count` pages from `page_number`: one ListJobsByGroup call per
+    page, then one read of the leads the batch's jobs can concern and one bulk write."""
     logger = logger or log
-    body = prefetched_body or client.list_jobs_by_group(task.job_group_id, page_number, page_size)
-    page = parse_jobs_page(body)
-    for problem in page.problems:
-        logger.warning("task %s page %s: %s", task.id, page_number, problem)
-    job_ids = [job.job_id for job in page.jobs]
-    reference_ids = [ref for job in page.jobs for ref in job.reference_ids if ref]
+    jobs = []
+    for number in range(page_number, page_number + page_count):
+        body = prefetched_body if number == page_number and prefetched_body else client.list_jobs_by_group(
+            task.job_group_id, number, page_size)
+        page = parse_jobs_page(body)
+        for problem in page.problems:
+            logger.warning("task %s page %s: %s", task.id, number, problem)
+        jobs.extend(page.jobs)
+    label = PageBatch(task.id, page_number, (), page_count=page_count).label
+    job_ids = [job.job_id for job in jobs]
+    reference_ids = [ref for job in jobs for ref in job.reference_ids if ref]
     legacy_leads_ids = [int(m.group(1)) for ref in reference_ids
                         if (m := _LEGACY_REFERENCE.fullmatch(ref)) and m.group(0).startswith(f"task_{task.id}_")]
     with repo.write_transaction(engine) as conn:
-        assigned = repo.fetch_assigned_job_ids(conn, task.id, job_ids)
-        jobs = [job for job in page.jobs if job.job_id not in assigned]
-        # First only the leads that the page's reference ids name; the task's free leads (for
-        # phone matching) are read only when some job found no lead that way.
-        leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_leads_ids, free_leads=False)
+        # First only the leads that the jobs' reference ids name (and those already holding one of
+        # the jobs); the task's free leads (for phone matching) are read only when some job found
+        # no lead that way.
+        leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_leads_ids, free_leads=False,
+                                              job_ids=job_ids)
         result = match_jobs_to_leads(jobs, leads, task.id)
         if result.unmatched_job_ids:
-            leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_leads_ids)
+            leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_leads_ids, job_ids=job_ids)
             result = match_jobs_to_leads(jobs, leads, task.id)
         written = repo.assign_jobs_to_leads(conn, task.id, result.matches, now)
     for conflict in result.conflicts:
-        logger.warning("task %s page %s: %s", task.id, page_number, conflict)
+        logger.warning("task %s %s: %s", task.id, label, conflict)
     counts = result.counts()
-    counts["already_matched"] = counts.get("already_matched", 0) + len(assigned)
     counts["jobs_listed"] = len(job_ids)
     counts["lost_to_concurrent_run"] = len(result.matches) - written
     if counts["lost_to_concurrent_run"]:
-        logger.warning("task %s page %s: %d lead(s) got a job from another run meanwhile; their jobs "
-                       "are matched again on the next run", task.id, page_number, counts["lost_to_concurrent_run"])
-    return PageBatch(task.id, page_number, tuple(job_ids), counts)
+        logger.warning("task %s %s: %d lead(s) got a job from another run meanwhile; their jobs "
+                       "are matched again on the next run", task.id, label, counts["lost_to_concurrent_run"])
+    return PageBatch(task.id, page_number, tuple(job_ids), counts, page_count)
 
 
 # ---- step 3 -----------------------------------------------------------------------------------
@@ -164,42 +184,57 @@ def fetch_call_results(
         needed = repo.fetch_job_ids_needing_results(conn, task_id, job_ids)
     report.counts["jobs_queried"] = len(needed)
     batches = [needed[i:i + 99] for i in range(0, len(needed), 99)]
-    for batch in batches:
+    # The answers of several ListJobs calls (a batch's, or about STORED_TOGETHER jobs of a whole
+    # task) are written in one statement; more at once would hold too many transcripts in memory.
+    pending: list = []
+    for number, batch in enumerate(batches, start=1):
         try:
             body = client.list_jobs(batch)
         except OutboundBotError as exc:
             report.fail(f"ListJobs for {len(batch)} job(s) starting {batch[0]}: {exc}")
             logger.error("task %s: ListJobs batch of %d job(s) failed: %s", task_id, len(batch), exc)
-            continue
-        parsed = parse_list_jobs_body(body, batch, zone)
-        for problem in parsed.problems:
-            logger.warning("task %s: %s", task_id, problem)
-        for result in parsed.results:
-            # A job still waiting to be dialled has no call attempts yet: expected, not a problem.
-            waiting = result.call_status in NON_TERMINAL_JOB_STATUSES
-            for problem in result.problems:
-                (logger.debug if waiting else logger.warning)("task %s job %s: %s", task_id, result.job_id, problem)
-        if parsed.missing_job_ids:
-            report.counts["jobs_not_returned"] += len(parsed.missing_job_ids)
-            logger.warning("task %s: ListJobs did not return %d job(s) (retried next run): %s", task_id,
-                           len(parsed.missing_job_ids), ", ".join(parsed.missing_job_ids[:10]))
-        try:
-            with repo.write_transaction(engine) as conn:
-                report.counts["results_stored"] += repo.store_call_results(conn, task_id, parsed.results, now)
-        except DataError:
-            # A value the CRM's column cannot hold (say a status longer than 32 characters) fails
-            # the whole bulk write: store the batch lead by lead, so that only that lead is left out.
+        else:
+            parsed = parse_list_jobs_body(body, batch, zone)
+            for problem in parsed.problems:
+                logger.warning("task %s: %s", task_id, problem)
             for result in parsed.results:
-                try:
-                    with repo.write_transaction(engine) as conn:
-                        report.counts["results_stored"] += repo.store_call_results(conn, task_id, [result], now)
-                except DataError as exc:
-                    report.add("results_not_stored")
-                    logger.warning("task %s job %s: call results not stored, the CRM refused them (queried again "
-                                   "next run): %s", task_id, result.job_id, getattr(exc, "orig", exc))
-        for result in parsed.results:
-            report.counts[f"status:{result.call_status or '(none)'}"] += 1
+                # A job still waiting to be dialled has no call attempts yet: expected, not a problem.
+                waiting = result.call_status in NON_TERMINAL_JOB_STATUSES
+                for problem in result.problems:
+                    (logger.debug if waiting else logger.warning)("task %s job %s: %s", task_id, result.job_id,
+                                                                  problem)
+            if parsed.missing_job_ids:
+                report.counts["jobs_not_returned"] += len(parsed.missing_job_ids)
+                logger.warning("task %s: ListJobs did not return %d job(s) (retried next run): %s", task_id,
+                               len(parsed.missing_job_ids), ", ".join(parsed.missing_job_ids[:10]))
+            pending.extend(parsed.results)
+        if pending and (len(pending) >= STORED_TOGETHER or number == len(batches)):
+            _store_call_results(engine, task_id, pending, now, report, logger)
+            pending = []
     return report
+
+
+STORED_TOGETHER = 500  # jobs' results per write, at most (plus one ListJobs answer)
+
+
+def _store_call_results(engine: Engine, task_id: int, results: list, now: datetime, report: StepReport,
+                        logger: logging.Logger) -> None:
+    try:
+        with repo.write_transaction(engine) as conn:
+            report.counts["results_stored"] += repo.store_call_results(conn, task_id, results, now)
+    except DataError:
+        # A value the CRM's column cannot hold (say a status longer than 32 characters) fails
+        # the whole bulk write: store the batch lead by lead, so that only that lead is left out.
+        for result in results:
+            try:
+                with repo.write_transaction(engine) as conn:
+                    report.counts["results_stored"] += repo.store_call_results(conn, task_id, [result], now)
+            except DataError as exc:
+                report.add("results_not_stored")
+                logger.warning("task %s job %s: call results not stored, the CRM refused them (queried again "
+                               "next run): %s", task_id, result.job_id, getattr(exc, "orig", exc))
+    for result in results:
+        report.counts[f"status:{result.call_status or '(none)'}"] += 1
 
 
 # ---- step 4 -----------------------------------------------------------------------------------
@@ -261,7 +296,7 @@ class FollowUpWriter:
 
     # Leads handed over without waiting (the shared LLM pool) are gathered this long; a caller
     # that waits for its write is served at once.
-    GATHER_SECONDS = 0.25
+    GATHER_SECONDS = 2.0
     MAX_BATCH = 200
 
     def __init__(self, engine: Engine) -> None:
@@ -283,38 +318,51 @@ class FollowUpWriter:
         self._queue.put((lead, follow_up, now, future, True))
         return future.result()
 
+    def flush(self) -> None:
+        """Write what is gathered now: somebody waits for it (the wait after the last page)."""
+        self._queue.put(None)
+
     def _gather(self) -> list[tuple]:
-        batch = [self._queue.get()]
-        urgent = batch[0][4]
-        deadline = time.monotonic() + (0.0 if urgent else self.GATHER_SECONDS)
+        first = self._queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + (0.0 if first[4] else self.GATHER_SECONDS)
         while len(batch) < self.MAX_BATCH:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is None:
+                break
+            batch.append(item)
         return batch
 
     def _run(self) -> None:
         conn = None
         while True:
             batch = self._gather()
-            if len(batch) > 1:
-                try:
-                    if conn is None:
-                        conn = self.engine.connect()
-                    now = max(item[2] for item in batch)
-                    ids = repo.create_follow_ups_on(conn, [(item[0], item[1]) for item in batch], now)
-                except Exception as exc:
-                    # the batch rolled back as a whole: write its leads one by one, so that only a
-                    # lead that cannot be written fails
-                    log.info("follow-up batch of %d not written together (%s); writing them one by one",
-                             len(batch), type(exc).__name__)
-                    conn = self._drop(conn)
-                else:
-                    for item, follow_id in zip(batch, ids, strict=True):
-                        item[3].set_result(follow_id)
+            if not batch:
+                continue
+            try:
+                if conn is None:
+                    conn = self.engine.connect()
+                now = max(item[2] for item in batch)
+                ids = repo.create_follow_ups_on(conn, [(item[0], item[1]) for item in batch], now)
+            except BaseException as exc:
+                conn = self._drop(conn)
+                if len(batch) == 1:
+                    batch[0][3].set_exception(exc)  # handed to the waiting worker
                     continue
+                # the batch rolled back as a whole: write its leads one by one, so that only a
+                # lead that cannot be written fails
+                log.info("follow-up batch of %d not written together (%s); writing them one by one",
+                         len(batch), type(exc).__name__)
+            else:
+                for item, follow_id in zip(batch, ids, strict=True):
+                    item[3].set_result(follow_id)
+                continue
             for lead, follow_up, now, future, _ in batch:
                 try:
                     if conn is None:
@@ -335,6 +383,13 @@ class FollowUpWriter:
 
 _writers: dict[str, FollowUpWriter] = {}
 _writers_lock = threading.Lock()
+
+
+def flush_follow_up_writers() -> None:
+    with _writers_lock:
+        writers = list(_writers.values())
+    for writer in writers:
+        writer.flush()
 
 
 def follow_up_writer(engine: Engine) -> FollowUpWriter:
@@ -548,6 +603,8 @@ class _PageWork:
                 if future.exception() is not None:
                     failed.append((future, work))
             # every lead is decided once its pool future is done, so `written` is complete now
+            if not all(future.done() for future in work.written):
+                flush_follow_up_writers()
             wait(list(work.written))
             if work is not self:
                 self.report.merge(work.report)
@@ -570,8 +627,10 @@ class RunPageWork:
     # -- handing work over ---------------------------------------------------------------------
 
     def _reserve(self, kind: str, units: int, limit: int) -> None:
+        # A batch is admitted while less than `limit` is queued, whatever its size: waiting for
+        # room for all of it would let the pool run dry at every batch boundary.
         with self._cond:
-            while self._queued[kind] and self._queued[kind] + units > limit:
+            while self._queued[kind] >= limit:
                 self._cond.wait()
             self._queued[kind] += units
 
@@ -717,7 +776,7 @@ def drain_run_page_work(run_id: str) -> None:
 
 def catch_up_task(engine: Engine, client: OutboundBotClient, llm: LlmClient, task: repo.TaskRow, page_size: int,
                   zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None,
-                  threads: int = 8) -> StepReport:
+                  threads: int = 8, pages_per_batch: int = 1) -> StepReport:
     """Steps 2 to 5 for the whole task, doing only what the CRM still needs: what a re-execution
     from failure must do itself. Dagster re-executes the failed and interrupted steps of the
     parent run and what follows them, but not the mapped steps that never started (a run whose
@@ -726,9 +785,9 @@ def catch_up_task(engine: Engine, client: OutboundBotClient, llm: LlmClient, tas
     logger = logger or log
     report = StepReport()
     pages, first_body = count_job_pages(client, task.job_group_id, page_size)
-    for page_number in range(1, pages + 1):
+    for page_number, page_count in batch_pages(pages, pages_per_batch):
         batch = match_page(engine, client, task, page_number, page_size, now, logger,
-                           prefetched_body=first_body if page_number == 1 else None)
+                           prefetched_body=first_body if page_number == 1 else None, page_count=page_count)
         report.add("catch_up_jobs_listed", len(batch.job_ids))
     for part in (fetch_call_results(engine, client, task.id, None, zone, now, logger),
                  fetch_recordings(engine, client, task.id, None, now, logger),

@@ -51,12 +51,15 @@ def new_reference(task_id: int, leads_id: int) -> str:
     return f"{task_id}{ORGANIZATION}{leads_id}"
 
 
-def run_sync(crm_url: str, simulator, task_id: int, instance: dg.DagsterInstance, **resource_kw):
+def run_sync(crm_url: str, simulator, task_id: int, instance: dg.DagsterInstance, *,
+             paging: dict | None = None, **resource_kw):
+    """`paging`: config of list_job_pages (page_size, pages_per_batch)."""
     if str(task_id) not in instance.get_dynamic_partitions(call_tasks_partitions.name):
         instance.add_dynamic_partitions(call_tasks_partitions.name, [str(task_id)])
     return sync_call_task.execute_in_process(
         instance=instance, partition_key=str(task_id), raise_on_error=False,
         resources=pipeline_resources(crm_url, simulator, **resource_kw),
+        run_config={"ops": {"list_job_pages": {"config": paging}}} if paging else None,
     )
 
 

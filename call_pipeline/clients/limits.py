@@ -39,6 +39,10 @@ def _safe_name(name: str) -> str:
     return f"{readable}-{digest}"
 
 
+_INDEX = struct.Struct("<I")
+_SLOT = struct.Struct("<d")
+
+
 class SharedRateLimiter:
     """At most `rate` requests per second across processes, counted the way a server counts
     them: by when each request is actually let go. The state file keeps the send times of the
@@ -65,32 +69,31 @@ class SharedRateLimiter:
         folder.mkdir(parents=True, exist_ok=True)
         # The burst is part of the name: processes configured with different rates keep apart.
         self.path = folder / f"rate-{_safe_name(name)}-{self.burst}.bin"
-        self._record = struct.Struct(f"<I{self.burst}d")
+        # The file: the index of the oldest send time, then the last N send times as a ring. A
+        # decision reads and writes one slot, not the whole ring (at a rate of 1,000,000, a ring
+        # of 8 MB rewritten per request took 30 ms of CPU).
+        self._size = _INDEX.size + _SLOT.size * self.burst
         self._local = threading.Lock()
 
     def _try_send(self) -> float:
         """Record a send now and return 0, or return how long to wait before trying again."""
-        with self._local, open(self.path, "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._local:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                handle.seek(0)
-                raw = handle.read(self._record.size)
-                if len(raw) == self._record.size:
-                    index, *sent = self._record.unpack(raw)
-                else:
-                    index, sent = 0, [0.0] * self.burst
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+                if os.fstat(fd).st_size != self._size:
+                    os.ftruncate(fd, self._size)  # new (or damaged): zeros, no send recorded yet
+                index = _INDEX.unpack(os.pread(fd, _INDEX.size, 0))[0] % self.burst
+                offset = _INDEX.size + _SLOT.size * index
+                oldest = _SLOT.unpack(os.pread(fd, _SLOT.size, offset))[0]
                 now = time.time()
-                oldest = sent[index]
                 if now - oldest < self.window:
                     return self.window - (now - oldest)
-                sent[index] = now
-                handle.seek(0)
-                handle.truncate()
-                handle.write(self._record.pack((index + 1) % self.burst, *sent))
-                handle.flush()
+                os.pwrite(fd, _SLOT.pack(now), offset)
+                os.pwrite(fd, _INDEX.pack((index + 1) % self.burst), 0)
                 return 0.0
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                os.close(fd)
 
     def acquire(self) -> float:
         """Wait until a request may go; return how long that took."""

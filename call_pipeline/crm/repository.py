@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, case, func, literal, not_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, not_, or_, select, update
 
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
@@ -131,7 +131,7 @@ def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
 
 def fetch_leads_for_matching(
     conn: Connection, task_id: int, reference_ids: Sequence[str] = (), leads_ids: Sequence[int] = (),
-    *, free_leads: bool = True,
+    *, free_leads: bool = True, job_ids: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The task's leads a page's jobs can concern: every lead without a job (the candidates), plus
     the leads that already have one but whose reference id (or legacy-reference leads_id) the
@@ -141,8 +141,11 @@ def fetch_leads_for_matching(
 
     With `free_leads=False`, only the leads that the page's reference ids name: enough when every
     job of the page matches by reference (new tasks), and far smaller than every free lead of a
-    large task, read again for each page."""
+    large task, read again for each page. The leads that already hold one of `job_ids` come in
+    the same read, so matching sees which of the page's jobs are taken (strategy 4)."""
     concerned = [_is_blank(_L.c.call_job_id)] if free_leads else []
+    if job_ids:
+        concerned.append(_L.c.call_job_id.in_(sorted(set(job_ids))))
     if reference_ids:
         concerned.append(_L.c.reference_id.in_(sorted(set(reference_ids))))
     if leads_ids:
@@ -157,14 +160,6 @@ def fetch_leads_for_matching(
     )
     rows = conn.execute(stmt).all()
     return pd.DataFrame(rows, columns=["id", "leads_id", "reference_id", "leads_phone", "call_job_id"])
-
-
-def fetch_assigned_job_ids(conn: Connection, task_id: int, job_ids: Sequence[str]) -> set[str]:
-    """Which of `job_ids` some lead of the task already holds (strategy 4: keep it)."""
-    if not job_ids:
-        return set()
-    stmt = select(_L.c.call_job_id).where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(job_ids)))
-    return {row.call_job_id for row in conn.execute(stmt)}
 
 
 def assign_jobs_to_leads(conn: Connection, task_id: int, matches: Sequence[LeadMatch], now: datetime) -> int:
@@ -219,35 +214,47 @@ def fetch_job_ids_needing_results(
     return [row.call_job_id for row in conn.execute(stmt)]
 
 
+# Jobs per UPDATE of call results: each row's CASE looks its job up among the statement's WHENs,
+# so a statement's server time grows with rows x jobs (MariaDB 10.11, 500 rows with transcripts:
+# 45 ms in one statement, 30 ms in five of 100).
+RESULTS_PER_STATEMENT = 100
+
+
 def store_call_results(conn: Connection, task_id: int, results: Sequence[CallResult], now: datetime) -> int:
-    """A terminal status is never overwritten: a rerun or a late answer cannot move a lead back."""
+    """A terminal status is never overwritten: a rerun or a late answer cannot move a lead back.
+    One CASE statement per RESULTS_PER_STATEMENT jobs, in the caller's transaction."""
     if not results:
         return 0
-    # One statement for the batch (CASE on the job id), not one round trip per job. A job listed
-    # twice keeps its terminal answer, else its last one, as one UPDATE per answer in order would.
+    # A job listed twice keeps its terminal answer, else its last one, as one UPDATE per answer in
+    # order would.
     by_job: dict[str, CallResult] = {}
     for r in results:
         held = by_job.get(r.job_id)
         if held is None or held.call_status not in TERMINAL_JOB_STATUSES:
             by_job[r.job_id] = r
+    jobs = list(by_job.items())
+    stored = 0
+    for start in range(0, len(jobs), RESULTS_PER_STATEMENT):
+        chunk = dict(jobs[start:start + RESULTS_PER_STATEMENT])
 
-    def per_job(attribute: str, type_):
-        return case({job_id: literal(getattr(r, attribute), type_) for job_id, r in by_job.items()},
-                    value=_L.c.call_job_id)
+        def per_job(attribute: str, type_, chunk=chunk):
+            return case({job_id: literal(getattr(r, attribute), type_) for job_id, r in chunk.items()},
+                        value=_L.c.call_job_id)
 
-    stmt = (
-        update(_L)
-        .where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(by_job)), _not_terminal())
-        .values(
-            call_status=per_job("call_status", _L.c.call_status.type),
-            call_conversation=per_job("call_conversation", _L.c.call_conversation.type),
-            planed_time=per_job("planed_time", _L.c.planed_time.type),
-            updated_time=now,
-            call_task_id=per_job("call_task_id", _L.c.call_task_id.type),
-            calling_number=per_job("calling_number", _L.c.calling_number.type),
+        stmt = (
+            update(_L)
+            .where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(chunk)), _not_terminal())
+            .values(
+                call_status=per_job("call_status", _L.c.call_status.type),
+                call_conversation=per_job("call_conversation", _L.c.call_conversation.type),
+                planed_time=per_job("planed_time", _L.c.planed_time.type),
+                updated_time=now,
+                call_task_id=per_job("call_task_id", _L.c.call_task_id.type),
+                calling_number=per_job("calling_number", _L.c.calling_number.type),
+            )
         )
-    )
-    return int(conn.execute(stmt).rowcount or 0)
+        stored += int(conn.execute(stmt).rowcount or 0)
+    return stored
 
 
 # ---- step 4: recordings -----------------------------------------------------------------------
@@ -335,32 +342,22 @@ def create_follow_up_on(conn: Connection, lead: LeadForFollowUp, follow_up: Foll
     return int(follow_id)
 
 
-class FollowUpBatchConflict(RuntimeError):
-    """A lead of the batch got its follow-up elsewhere between the check and the link."""
-
-
 def create_follow_ups_on(
     conn: Connection, items: Sequence[tuple[LeadForFollowUp, FollowUp]], now: datetime
 ) -> list[int | None]:
-    """Several leads' follow-ups in ONE transaction, in three statements: lock the leads still
-    without a follow-up (SELECT ... FOR UPDATE on MySQL; SQLite's writer lock), insert their
-    follow-ups (one INSERT ... RETURNING), and link them (one UPDATE, still conditional on
-    `leads_follow_id IS NULL`). Each lead's insert and link commit or roll back together, as in
-    `create_follow_up_on`, at a fraction of its round trips and commits. Returns each item's
-    follow id, or None for a lead that already had a follow-up. Raises (the whole batch rolled
-    back) when a link did not apply; the caller then writes the leads one by one."""
-    ids = [lead.lead_row_id for lead, _ in items]
+    """Several leads' follow-ups in ONE transaction, normally in two statements: insert their
+    follow-ups (one INSERT ... RETURNING) and link them (one CASE UPDATE, still conditional on
+    `leads_follow_id IS NULL`). A lead that got a follow-up elsewhere keeps it: when the link
+    count falls short, the follow-ups that did not get linked are deleted again in the same
+    transaction, so each lead's insert and link commit together, as in `create_follow_up_on`,
+    at a fraction of its round trips and commits. Returns each item's follow id, or None for a
+    lead that already had a follow-up (or that came twice in `items`: the first one is written)."""
+    first: dict[int, tuple[LeadForFollowUp, FollowUp]] = {}
+    for lead, follow_up in items:
+        first.setdefault(lead.lead_row_id, (lead, follow_up))
+    todo = list(first.values())
+    follow_ids: dict[int, int] = {}
     with _write_lock(conn.engine), conn.begin():
-        free = set(conn.execute(
-            select(_L.c.id).where(_L.c.id.in_(ids), _L.c.leads_follow_id.is_(None)).with_for_update()
-        ).scalars())
-        todo = [(lead, follow_up) for lead, follow_up in items if lead.lead_row_id in free]
-        # a lead twice in one batch gets one follow-up: the first
-        first: dict[int, tuple[LeadForFollowUp, FollowUp]] = {}
-        for lead, follow_up in todo:
-            first.setdefault(lead.lead_row_id, (lead, follow_up))
-        todo = list(first.values())
-        follow_ids: dict[int, int] = {}
         if todo:
             inserted = conn.execute(
                 dcc_leads_follow.insert().returning(dcc_leads_follow.c.id, sort_by_parameter_order=True),
@@ -369,6 +366,8 @@ def create_follow_ups_on(
                  for lead, follow_up in todo],
             ).scalars().all()
             follow_ids = {lead.lead_row_id: int(fid) for (lead, _), fid in zip(todo, inserted, strict=True)}
+            # The link takes the leads' row locks; a lead linked by another transaction meanwhile
+            # no longer matches `leads_follow_id IS NULL` and is left as it is.
             linked = conn.execute(
                 update(_L)
                 .where(_L.c.id.in_(list(follow_ids)), _L.c.leads_follow_id.is_(None))
@@ -379,7 +378,12 @@ def create_follow_ups_on(
                 )
             ).rowcount
             if linked != len(follow_ids):
-                raise FollowUpBatchConflict(f"{len(follow_ids) - linked} lead(s) got a follow-up meanwhile")
+                held = dict(conn.execute(
+                    select(_L.c.id, _L.c.leads_follow_id).where(_L.c.id.in_(list(follow_ids)))
+                ).all())
+                orphans = [fid for lead_row_id, fid in follow_ids.items() if held.get(lead_row_id) != fid]
+                conn.execute(delete(dcc_leads_follow).where(dcc_leads_follow.c.id.in_(orphans)))
+                follow_ids = {k: v for k, v in follow_ids.items() if held.get(k) == v}
     seen: set[int] = set()
     results: list[int | None] = []
     for lead, _ in items:

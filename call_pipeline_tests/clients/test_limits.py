@@ -77,3 +77,23 @@ def test_semaphore_never_has_more_holders_than_slots(tmp_path):
     for thread in threads:
         thread.join()
     assert most == 3
+
+
+def test_the_ring_keeps_the_last_n_send_times_and_a_damaged_file_starts_afresh(tmp_path):
+    limiter = SharedRateLimiter("ring", 3, tmp_path)
+    for _ in range(3):
+        assert limiter._try_send() == 0.0  # three sends fit in one window
+    wait = limiter._try_send()
+    assert 0 < wait <= limiter.window  # the fourth waits for the oldest of the last three
+    assert limiter.path.stat().st_size == 4 + 8 * 3
+    limiter.path.write_bytes(b"\x01")  # cut short: not a state the limiter can read
+    assert limiter._try_send() == 0.0
+    assert limiter.path.stat().st_size == 4 + 8 * 3
+
+
+def test_a_very_high_rate_keeps_one_slot_per_request(tmp_path):
+    limiter = SharedRateLimiter("fast", 1_000_000, tmp_path)
+    for _ in range(100):
+        assert limiter._try_send() == 0.0
+    index = int.from_bytes(limiter.path.read_bytes()[:4], "little")
+    assert index == 100  # the ring moved one slot per send

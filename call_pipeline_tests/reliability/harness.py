@@ -22,6 +22,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource
@@ -41,6 +42,7 @@ def resources_for_tests() -> dict:
     """SPEC §6's resources, read from the environment like production; the test-only knobs are
     the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
     return {
+        "io_manager": ReexecutionSafeFilesystemIOManager(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),
         "outboundbot": OutboundBotResource(
             access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),
@@ -107,8 +109,13 @@ def pipeline_env(crm_url: str, simulator, **knobs) -> Iterator[dict[str, str]]:
                 os.environ[name] = value
 
 
+# Batches of two pages: the faults meet batches of several pages, and a scenario still has several
+# batches (60 leads in pages of 20: pages 1-2 and page 3).
+PAGES_PER_BATCH = 2
+
+
 def run_config(page_size: int = DEFAULT_PAGE_SIZE) -> dict:
-    return {"ops": {"list_job_pages": {"config": {"page_size": page_size}}}}
+    return {"ops": {"list_job_pages": {"config": {"page_size": page_size, "pages_per_batch": PAGES_PER_BATCH}}}}
 
 
 def partition_tags(task_id: int) -> dict[str, str]:
