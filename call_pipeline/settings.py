@@ -26,7 +26,7 @@ STATE_SCHEDULE_CRON = os.environ.get("CALL_PIPELINE_STATE_SCHEDULE_CRON") or "*/
 DEFAULT_PAGE_SIZE = _int("CALL_PIPELINE_PAGE_SIZE", 100)
 # Pages per mapped chain: their jobs are the batch that steps 2-5 work on together. Chosen by
 # measurement (README "Performance"): fewer, larger batches cost fewer statements and steps.
-DEFAULT_PAGES_PER_BATCH = _int("CALL_PIPELINE_PAGES_PER_BATCH", 5)
+DEFAULT_PAGES_PER_BATCH = _int("CALL_PIPELINE_PAGES_PER_BATCH", 10)
 # Op retries (after the SDKs' own per-request retries): tries and first delay in seconds.
 OP_MAX_RETRIES = _int("CALL_PIPELINE_OP_MAX_RETRIES", 3)
 OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 30)

@@ -8,6 +8,7 @@ and the step reports what failed so that its op can fail (and be retried) after 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
@@ -318,14 +319,28 @@ class FollowUpWriter:
         self._queue.put((lead, follow_up, now, future, True))
         return future.result()
 
-    def flush(self) -> None:
-        """Write what is gathered now: somebody waits for it (the wait after the last page)."""
-        self._queue.put(None)
+    def flush(self, written: Future | None = None) -> None:
+        """Write what is gathered now: somebody waits for it (the wait after the last page).
+        `written`, if given, completes once everything queued before this call is written."""
+        self._queue.put(written)
 
-    def _gather(self) -> list[tuple]:
+    def drain(self, timeout: float) -> bool:
+        """Write everything queued so far and wait for it; False if that took over `timeout`."""
+        written: Future = Future()
+        self.flush(written)
+        try:
+            written.result(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _gather(self) -> tuple[list[tuple], list[Future]]:
+        """The next batch, and the flush markers met while gathering it (queue order: what was
+        queued before a marker is in this batch or written already)."""
+        markers: list[Future] = []
         first = self._queue.get()
-        if first is None:
-            return []
+        if first is None or isinstance(first, Future):
+            return [], [first] if first is not None else []
         batch = [first]
         deadline = time.monotonic() + (0.0 if first[4] else self.GATHER_SECONDS)
         while len(batch) < self.MAX_BATCH:
@@ -334,43 +349,50 @@ class FollowUpWriter:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
+            if item is None or isinstance(item, Future):
+                if item is not None:
+                    markers.append(item)
                 break
             batch.append(item)
-        return batch
+        return batch, markers
 
     def _run(self) -> None:
         conn = None
         while True:
-            batch = self._gather()
-            if not batch:
-                continue
+            batch, markers = self._gather()
+            if batch:
+                conn = self._write(conn, batch)
+            for marker in markers:
+                marker.set_result(None)
+
+    def _write(self, conn, batch: list[tuple]):
+        try:
+            if conn is None:
+                conn = self.engine.connect()
+            now = max(item[2] for item in batch)
+            ids = repo.create_follow_ups_on(conn, [(item[0], item[1]) for item in batch], now)
+        except BaseException as exc:
+            conn = self._drop(conn)
+            if len(batch) == 1:
+                batch[0][3].set_exception(exc)  # handed to the waiting worker
+                return conn
+            # the batch rolled back as a whole: write its leads one by one, so that only a lead
+            # that cannot be written fails
+            log.info("follow-up batch of %d not written together (%s); writing them one by one",
+                     len(batch), type(exc).__name__)
+        else:
+            for item, follow_id in zip(batch, ids, strict=True):
+                item[3].set_result(follow_id)
+            return conn
+        for lead, follow_up, now, future, _ in batch:
             try:
                 if conn is None:
                     conn = self.engine.connect()
-                now = max(item[2] for item in batch)
-                ids = repo.create_follow_ups_on(conn, [(item[0], item[1]) for item in batch], now)
-            except BaseException as exc:
+                future.set_result(repo.create_follow_up_on(conn, lead, follow_up, now))
+            except BaseException as exc:  # handed to the waiting worker
+                future.set_exception(exc)
                 conn = self._drop(conn)
-                if len(batch) == 1:
-                    batch[0][3].set_exception(exc)  # handed to the waiting worker
-                    continue
-                # the batch rolled back as a whole: write its leads one by one, so that only a
-                # lead that cannot be written fails
-                log.info("follow-up batch of %d not written together (%s); writing them one by one",
-                         len(batch), type(exc).__name__)
-            else:
-                for item, follow_id in zip(batch, ids, strict=True):
-                    item[3].set_result(follow_id)
-                continue
-            for lead, follow_up, now, future, _ in batch:
-                try:
-                    if conn is None:
-                        conn = self.engine.connect()
-                    future.set_result(repo.create_follow_up_on(conn, lead, follow_up, now))
-                except BaseException as exc:  # handed to the waiting worker
-                    future.set_exception(exc)
-                    conn = self._drop(conn)
+        return conn
 
     @staticmethod
     def _drop(conn):
@@ -392,10 +414,25 @@ def flush_follow_up_writers() -> None:
         writer.flush()
 
 
+def drain_follow_up_writers(timeout: float = 120.0) -> None:
+    """At process exit: write what the writers still hold. Their thread is a daemon, which the
+    interpreter would stop mid-queue; the step-5 pool's workers (not daemons) have finished and
+    handed everything over by the time `atexit` runs. A process whose step ops queued work and
+    ended (the multiprocess or Celery executor) thus writes it before it goes."""
+    with _writers_lock:
+        writers = list(_writers.values())
+    for writer in writers:
+        if not writer.drain(timeout):
+            log.warning("follow-up writer did not finish within %.0f s at exit; the next run writes the rest",
+                        timeout)
+
+
 def follow_up_writer(engine: Engine) -> FollowUpWriter:
     """The writer for `engine`'s database (one per database and process)."""
     key = engine.url.render_as_string(hide_password=False)
     with _writers_lock:
+        if not _writers:
+            atexit.register(drain_follow_up_writers)
         writer = _writers.get(key)
         if writer is None:
             writer = _writers[key] = FollowUpWriter(engine)

@@ -4,6 +4,8 @@ does its work inline, and a failed write fails one lead only. No timing assertio
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from datetime import datetime
 
@@ -120,3 +122,31 @@ def test_a_failed_write_fails_that_lead_only_and_the_writer_goes_on(crm_url, mon
                                                                       t.job_ids, lambda: NOW, concurrency=4))
     assert report.failures == [] and report.counts["follow_ups:0"] == 1
     assert _follow_ups(crm_url, task_id) == (12, 12)
+
+
+EXIT_RIGHT_AFTER_QUEUEING = """
+import sys
+from datetime import datetime
+from call_pipeline import steps
+from call_pipeline.crm.database import get_crm_engine
+from call_pipeline_tests.test_page_work import NoLlm
+
+crm_url, task_id, job_ids = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+steps.FollowUpWriter.GATHER_SECONDS = 30.0  # nothing would be written before the process ends
+work = steps.RunPageWork("exiting-process")
+ticket = work.queue_follow_ups(get_crm_engine(crm_url), NoLlm(), task_id, 1, job_ids,
+                               lambda: datetime(2026, 11, 28, 10), concurrency=4)
+print(ticket.queued)
+"""
+
+
+def test_a_process_that_ends_after_queueing_writes_its_follow_ups_first(crm_url):
+    """What a step process of the multiprocess or Celery executor does: its op hands the leads
+    to the shared pools and returns, and the process ends. The writer's thread is a daemon; the
+    exit handler has it write what it holds."""
+    task_id, job_ids = _task_with_failed_calls(crm_url, 15)
+    done = subprocess.run([sys.executable, "-c", EXIT_RIGHT_AFTER_QUEUEING, crm_url, str(task_id), ",".join(job_ids)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "15"
+    assert _follow_ups(crm_url, task_id) == (15, 15)
