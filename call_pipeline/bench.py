@@ -95,6 +95,9 @@ class DbTimer:
         # statement time by the repository function that ran it (what to make cheaper)
         self.by_function: Counter = Counter()
         self.function_counts: Counter = Counter()
+        # this process's own CPU inside the statements (pymysql encoding and parsing): the rest of
+        # their wall time is the server, the network and waiting for the GIL
+        self.statement_cpu_seconds = 0.0
 
     def _add(self, kind: str, seconds: float) -> None:
         with self._lock:
@@ -103,15 +106,17 @@ class DbTimer:
 
     def attach(self, engine: sa.Engine) -> None:
         def before(conn, cursor, statement, parameters, context, executemany):
-            conn.info.setdefault("_bench_started", []).append(time.perf_counter())
+            conn.info.setdefault("_bench_started", []).append((time.perf_counter(), time.thread_time()))
 
         def after(conn, cursor, statement, parameters, context, executemany):
-            seconds = time.perf_counter() - conn.info["_bench_started"].pop()
+            started, cpu_started = conn.info["_bench_started"].pop()
+            seconds = time.perf_counter() - started
             self._add(statement.lstrip().split(None, 1)[0].upper(), seconds)
-            function = _repository_caller()
+            function = repository_caller()
             with self._lock:
                 self.by_function[function] += seconds
                 self.function_counts[function] += 1
+                self.statement_cpu_seconds += time.thread_time() - cpu_started
 
         sa.event.listen(engine, "before_cursor_execute", before)
         sa.event.listen(engine, "after_cursor_execute", after)
@@ -222,7 +227,9 @@ def _server_kind(query: str) -> str:
     return kind
 
 
-def _repository_caller() -> str:
+def repository_caller() -> str:
+    """The `call_pipeline.crm.repository` function on the stack (for statement listeners: called
+    from an SQLAlchemy event handler, itself called by SQLAlchemy)."""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_globals.get("__name__") == "call_pipeline.crm.repository":
@@ -652,6 +659,8 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
           f"({timer.describe(connection=False)}); commits, pool resets and pings: "
           f"{timer.connection_seconds:.2f} s ({timer.describe(connection=True)})")
     print(f"  by repository function: {timer.describe_functions()}")
+    print(f"  of which this process's CPU (driver encoding and parsing): {timer.statement_cpu_seconds:.2f} s")
+    figures["db_statement_cpu_seconds"] = round(timer.statement_cpu_seconds, 3)
     if timer.server_total is not None:
         print(f"database time on the server (SHOW PROFILES, every statement incl. commits): "
               f"{timer.server_total:.2f} s ({timer.describe_server()})")

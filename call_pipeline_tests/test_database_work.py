@@ -5,7 +5,6 @@ while `sync_call_task` runs against the simulator through the real SDKs."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -13,6 +12,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from call_pipeline.bench import repository_caller
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import leads_task_list
 from call_pipeline.simulator.scenarios import build_job_group_from_crm
@@ -29,22 +29,13 @@ def instance():
         yield instance
 
 
-def _repository_function() -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_globals.get("__name__") == "call_pipeline.crm.repository":
-            return frame.f_code.co_name
-        frame = frame.f_back
-    return "(elsewhere)"
-
-
 @contextlib.contextmanager
 def statements_by_function(engine: sa.Engine) -> Iterator[tuple[Counter, Counter]]:
     by_function: Counter = Counter()
     by_kind: Counter = Counter()
 
     def count(conn, cursor, statement, parameters, context, executemany):
-        by_function[_repository_function()] += 1
+        by_function[repository_caller()] += 1
         by_kind[statement.lstrip().split(None, 1)[0].upper()] += 1
 
     sa.event.listen(engine, "before_cursor_execute", count)
