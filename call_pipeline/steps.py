@@ -186,7 +186,7 @@ def fetch_call_results(
     report.counts["jobs_queried"] = len(needed)
     batches = [needed[i:i + 99] for i in range(0, len(needed), 99)]
     # The answers of several ListJobs calls (a batch's, or about STORED_TOGETHER jobs of a whole
-    # task) are written in one statement; more at once would hold too many transcripts in memory.
+    # task) are written in one transaction; more at once would hold too many transcripts in memory.
     pending: list = []
     for number, batch in enumerate(batches, start=1):
         try:
