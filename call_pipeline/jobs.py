@@ -3,14 +3,13 @@
 
 import dagster as dg
 
+from call_pipeline.executors import sync_executor
 from call_pipeline.ops import (
     advance_all_task_states,
     advance_task_state,
     create_follow_ups,
     fetch_call_results,
     fetch_recordings,
-    finish_page_work,
-    finish_page_work_on_failure,
     list_job_pages,
     load_task,
     mark_unmatched_leads,
@@ -24,9 +23,8 @@ RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FA
 
 @dg.job(
     partitions_def=call_tasks_partitions,
-    executor_def=dg.in_process_executor,
+    executor_def=sync_executor(),
     tags=RUN_RETRY_TAGS,
-    hooks={finish_page_work_on_failure},
     description="Sync one CRM call task (partition = task id) with OutboundBot and DashScope: "
     "map jobs to leads, fetch call results and recordings, write AI follow-ups, advance the task.",
 )
@@ -34,14 +32,13 @@ def sync_call_task():
     task = load_task()
     # One fan-out over the job group's pages; every later step is chained on it with .map(),
     # so a page's results, recordings and follow-ups start as soon as that page is matched.
-    pages = list_job_pages(task)
+    plan, pages = list_job_pages(task)
     batches = pages.map(match_job_page).map(fetch_call_results)
-    # Steps 4 and 5 of a page hand their calls to shared pools, so that they run side by side
-    # with each other and with later pages; the op after .collect() waits for them.
+    # Steps 4 and 5 of a batch, mapped side by side: the executor runs them at once, with each
+    # other and with later batches.
     recordings = batches.map(fetch_recordings)
     follow_ups = batches.map(create_follow_ups)
-    page_work = finish_page_work(task, recordings.collect(), follow_ups.collect())
-    totals = mark_unmatched_leads(task, batches.collect(), page_work)
+    totals = mark_unmatched_leads(task, plan, batches.collect(), recordings.collect(), follow_ups.collect())
     advance_task_state(task, totals)
 
 

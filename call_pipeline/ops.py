@@ -1,19 +1,25 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
-calls a step of `call_pipeline.steps`, and reports. Tags and pools carry the seed's Celery queues
-so that the `dagster-celery` executor routes each op to its queue and pools bound each kind of
-work across runs."""
+calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
+Tags and pools carry the seed's Celery queues so that the `dagster-celery` executor routes each
+op to its queue and pools bound each kind of work across runs."""
 
-
-from collections import Counter
-from dataclasses import dataclass
 
 import dagster as dg
 from pydantic import Field
 
-from call_pipeline import settings, steps
+from call_pipeline import settings
 from call_pipeline.crm import repository as repo
+from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.summary import render_run_summary
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource
+from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
+from call_pipeline.steps.call_results import update_call_results
+from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
+from call_pipeline.steps.follow_ups import write_follow_ups
+from call_pipeline.steps.matching import match_jobs_of_pages
+from call_pipeline.steps.paging import plan_batches
+from call_pipeline.steps.recordings import save_recordings
+from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_leads
 
 # The seed's Celery queues and priorities (higher runs first).
 SYNC_QUEUE = {"dagster-celery/queue": "sync_queue", "dagster-celery/priority": "5"}
@@ -21,9 +27,9 @@ QUERY_QUEUE = {"dagster-celery/queue": "query_queue", "dagster-celery/priority":
 DOWNLOAD_QUEUE = {"dagster-celery/queue": "download_queue", "dagster-celery/priority": "3"}
 AI_QUEUE = {"dagster-celery/queue": "ai_queue", "dagster-celery/priority": "4"}
 
-# The in-process executor runs the ready step with the highest `dagster/priority` first. Later
-# steps of a page's chain rank higher, so that a page goes through steps 2 to 5 before the next
-# page is matched (depth first): the first LLM calls start after one page, not after all of them.
+# Executors start the ready step with the highest `dagster/priority` first. Later steps of a
+# batch's chain rank higher, so that a batch goes through steps 2 to 5 before the next batch is
+# matched (depth first): the first recordings and LLM calls start after one batch, not after all.
 CHAIN_PRIORITY = {step: {"dagster/priority": str(step)} for step in (2, 3, 4, 5)}
 
 API_RETRY_POLICY = dg.RetryPolicy(
@@ -32,16 +38,6 @@ API_RETRY_POLICY = dg.RetryPolicy(
     backoff=dg.Backoff.EXPONENTIAL,
     jitter=dg.Jitter.PLUS_MINUS,
 )
-
-
-@dataclass(frozen=True)
-class PageRequest:
-    """A batch of `page_count` consecutive pages of the task's job group, from `page_number`."""
-
-    task: repo.TaskRow
-    page_number: int
-    page_size: int
-    page_count: int = 1
 
 
 class PagingConfig(dg.Config):
@@ -66,15 +62,14 @@ def _task_id_of(context: dg.OpExecutionContext) -> int:
 def _not_run(context: dg.OpExecutionContext) -> None:
     # See call_pipeline/io_managers.py: the batch's upstream step never ran in this lineage.
     context.log.warning(f"{context.op_handle}: the batch's earlier steps never ran in this run's lineage; "
-                        "finish_page_work catches up on its work")
+                        "mark_unmatched_leads catches up on its work")
     return None
 
 
-def _fail_on(report: steps.StepReport, what: str) -> None:
-    try:
-        report.raise_if_failed(what)
-    except steps.StepFailed as exc:
-        raise dg.Failure(description=str(exc)) from None
+def _raise_if_failed(report: StepReport, what: str) -> None:
+    message = report.failure_message(what)
+    if message:
+        raise dg.Failure(description=message)
 
 
 @dg.op(out=dg.Out(repo.TaskRow, is_required=False), tags=SYNC_QUEUE)
@@ -98,162 +93,107 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     yield dg.Output(task)
 
 
-@dg.op(out=dg.DynamicOut(PageRequest), tags=SYNC_QUEUE, pool="sync_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(out={"plan": dg.Out(list[PageRequest]), "pages": dg.DynamicOut(PageRequest)},
+       tags=SYNC_QUEUE, pool="sync_queue", retry_policy=API_RETRY_POLICY)
 def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, task: repo.TaskRow,
                    outboundbot: OutboundBotResource):
     """Fans out over the job group's pages: one ListJobsByGroup call for TotalCount, then one
-    mapped chain per batch of `pages_per_batch` pages, so that each batch's matching, results,
-    recordings and follow-ups can start as soon as its pages are fetched."""
-    # The first page's answer is not handed on: what steps pass each other is pickled into
-    # Dagster's storage, and the customers' phones and names should not rest there.
-    pages, _ = steps.count_job_pages(outboundbot.get_client(), task.job_group_id, config.page_size)
-    batches = steps.batch_pages(pages, config.pages_per_batch)
-    context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(batches)} "
+    mapped chain per batch of `pages_per_batch` pages. `plan` lists every batch, so that the op
+    after `.collect()` can tell which ones no step of the run's lineage completed."""
+    plan = plan_batches(outboundbot.get_client(), task, config.page_size, config.pages_per_batch)
+    pages = sum(request.page_count for request in plan)
+    context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(plan)} "
                      f"batch(es) of up to {config.pages_per_batch} page(s)")
-    for page_number, page_count in batches:
-        last = page_number + page_count - 1
-        yield dg.DynamicOutput(
-            PageRequest(task, page_number, config.page_size, page_count),
-            mapping_key=f"page_{page_number}" if page_count == 1 else f"pages_{page_number}_{last}",
-        )
+    yield dg.Output(plan, "plan")
+    for request in plan:
+        yield dg.DynamicOutput(request, mapping_key=request.mapping_key, output_name="pages")
 
 
 @dg.op(tags={**SYNC_QUEUE, **CHAIN_PRIORITY[2]}, pool="sync_queue", retry_policy=API_RETRY_POLICY)
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
-                   outboundbot: OutboundBotResource) -> steps.PageBatch:
+                   outboundbot: OutboundBotResource) -> PageBatch:
     """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
-    batch = steps.match_page(
-        crm.engine, outboundbot.get_client(), page.task, page.page_number, page.page_size, crm.now(),
-        context.log, page_count=page.page_count,
-    )
-    context.log.info(f"task {page.task.id} {batch.label}: {batch.match_counts}")
+    batch = match_jobs_of_pages(crm.engine, outboundbot.get_client(), page, crm.now(), context.log)
+    counts = batch.counts
+    context.log.info(f"task {page.task.id} {batch.label}: {counts.jobs_listed} job(s), matched "
+                     f"{dict(counts.matched_by)}, already matched {counts.already_matched}, "
+                     f"unmatched {counts.unmatched_jobs}")
     return batch
 
 
 @dg.op(tags={**QUERY_QUEUE, **CHAIN_PRIORITY[3]}, pool="query_queue", retry_policy=API_RETRY_POLICY)
-def fetch_call_results(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
-                       outboundbot: OutboundBotResource) -> steps.PageBatch | None:
+def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
+                       outboundbot: OutboundBotResource) -> PageBatch | None:
     """Step 3 for the batch's jobs whose status is empty or not terminal."""
     if batch is None:
         return _not_run(context)
-    report = steps.fetch_call_results(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
-                                      crm.zone, crm.now(), context.log)
-    _fail_on(report, f"task {batch.task_id} {batch.label}: call results")
-    return steps.PageBatch(batch.task_id, batch.page_number, batch.job_ids,
-                           {**batch.match_counts, **report.counts}, batch.page_count)
+    report = update_call_results(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
+                                 crm.zone, crm.now(), context.log)
+    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: call results")
+    return PageBatch(batch.task_id, batch.page_number, batch.job_ids, batch.counts + report.counts,
+                     batch.page_count)
 
 
 @dg.op(tags={**DOWNLOAD_QUEUE, **CHAIN_PRIORITY[4]}, pool="download_queue", retry_policy=API_RETRY_POLICY)
-def fetch_recordings(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> steps.PageTicket | None:
-    """Step 4 for the batch's succeeded calls without a recording. The downloads go to a shared
-    pool and run while later batches are worked on; `finish_page_work` waits for them."""
+def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
+                     outboundbot: OutboundBotResource) -> BatchResult | None:
+    """Step 4 for the batch's succeeded calls without a recording; returns once they are saved."""
     if batch is None:
         return _not_run(context)
-    return steps.run_page_work(context.run_id).queue_recordings(
-        crm.engine, outboundbot.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now, context.log)
+    report = save_recordings(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids, crm.now,
+                             context.log)
+    context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.recordings_fetched} recording(s) saved")
+    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: recordings")
+    return BatchResult(batch.page_number, report.counts)
 
 
 @dg.op(tags={**AI_QUEUE, **CHAIN_PRIORITY[5]}, pool="ai_queue", retry_policy=API_RETRY_POLICY)
-def create_follow_ups(context: dg.OpExecutionContext, batch: steps.PageBatch | None, crm: CrmDatabase,
-                      dashscope: DashScopeResource) -> steps.PageTicket | None:
-    """Step 5 for the page's leads with a terminal status and no follow-up. Its leads go to the
-    shared LLM pool, which stays full across pages, alongside step 4; `finish_page_work` waits
-    for them. Waits first while many leads are still queued (back-pressure)."""
+def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
+                      dashscope: DashScopeResource) -> BatchResult | None:
+    """Step 5 for the batch's leads with a terminal status and no follow-up; returns once they
+    are written."""
     if batch is None:
         return _not_run(context)
-    ticket = steps.run_page_work(context.run_id).queue_follow_ups(
-        crm.engine, dashscope.get_client(), batch.task_id, batch.page_number, batch.job_ids, crm.now,
-        dashscope.max_concurrency, context.log)
-    context.log.debug(f"task {batch.task_id} {batch.label}: {ticket.queued} follow-up(s) queued")
-    return ticket
+    report = write_follow_ups(crm.engine, dashscope.get_client(), batch.task_id, batch.job_ids, crm.now,
+                              dashscope.max_concurrency, context.log)
+    context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.follow_ups_written} follow-up(s) written")
+    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: follow-ups")
+    return BatchResult(batch.page_number, report.counts)
 
 
 @dg.op(tags=SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
-def finish_page_work(context: dg.OpExecutionContext, task: repo.TaskRow,
-                     recordings: list[steps.PageTicket | None], follow_ups: list[steps.PageTicket | None],
-                     crm: CrmDatabase, outboundbot: OutboundBotResource, dashscope: DashScopeResource) -> dict:
-    """After the last page: waits for the recordings and follow-ups that the page ops handed to
-    the shared pools. A page whose work this process does not hold (a retry of this op, a
-    re-execution from failure, a page op run in another process) is redone here from what the
-    CRM still needs. Fails, once everything else is saved, if any lead or page failed, so that a
-    retry or a rerun picks them up."""
-    work = steps.run_page_work(context.run_id)
-
-    def redo(ticket: steps.PageTicket) -> None:
-        if ticket.kind == steps.RECORDINGS:
-            work.queue_recordings(crm.engine, outboundbot.get_client(), ticket.task_id, ticket.page_number,
-                                  ticket.job_ids, crm.now, context.log)
-        else:
-            work.queue_follow_ups(crm.engine, dashscope.get_client(), ticket.task_id, ticket.page_number,
-                                  ticket.job_ids, crm.now, dashscope.max_concurrency, context.log)
-
-    try:
-        report = work.finish([t for t in (*recordings, *follow_ups) if t is not None], redo)
-    finally:
-        steps.forget_run_page_work(context.run_id)
-    if context.run.parent_run_id:
-        # A re-execution skips the parent's mapped steps that never started (see catch_up_task).
-        context.log.info(f"task {task.id}: re-execution of run {context.run.parent_run_id}: "
-                         "catching up on every page of the job group")
-        report.merge(steps.catch_up_task(crm.engine, outboundbot.get_client(), dashscope.get_client(), task,
-                                         settings.DEFAULT_PAGE_SIZE, crm.zone, crm.now(), context.log,
-                                         threads=dashscope.max_concurrency,
-                                         pages_per_batch=settings.DEFAULT_PAGES_PER_BATCH))
-    _fail_on(report, f"task {task.id}: recordings and follow-ups")
-    return dict(report.counts)
-
-
-@dg.failure_hook
-def finish_page_work_on_failure(context: dg.HookContext) -> None:
-    """A step failed for good, so `finish_page_work` will not run: wait for the run's queued
-    recordings and follow-ups here, and have its remaining page ops work inline, so that no work
-    outlives the run (the next run or a re-execution redoes whatever failed)."""
-    steps.drain_run_page_work(context.run_id)
-
-
-@dg.op(tags=SYNC_QUEUE)
-def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow,
-                         batches: list[steps.PageBatch | None], page_work: dict, crm: CrmDatabase) -> dict:
-    """After the last page: leads that should have a job and have none are marked Failed
-    (provisionally: a later run that matches them clears it)."""
-    marked = steps.mark_unmatched_leads(crm.engine, task.id, crm.now())
+def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
+                         batches: list[PageBatch | None], recordings: list[BatchResult | None],
+                         follow_ups: list[BatchResult | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
+                         dashscope: DashScopeResource) -> StepCounts:
+    """After the last batch: first the batches that no run of this lineage completed (a
+    re-execution after a killed run, see steps/catch_up.py); then leads that should have a job
+    and have none are marked Failed (provisionally: a later run that matches them clears it).
+    Returns the run's counts."""
+    totals = StepCounts.total([part.counts for part in (*batches, *recordings, *follow_ups) if part is not None])
+    missing = incomplete_batches(plan, recordings, follow_ups)
+    if missing:
+        context.log.info(f"task {task.id}: {len(missing)} batch(es) not completed in this run's lineage "
+                         f"({', '.join(r.label for r in missing[:10])}); doing them now")
+        report = catch_up_batches(crm.engine, outboundbot.get_client(), dashscope.get_client(), missing, crm.zone,
+                                  crm.now, dashscope.max_concurrency, context.log)
+        totals = totals + report.counts
+        _raise_if_failed(report, f"task {task.id}: batches caught up")
+    marked = fail_unmatched_leads(crm.engine, task.id, crm.now())
     if marked:
         context.log.warning(f"task {task.id}: {marked} lead(s) matched no job and are marked Failed for now")
-    batches = [b for b in batches if b is not None]
-    totals: Counter = Counter()
-    for part in [*(b.match_counts for b in batches), page_work]:
-        totals.update({k: v for k, v in part.items() if isinstance(v, int)})
-    totals["unmatched_marked_failed"] += marked
-    totals["pages"] = sum(b.page_count for b in batches)
-    totals["batches"] = len(batches)
-    return dict(totals)
-
-
-def summary_stats(totals: dict) -> dict:
-    """The run's flat step counters, shaped for `render_run_summary`."""
-    def prefixed(prefix: str) -> dict:
-        return {k[len(prefix):]: v for k, v in totals.items() if k.startswith(prefix)}
-
-    match_keys = ("reference_id", "legacy_reference_id", "phone", "already_matched", "unmatched_jobs")
-    return {
-        "jobs_listed": totals.get("jobs_listed", 0),
-        "match_counts": {k: totals.get(k, 0) for k in match_keys},
-        "unmatched_leads_failed": totals.get("unmatched_marked_failed", 0),
-        "recordings_fetched": totals.get("recordings_fetched", 0),
-        "recordings_failed": totals.get("recordings_failed", 0) + totals.get("recordings_invalid_task_id", 0),
-        "follow_ups_by_verdict": {int(k): v for k, v in prefixed("follow_ups:").items()},
-        "follow_ups_by_source": prefixed("source:"),
-    }
+    totals.unmatched_leads_failed += marked
+    return totals
 
 
 @dg.op(tags=SYNC_QUEUE)
-def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, totals: dict, crm: CrmDatabase) -> int:
-    """Evaluate the task's state (SPEC §4) and attach the run's summary."""
-    before, after = steps.advance_task_state(crm.engine, task.id, crm.now())
+def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, totals: StepCounts,
+                       crm: CrmDatabase) -> int:
+    """Evaluate the task's state and attach the run's summary."""
+    before, after = evaluate_task_state(crm.engine, task.id, crm.now())
     with crm.engine.connect() as conn:
         statuses = repo.count_statuses(conn, task.id)
-    summary = render_run_summary({**summary_stats(totals), "statuses": statuses, "task_type_before": before,
+    summary = render_run_summary({**totals.summary_stats(), "statuses": statuses, "task_type_before": before,
                                   "task_type_after": after, "task_id": task.id})
     context.add_output_metadata({
         "summary": dg.MetadataValue.md(summary),
@@ -297,7 +237,7 @@ def advance_all_task_states(context: dg.OpExecutionContext, crm: CrmDatabase) ->
         if status in UNFINISHED_RUN_STATUSES:
             held[str(task.id)] = status.value
             continue
-        before, after = steps.advance_task_state(crm.engine, task.id, crm.now())
+        before, after = evaluate_task_state(crm.engine, task.id, crm.now())
         if after is not None and after != before:
             moved[str(task.id)] = f"{before} -> {after}"
     if held:

@@ -30,3 +30,13 @@ DEFAULT_PAGES_PER_BATCH = _int("CALL_PIPELINE_PAGES_PER_BATCH", 10)
 # Op retries (after the SDKs' own per-request retries): tries and first delay in seconds.
 OP_MAX_RETRIES = _int("CALL_PIPELINE_OP_MAX_RETRIES", 3)
 OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 30)
+# The executor of sync_call_task: multiprocess (default: measured fastest on one machine, see the
+# README's "Performance"), in_process, or celery (steps on Celery workers).
+EXECUTOR = os.environ.get("CALL_PIPELINE_EXECUTOR") or "multiprocess"
+# multiprocess: steps at once in one run, and of those at most this many step-4 / step-5 steps (so
+# that each kind keeps slots while the other runs). Chosen by measurement.
+MAX_CONCURRENT_STEPS = _int("CALL_PIPELINE_MAX_CONCURRENT_STEPS", 6)
+MAX_CONCURRENT_STEPS_PER_QUEUE = _int("CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", 2)
+# celery: the broker and the result backend.
+CELERY_BROKER = os.environ.get("CALL_PIPELINE_CELERY_BROKER") or "pyamqp://guest:guest@127.0.0.1:5672//"
+CELERY_BACKEND = os.environ.get("CALL_PIPELINE_CELERY_BACKEND") or "redis://127.0.0.1:6379/0"

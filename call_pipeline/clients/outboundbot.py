@@ -10,7 +10,7 @@ What it absorbs from the SDK (see shared/reference/aliyun-apis.md):
   proxy for hosts that NO_PROXY (or loopback) excludes.
 - HTTP 200 with `Success: false` is an error (the SDK does not raise on it).
 - An answer the SDK's models cannot parse comes back with `body=None`; the raw answer is used.
-- `ListJobs` takes at most 99 job ids; the wrapper refuses more, and `list_jobs_batched` splits.
+- `ListJobs` takes at most 99 job ids; the wrapper refuses more, and `split_for_list_jobs` splits.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from call_pipeline.clients.limits import SharedRateLimiter
 log = logging.getLogger(__name__)
 
 LIST_JOBS_MAX_IDS = 99
+# DownloadRecording's answers for a call attempt that has no recording to give: final, not retried.
+INVALID_TASK_ID_CODES = frozenset({"InvalidParameter", "InvalidTaskId", "TaskNotFound", "NoSignatureUrl"})
 RETRYABLE_CODES = [
     "Throttling",
     "Throttling.User",
@@ -54,6 +56,7 @@ class OutboundBotError(RuntimeError):
         self.code = code
         self.request_id = request_id
         self.retryable = retryable
+        self.invalid_task_id = action == "DownloadRecording" and code in INVALID_TASK_ID_CODES
         super().__init__(f"OutboundBot {action} failed: {code or 'error'}: {message}"
                          + (f" (request id {request_id})" if request_id else ""))
 
@@ -71,6 +74,12 @@ class OutboundBotSettings:
     max_attempts: int = 3
     backoff_ms: int = 500
     max_backoff_ms: int = 8000
+
+
+def split_for_list_jobs(job_ids: Sequence[str]) -> list[list[str]]:
+    """`job_ids` in calls of as many ids as ListJobs takes."""
+    ids = list(job_ids)
+    return [ids[start:start + LIST_JOBS_MAX_IDS] for start in range(0, len(ids), LIST_JOBS_MAX_IDS)]
 
 
 def build_retry_options(max_attempts: int, backoff_ms: int, max_backoff_ms: int) -> RetryOptions:
@@ -197,13 +206,6 @@ class OutboundBotClient:
             return {"Jobs": []}
         request = ob.ListJobsRequest(instance_id=self.instance_id, job_id=list(job_ids))
         return self._call("ListJobs", self._client.list_jobs, request)
-
-    def list_jobs_batched(self, job_ids: Sequence[str]) -> Iterator[tuple[list[str], dict[str, Any]]]:
-        """(the batch's ids, its answer) for calls of at most 99 ids."""
-        ids = list(job_ids)
-        for start in range(0, len(ids), LIST_JOBS_MAX_IDS):
-            batch = ids[start:start + LIST_JOBS_MAX_IDS]
-            yield batch, self.list_jobs(batch)
 
     def download_recording(self, call_task_id: str) -> str:
         """The recording's SignatureUrl for a call attempt (the task id, not the job id)."""

@@ -6,6 +6,7 @@ each page's matches in one bulk update (SPEC §3 step 2).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,15 @@ LEAD_COLUMNS = ("id", "leads_id", "reference_id", "leads_phone", "call_job_id")
 def legacy_reference_id(task_id: int, leads_id: int) -> str:
     """The reference id that tasks created before `reference_id` existed gave their contacts."""
     return f"task_{task_id}_lead_{leads_id}"
+
+
+_LEGACY_REFERENCE = re.compile(r"task_(\d+)_lead_(\d+)")
+
+
+def legacy_leads_ids(task_id: int, reference_ids: Iterable[str]) -> list[int]:
+    """The leads ids that legacy reference ids of `task_id` name (others are ignored)."""
+    return [int(m.group(2)) for ref in reference_ids
+            if (m := _LEGACY_REFERENCE.fullmatch(ref)) and int(m.group(1)) == task_id]
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,7 @@ class Fault:
     llm_content: str | None = None
     job_ids: list[str] | None = None
     job_group_id: str | None = None
+    page_number: int | None = None  # ListJobsByGroup: only this page
     match_text: str | None = None
     id: int = 0
     hits: int = 0
@@ -467,7 +468,8 @@ class SimulatorState:
             self.qps_cap = None if cap is None else int(cap)
 
     def _take_fault(self, kind: str, action: str, *, job_ids: set[str] | None = None,
-                    job_group_id: str | None = None, text: str | None = None) -> Fault | None:
+                    job_group_id: str | None = None, page_number: int | None = None,
+                    text: str | None = None) -> Fault | None:
         for f in self._faults:
             target = f.action.lower()
             if kind == "outboundbot":
@@ -476,6 +478,8 @@ class SimulatorState:
                 if f.job_ids is not None and not (job_ids and job_ids & set(f.job_ids)):
                     continue
                 if f.job_group_id is not None and f.job_group_id != job_group_id:
+                    continue
+                if f.page_number is not None and f.page_number != page_number:
                     continue
             else:
                 if target not in ("dashscope", action.lower()):
@@ -577,7 +581,9 @@ class SimulatorState:
             fault = None
             if not throttled:
                 job_ids, group_id = self._request_targets(action, params)
-                fault = self._take_fault("outboundbot", action, job_ids=job_ids, job_group_id=group_id)
+                fault = self._take_fault("outboundbot", action, job_ids=job_ids, job_group_id=group_id,
+                                         page_number=_int(params, "PageNumber") if action == "ListJobsByGroup"
+                                         else None)
             delay = self.outboundbot_latency_ms + (fault.latency_ms if fault else 0)
             self._ob_in_flight += 1
             self._stats["max_outboundbot_in_flight"] = max(self._stats["max_outboundbot_in_flight"],

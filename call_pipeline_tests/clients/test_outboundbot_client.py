@@ -6,7 +6,12 @@ import time
 import pytest
 
 from call_pipeline.clients.limits import SharedRateLimiter
-from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError, OutboundBotSettings
+from call_pipeline.clients.outboundbot import (
+    OutboundBotClient,
+    OutboundBotError,
+    OutboundBotSettings,
+    split_for_list_jobs,
+)
 from call_pipeline.simulator.scenarios import build_job_group
 
 
@@ -46,9 +51,9 @@ def test_list_jobs_enforces_99_ids_and_batches(simulator, tmp_path, group):
     job_ids = [job["JobId"] for body in client.iter_job_group_pages(group) for job in body["Jobs"]["List"]]
     with pytest.raises(ValueError, match="at most 99"):
         client.list_jobs(job_ids[:100])
-    batches = list(client.list_jobs_batched(job_ids))
-    assert [len(ids) for ids, _ in batches] == [99, 99, 52]
-    returned = [job["JobId"] for _, body in batches for job in body["Jobs"]]
+    calls = split_for_list_jobs(job_ids)
+    assert [len(ids) for ids in calls] == [99, 99, 52]
+    returned = [job["JobId"] for ids in calls for job in client.list_jobs(ids)["Jobs"]]
     assert sorted(returned) == sorted(job_ids)
 
 
@@ -57,7 +62,7 @@ def test_download_recording_returns_a_fetchable_url(simulator, tmp_path, group):
 
     client = make_client(simulator, tmp_path)
     job_ids = [job["JobId"] for body in client.iter_job_group_pages(group) for job in body["Jobs"]["List"]]
-    jobs = [job for _, body in client.list_jobs_batched(job_ids) for job in body["Jobs"]]
+    jobs = [job for ids in split_for_list_jobs(job_ids) for job in client.list_jobs(ids)["Jobs"]]
     task_id = next(job["Tasks"][-1]["TaskId"] for job in jobs if job.get("Status") == "Succeeded" and job.get("Tasks"))
     url = client.download_recording(task_id)
     response = requests.get(url, timeout=5)

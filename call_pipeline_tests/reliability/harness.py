@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing.forkserver
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from call_pipeline.executors import sync_executor
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
@@ -63,16 +65,23 @@ def resources_for_tests() -> dict:
 
 
 def reliability_sync_job() -> dg.JobDefinition:
-    """`sync_call_task` with the resources above bound (module scope: reconstructable)."""
+    """`sync_call_task` with the resources above bound, on its own (default) executor (module
+    scope: reconstructable)."""
     return dg.Definitions(jobs=[sync_call_task], resources=resources_for_tests()).resolve_job_def(
         "sync_call_task")
 
 
-def reconstructable_job():
+def reliability_sync_job_in_process() -> dg.JobDefinition:
+    """The same on the in-process executor: for the tests whose fault hooks live in this process
+    (SQLAlchemy event listeners on the test's engine), which step processes would not see."""
+    return reliability_sync_job().with_executor_def(sync_executor("in_process"))
+
+
+def reconstructable_job(executor: str | None = None):
     """Made on first use, not at import: building it loads Dagster's storage modules, whose
     global SQLAlchemy hook compiles every MySQL DateTime as DATETIME(6) — collecting this package
     would otherwise change the DDL of tests that run before any Dagster instance exists."""
-    return dg.reconstructable(reliability_sync_job)
+    return dg.reconstructable(reliability_sync_job_in_process if executor == "in_process" else reliability_sync_job)
 
 
 def pipeline_env_vars(crm_url: str, simulator, *, max_qps: float = 1000.0, max_concurrency: int = 8,
@@ -93,12 +102,22 @@ def pipeline_env_vars(crm_url: str, simulator, *, max_qps: float = 1000.0, max_c
     }
 
 
+def forget_step_process_server() -> None:
+    """The multiprocess executor forks its step processes from one forkserver per parent process,
+    which keeps the environment it started with. A run process runs one run, so in production
+    that is the run's environment; the tests run many runs in one process, with a new simulator
+    and database each time, so they stop the server whenever the environment changes (the next
+    run starts a new one). `_stop` is private to multiprocessing; tests only."""
+    multiprocessing.forkserver._forkserver._stop()
+
+
 @contextlib.contextmanager
 def pipeline_env(crm_url: str, simulator, **knobs) -> Iterator[dict[str, str]]:
-    """Sets the pipeline's environment variables for in-process runs, and restores them after."""
+    """Sets the pipeline's environment variables for runs in this process, and restores them after."""
     values = pipeline_env_vars(crm_url, simulator, **knobs)
     previous = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
+    forget_step_process_server()
     try:
         yield values
     finally:
@@ -107,6 +126,7 @@ def pipeline_env(crm_url: str, simulator, **knobs) -> Iterator[dict[str, str]]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        forget_step_process_server()
 
 
 # Batches of two pages: the faults meet batches of several pages, and a scenario still has several
@@ -128,11 +148,11 @@ def ensure_partition(instance: dg.DagsterInstance, task_id: int) -> None:
 
 
 def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = DEFAULT_PAGE_SIZE,
-               from_failure_of: str | None = None) -> dg.JobExecutionResult:
+               from_failure_of: str | None = None, executor: str | None = None) -> dg.JobExecutionResult:
     """One run of the partition, or a re-execution from failure of `from_failure_of` (tags are
     passed again: ReexecutionOptions.from_failure does not copy the parent's)."""
     ensure_partition(instance, task_id)
-    job = reconstructable_job()
+    job = reconstructable_job(executor)
     # Dagster caches the reconstructed job (lru_cache); the resources must read this test's env.
     type(job).get_definition.cache_clear()
     type(job).get_repository_definition.cache_clear()
@@ -164,7 +184,8 @@ class Settled:
 
 def settle(instance: dg.DagsterInstance, crm_url: str, task_id: int, *, page_size: int = DEFAULT_PAGE_SIZE,
            max_runs: int = 8, pause_s: float = 0.0, first_run_id: str | None = None,
-           after_each: Callable[[Attempt], None] | None = None, first_kind: str = "run") -> Settled:
+           after_each: Callable[[Attempt], None] | None = None, first_kind: str = "run",
+           executor: str | None = None) -> Settled:
     """Run the partition until it is done and steady: re-execute failed runs from failure, then
     relaunch (as the sensor does) until a successful run changes nothing. `first_run_id` starts
     from a run that already happened (e.g. one killed in a subprocess)."""
@@ -188,21 +209,21 @@ def settle(instance: dg.DagsterInstance, crm_url: str, task_id: int, *, page_siz
         return attempt
 
     last = record(first_run_id, first_kind) if first_run_id else record(
-        launch_run(instance, task_id, page_size=page_size), "run")
+        launch_run(instance, task_id, page_size=page_size, executor=executor), "run")
     before = None
     while len(attempts) < max_runs:
         if not last.success:
             if pause_s:
                 time.sleep(pause_s)
-            last = record(launch_run(instance, task_id, page_size=page_size, from_failure_of=last.run_id),
-                          "from_failure")
+            last = record(launch_run(instance, task_id, page_size=page_size, from_failure_of=last.run_id,
+                                     executor=executor), "from_failure")
             before = None
             continue
         current = normalized(crm_url, task_id)
         if before is not None and current == before:
             return Settled(attempts)
         before = current
-        last = record(launch_run(instance, task_id, page_size=page_size), "relaunch")
+        last = record(launch_run(instance, task_id, page_size=page_size, executor=executor), "relaunch")
     raise AssertionError(f"task {task_id} did not settle in {max_runs} runs: {attempts}")
 
 

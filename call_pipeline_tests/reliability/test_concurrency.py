@@ -28,7 +28,9 @@ def test_two_runs_of_one_partition_at_the_same_time(mariadb_url, simulator, inst
     scenario.install(mariadb_url, simulator)
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     llm_leads = sum(1 for lead in clean["leads"].values() if lead["follow_up"] in ("llm", "ai_fallback"))
-    simulator.state.set_latency(outboundbot_ms=10, dashscope_ms=120)
+    # Step 5 of each run lasts seconds (LLM calls of 0.4 s, 4 at once across both runs), much
+    # longer than the spread of the two runs' start-up, so the two step-5 ops overlap.
+    simulator.state.set_latency(outboundbot_ms=10, dashscope_ms=400)
     instance.add_dynamic_partitions("call_tasks", [str(scenario.task_id)])
     proc_env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, max_concurrency=4),
                               dagster_home=instance.root_directory)
@@ -80,7 +82,7 @@ def test_jobs_added_while_a_run_pages_through_the_group(mariadb_url, simulator, 
 
     with Monitor(mariadb_url, [scenario.task_id]):
         settled = settle(instance, mariadb_url, scenario.task_id, after_each=remember_first)
-    adder.join(timeout=10)
+    adder.stop()
 
     # the first run did not see the jobs beyond its page count: their leads were marked for now
     first = after_first_run[0]["leads"]

@@ -43,7 +43,9 @@ def test_secrets_never_appear_in_logs_event_log_config_tags_or_storage(mariadb_u
     scenario.install(mariadb_url, simulator)
     state = simulator.state
     # failures of every kind, so that every error path writes its message somewhere
-    state.inject_fault(action="ListJobs", status=403, code="Forbidden.RAM", times=2)
+    # (one job's ListJobs call: both answers meet that call and its op retry, whatever runs at once)
+    state.inject_fault(action="ListJobs", status=403, code="Forbidden.RAM", times=2,
+                       job_ids=[scenario.job_of(scenarios.RECORDED)["JobId"]])
     state.inject_fault(action="ListJobsByGroup", success_false=True, code="Throttling.User", times=1)
     state.inject_fault(action="DownloadRecording", status=502, raw_body="<html>bad gateway</html>", times=1)
     state.inject_fault(action="dashscope", status=401, code="InvalidApiKey", times=1, match_text=MARKERS[MARK_A])

@@ -27,7 +27,7 @@ def test_schedule_between_a_half_failed_run_and_its_rerun(mariadb_url, simulator
                                                                headers={"x-acs-retry-after": "50"}))
     with Monitor(mariadb_url, [scenario.task_id]):
         first = launch_run(instance, scenario.task_id)
-        injector.join(timeout=10)
+        injector.stop()
         assert not first.success
         simulator.state.clear_faults()
 

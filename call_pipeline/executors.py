@@ -1,0 +1,61 @@
+"""The executor of `sync_call_task`, chosen by CALL_PIPELINE_EXECUTOR when the definitions load.
+
+Steps 4 and 5 of a batch, and the batches themselves, overlap because the executor runs several
+steps at once; each op does its own work (its calls, in threads, within the shared limits) and
+returns when it is written, so every executor gives the same result.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from call_pipeline import settings
+
+EXECUTORS = ("multiprocess", "in_process", "celery")
+# Forked step processes start from a server that has these imported already (about half the
+# start-up of a step process that imports Dagster and the project itself).
+PRELOADED_MODULES = ["call_pipeline.definitions"]
+QUEUE_TAG = "dagster-celery/queue"
+
+
+def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:
+    return {
+        "max_concurrent": max_concurrent,
+        "start_method": {"forkserver": {"preload_modules": PRELOADED_MODULES}},
+        # With priorities alone the executor would start step 5 of every ready batch before any
+        # step 4 (and the reverse): a cap per kind keeps slots for the other kind.
+        "tag_concurrency_limits": [{"key": QUEUE_TAG, "value": queue, "limit": per_queue}
+                                   for queue in ("ai_queue", "download_queue")],
+    }
+
+
+def celery_config() -> dict:
+    return {
+        "broker": {"env": "CALL_PIPELINE_CELERY_BROKER"} if _set("CALL_PIPELINE_CELERY_BROKER")
+        else settings.CELERY_BROKER,
+        "backend": {"env": "CALL_PIPELINE_CELERY_BACKEND"} if _set("CALL_PIPELINE_CELERY_BACKEND")
+        else settings.CELERY_BACKEND,
+        "include": ["call_pipeline.definitions"],
+    }
+
+
+def _set(name: str) -> bool:
+    return bool(os.environ.get(name))
+
+
+def sync_executor(name: str | None = None) -> dg.ExecutorDefinition:
+    """The executor named by `name` (default: CALL_PIPELINE_EXECUTOR)."""
+    name = name or settings.EXECUTOR
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        return dg.multiprocess_executor.configured(
+            multiprocess_config(settings.MAX_CONCURRENT_STEPS, settings.MAX_CONCURRENT_STEPS_PER_QUEUE),
+            name="multiprocess")
+    if name == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(celery_config(), name="celery")
+    raise ValueError(f"CALL_PIPELINE_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {name!r}")

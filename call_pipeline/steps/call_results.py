@@ -1,0 +1,79 @@
+"""Step 3: call results for the leads whose status is empty or not yet terminal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
+
+from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError, split_for_list_jobs
+from call_pipeline.crm import repository as repo
+from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, CallResult, parse_list_jobs_body
+from call_pipeline.domain.counts import StepReport
+
+log = logging.getLogger(__name__)
+
+# Jobs' results written per transaction, at most (plus one ListJobs answer): more at once would
+# hold too many transcripts in memory.
+STORED_TOGETHER = 500
+
+
+def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
+                        zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None) -> StepReport:
+    """ListJobs for the batch's jobs (`job_ids`; None: the whole task) that still need a result,
+    in calls of as many ids as ListJobs takes. A failed call fails its jobs only."""
+    logger = logger or log
+    report = StepReport()
+    with engine.connect() as conn:
+        needed = repo.fetch_job_ids_needing_results(conn, task_id, job_ids)
+    report.counts.jobs_queried = len(needed)
+    calls = split_for_list_jobs(needed)
+    pending: list[CallResult] = []
+    for number, ids in enumerate(calls, start=1):
+        try:
+            body = client.list_jobs(ids)
+        except OutboundBotError as exc:
+            report.fail(f"ListJobs for {len(ids)} job(s) starting {ids[0]}: {exc}")
+            logger.error("task %s: ListJobs for %d job(s) failed: %s", task_id, len(ids), exc)
+        else:
+            parsed = parse_list_jobs_body(body, ids, zone)
+            for problem in parsed.problems:
+                logger.warning("task %s: %s", task_id, problem)
+            for result in parsed.results:
+                # A job still waiting to be dialled has no call attempts yet: expected, not a problem.
+                waiting = result.call_status in NON_TERMINAL_JOB_STATUSES
+                for problem in result.problems:
+                    (logger.debug if waiting else logger.warning)("task %s job %s: %s", task_id, result.job_id,
+                                                                  problem)
+            if parsed.missing_job_ids:
+                report.counts.jobs_not_returned += len(parsed.missing_job_ids)
+                logger.warning("task %s: ListJobs did not return %d job(s) (queried again next run): %s", task_id,
+                               len(parsed.missing_job_ids), ", ".join(parsed.missing_job_ids[:10]))
+            pending.extend(parsed.results)
+        if pending and (len(pending) >= STORED_TOGETHER or number == len(calls)):
+            _store(engine, task_id, pending, now, report, logger)
+            pending = []
+    return report
+
+
+def _store(engine: Engine, task_id: int, results: list[CallResult], now: datetime, report: StepReport,
+           logger: logging.Logger) -> None:
+    try:
+        with repo.write_transaction(engine) as conn:
+            report.counts.results_stored += repo.store_call_results(conn, task_id, results, now)
+    except DataError:
+        # A value the CRM's column cannot hold (say a status longer than 32 characters) fails
+        # the whole bulk write: store the batch lead by lead, so that only that lead is left out.
+        for result in results:
+            try:
+                with repo.write_transaction(engine) as conn:
+                    report.counts.results_stored += repo.store_call_results(conn, task_id, [result], now)
+            except DataError as exc:
+                report.counts.results_not_stored += 1
+                logger.warning("task %s job %s: call results not stored, the CRM refused them (queried again "
+                               "next run): %s", task_id, result.job_id, getattr(exc, "orig", exc))
+    report.counts.statuses.update(result.call_status or "(none)" for result in results)

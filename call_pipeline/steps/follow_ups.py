@@ -1,0 +1,138 @@
+"""Step 5: a follow-up for each lead with a terminal status and none yet."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine
+
+from call_pipeline.clients.dashscope_llm import LlmClient, LlmError
+from call_pipeline.crm import repository as repo
+from call_pipeline.domain.counts import StepReport
+from call_pipeline.domain.followups import (
+    FollowUp,
+    InvalidLlmAnswer,
+    ai_fallback_follow_up,
+    basic_follow_up,
+    build_llm_messages,
+    parse_llm_answer,
+    plan_follow_up,
+)
+from call_pipeline.steps._concurrent import call_and_write
+
+log = logging.getLogger(__name__)
+
+# Threads beyond the LLM limit: while some threads' answers wait to be written, the spare ones
+# take their slots (the shared semaphore still caps the calls in flight).
+SPARE_THREADS = 2
+# Follow-ups written in one transaction (an INSERT ... RETURNING and a CASE UPDATE): a commit per
+# follow-up was most of the database time.
+WRITTEN_TOGETHER = 100
+WRITE_AT_LEAST_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Decided:
+    lead: repo.LeadForFollowUp
+    follow_up: FollowUp | None = None
+    error: Exception | None = None
+
+
+def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
+                     logger: logging.Logger) -> FollowUp | None:
+    """One lead's follow-up: the LLM's, the basic one, or the AI fallback; None when the lead
+    has none yet (no terminal status)."""
+    plan = plan_follow_up(lead.call_status, lead.call_conversation)
+    if plan == "skip":
+        return None
+    if plan == "basic":
+        return basic_follow_up(lead.call_status or "")
+    try:
+        answer = llm.complete(build_llm_messages(lead.call_conversation or "[]", now))
+        return parse_llm_answer(answer, now)
+    except LlmError as exc:
+        logger.warning("job %s: AI analysis unavailable, basic follow-up written: %s", lead.call_job_id, exc)
+        return ai_fallback_follow_up(exc.code or "LLM error")
+    except InvalidLlmAnswer as exc:
+        logger.warning("job %s: the model's answer was invalid (%s), basic follow-up written", lead.call_job_id, exc)
+        return ai_fallback_follow_up(f"invalid answer: {exc}")
+
+
+def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequence[str] | None,
+                     clock: Callable[[], datetime], concurrency: int,
+                     logger: logging.Logger | None = None) -> StepReport:
+    """Decides the batch's follow-ups on `concurrency` (+ spare) threads and writes them as they
+    come, in transactions of up to WRITTEN_TOGETHER leads; each lead's insert and link commit
+    together and the link is conditional, so no lead ever gets two. A batch the database refuses
+    is written lead by lead, so that only the lead at fault fails."""
+    logger = logger or log
+    report = StepReport()
+    with engine.connect() as conn:
+        leads = repo.fetch_leads_needing_follow_up(conn, task_id, job_ids)
+
+    def decide(lead: repo.LeadForFollowUp) -> _Decided:
+        try:
+            return _Decided(lead, follow_up=decide_follow_up(llm, lead, clock(), logger))
+        except Exception as exc:  # one lead's failure must not lose the others' work
+            return _Decided(lead, error=exc)
+
+    conn = engine.connect()  # the step's one connection for its writes; replaced after a failure
+
+    def write(decided: list[_Decided]) -> None:
+        nonlocal conn
+        items = []
+        for item in decided:
+            if item.error is not None:
+                _failed(report, logger, task_id, item.lead, item.error)
+            elif item.follow_up is not None:
+                items.append((item.lead, item.follow_up))
+        if not items:
+            return
+        now = clock()
+        try:
+            follow_ids: list = repo.create_follow_ups_on(conn, items, now)
+        except Exception as exc:
+            logger.info("task %s: %d follow-up(s) not written together (%s); writing them one by one",
+                        task_id, len(items), type(exc).__name__)
+            conn = _fresh(engine, conn)
+            follow_ids = []
+            for lead, follow_up in items:
+                try:
+                    follow_ids.append(repo.create_follow_up_on(conn, lead, follow_up, now))
+                except Exception as lead_exc:
+                    _failed(report, logger, task_id, lead, lead_exc)
+                    follow_ids.append(False)
+                    conn = _fresh(engine, conn)
+        for (lead, follow_up), follow_id in zip(items, follow_ids, strict=True):
+            if follow_id is None:
+                report.counts.follow_ups_written_elsewhere += 1
+                logger.info("job %s: follow-up already written by another run", lead.call_job_id)
+            elif follow_id is not False:
+                report.counts.follow_ups_by_verdict[follow_up.is_interested] += 1
+                report.counts.follow_ups_by_source[follow_up.source] += 1
+
+    try:
+        call_and_write(leads, decide, write, threads=concurrency + SPARE_THREADS, batch_size=WRITTEN_TOGETHER,
+                       max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-follow-ups")
+    finally:
+        conn.close()
+    return report
+
+
+def _fresh(engine: Engine, conn):
+    # After a failed write the connection may be dead: go on with a new one.
+    with contextlib.suppress(Exception):
+        conn.close()
+    return engine.connect()
+
+
+def _failed(report: StepReport, logger: logging.Logger, task_id: int, lead: repo.LeadForFollowUp,
+            exc: BaseException) -> None:
+    report.counts.follow_ups_failed += 1
+    report.fail(f"job {lead.call_job_id}: {type(exc).__name__}: {exc}")
+    logger.error("task %s job %s: follow-up not written (retried next run): %s: %s",
+                 task_id, lead.call_job_id, type(exc).__name__, exc)

@@ -1,0 +1,55 @@
+"""Step 2 for a batch of pages: map its jobs to leads, with one read and one bulk write."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import Engine
+
+from call_pipeline.clients.outboundbot import OutboundBotClient
+from call_pipeline.crm import repository as repo
+from call_pipeline.domain.counts import StepCounts
+from call_pipeline.domain.matching import legacy_leads_ids, match_jobs_to_leads, parse_jobs_page
+from call_pipeline.steps.batch import PageBatch, PageRequest
+
+log = logging.getLogger(__name__)
+
+
+def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: PageRequest, now: datetime,
+                        logger: logging.Logger | None = None) -> PageBatch:
+    """One ListJobsByGroup call per page (a failed call fails the batch: the op retries it), then
+    one read of the leads the batch's jobs can concern and one bulk write."""
+    logger = logger or log
+    task = request.task
+    jobs = []
+    for number in range(request.page_number, request.page_number + request.page_count):
+        page = parse_jobs_page(client.list_jobs_by_group(task.job_group_id or "", number, request.page_size))
+        for problem in page.problems:
+            logger.warning("task %s page %s: %s", task.id, number, problem)
+        jobs.extend(page.jobs)
+    job_ids = [job.job_id for job in jobs]
+    reference_ids = [ref for job in jobs for ref in job.reference_ids if ref]
+    legacy_ids = legacy_leads_ids(task.id, reference_ids)
+    with repo.write_transaction(engine) as conn:
+        # First only the leads that the jobs' reference ids name (and those already holding one of
+        # the jobs); the task's free leads (for phone matching) are read only when some job found
+        # no lead that way.
+        leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_ids, free_leads=False,
+                                              job_ids=job_ids)
+        result = match_jobs_to_leads(jobs, leads, task.id)
+        if result.unmatched_job_ids:
+            leads = repo.fetch_leads_for_matching(conn, task.id, reference_ids, legacy_ids, job_ids=job_ids)
+            result = match_jobs_to_leads(jobs, leads, task.id)
+        written = repo.assign_jobs_to_leads(conn, task.id, result.matches, now)
+    for conflict in result.conflicts:
+        logger.warning("task %s %s: %s", task.id, request.label, conflict)
+    counts = StepCounts(jobs_listed=len(job_ids), already_matched=len(result.already_matched_job_ids),
+                        unmatched_jobs=len(result.unmatched_job_ids),
+                        lost_to_concurrent_run=len(result.matches) - written,
+                        batches=1, pages=request.page_count)
+    counts.matched_by.update(match.strategy for match in result.matches)
+    if counts.lost_to_concurrent_run:
+        logger.warning("task %s %s: %d lead(s) got a job from another run meanwhile; their jobs "
+                       "are matched again on the next run", task.id, request.label, counts.lost_to_concurrent_run)
+    return PageBatch(task.id, request.page_number, tuple(job_ids), counts, request.page_count)
