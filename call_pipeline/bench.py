@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import importlib
-import io
 import json
 import multiprocessing
 import os
-import pstats
 import random
 import resource
 import shutil
@@ -42,7 +38,6 @@ MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_BENCH_MYSQL_URL", "mysql+pymy
 ORGANIZATION_ID = 77
 JOB_GROUP_ID = "jg-bench"
 UNLIMITED_QPS = 1_000_000
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages-per-batch", type=int, default=None,
                    help="pages per mapped chain, the fan-out granularity (default: the pipeline's setting)")
     p.add_argument("--db", choices=("sqlite", "mariadb"), default="sqlite")
-    p.add_argument("--zero-latency", action="store_true",
-                   help="no latency and no caps: report leads/s and where the time goes (cProfile)")
-    p.add_argument("--no-profile", action="store_true", help="with --zero-latency: measure without cProfile")
-    p.add_argument("--executor", choices=("in_process", "multiprocess"), default="in_process",
-                   help="in_process: execute_in_process (the job's own executor); multiprocess: the "
-                        "multiprocess executor with forkserver and preloaded modules, via execute_job "
-                        "(for comparison)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="multiprocess: steps at once (4)")
-    p.add_argument("--job", metavar="MODULE:FUNCTION",
-                   help="run the job that this module-level function returns instead, through execute_job "
-                        "with its own executor (for executor comparisons)")
+    p.add_argument("--zero-latency", action="store_true", help="no latency and no caps: report leads/s")
+    p.add_argument("--executor", choices=("multiprocess", "in_process", "celery"), default=None,
+                   help="CALL_PIPELINE_EXECUTOR for the launched run (default: the pipeline's default)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="multiprocess: CALL_PIPELINE_MAX_CONCURRENT_STEPS (default: the pipeline's setting)")
+    p.add_argument("--per-queue", type=int, default=None,
+                   help="multiprocess: CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE (default: the setting)")
+    p.add_argument("--workers", type=int, default=1, help="celery: local workers on every queue (1)")
+    p.add_argument("--worker-concurrency", type=int, default=4, help="celery: each worker's --concurrency (4)")
+    p.add_argument("--timeline", action="store_true", help="print when each step was launched, started and ended")
     p.add_argument("--max-runs", type=int, default=3, help="runs (each re-executes the task) until task_type 4")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
@@ -84,214 +78,61 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-class DbTimer:
-    """Time spent in the CRM database by this process: every statement (before/after_cursor_execute),
-    every commit and every connection check (pool_pre_ping), summed over all threads."""
+class ProcessTreeMemory:
+    """Peak memory of a process and all its descendants (step processes, the forkserver, Celery
+    workers' children), sampled: the peak of the summed RSS, and of the summed PSS (each shared
+    page counted once across the processes: what the tree really occupies)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seconds: Counter = Counter()
-        self.counts: Counter = Counter()
-        # statement time by the repository function that ran it (what to make cheaper)
-        self.by_function: Counter = Counter()
-        self.function_counts: Counter = Counter()
-        # this process's own CPU inside the statements (pymysql encoding and parsing): the rest of
-        # their wall time is the server, the network and waiting for the GIL
-        self.statement_cpu_seconds = 0.0
+    def __init__(self, pids: list[int], every_s: float = 0.25) -> None:
+        self.pids, self.every_s = pids, every_s
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
-    def _add(self, kind: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[kind] += seconds
-            self.counts[kind] += 1
+    def __enter__(self) -> ProcessTreeMemory:
+        self._thread.start()
+        return self
 
-    def attach(self, engine: sa.Engine) -> None:
-        def before(conn, cursor, statement, parameters, context, executemany):
-            conn.info.setdefault("_bench_started", []).append((time.perf_counter(), time.thread_time()))
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
-        def after(conn, cursor, statement, parameters, context, executemany):
-            started, cpu_started = conn.info["_bench_started"].pop()
-            seconds = time.perf_counter() - started
-            self._add(statement.lstrip().split(None, 1)[0].upper(), seconds)
-            function = repository_caller()
-            with self._lock:
-                self.by_function[function] += seconds
-                self.function_counts[function] += 1
-                self.statement_cpu_seconds += time.thread_time() - cpu_started
+    def sample(self) -> None:
+        import psutil
 
-        sa.event.listen(engine, "before_cursor_execute", before)
-        sa.event.listen(engine, "after_cursor_execute", after)
-        dialect = engine.dialect
-        for name, kind in (("do_commit", "COMMIT"), ("do_rollback", "ROLLBACK"), ("do_ping", "PING")):
-            original = getattr(dialect, name)
+        processes = []
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                processes += [root, *root.children(recursive=True)]
+        rss = pss = 0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                info = process.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_processes = max(self.peak_processes, len(processes))
 
-            def timed(dbapi_connection, _original=original, _kind=kind):
-                started = time.perf_counter()
-                try:
-                    return _original(dbapi_connection)
-                finally:
-                    self._add(_kind, time.perf_counter() - started)
-
-            setattr(dialect, name, timed)
-
-        if engine.dialect.name in ("mysql", "mariadb"):
-            self._attach_server_profiling(engine)
-
-    # ---- server side (MySQL/MariaDB session profiling) ----
-    # The client-side figures above include the network and, above all, waiting for the GIL: with
-    # 30 busy threads a statement's answer often waits milliseconds before its thread runs again.
-    # SHOW PROFILES gives what the server itself spent on each statement of a session (commits
-    # and rollbacks included); it keeps the last 100, so each connection's history is read every
-    # HARVEST_EVERY statements and when it goes back to the pool.
-    HARVEST_EVERY = 40
-
-    def _attach_server_profiling(self, engine: sa.Engine) -> None:
-        self.server_seconds: Counter = Counter()
-        self.server_counts: Counter = Counter()
-        seen: dict[int, list[int]] = {}  # id(DBAPI connection) -> [last Query_ID read, unread count]
-
-        def harvest(dbapi_connection) -> None:
-            state = seen.setdefault(id(dbapi_connection), [0, 0])
-            try:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("SHOW PROFILES")
-                rows = cursor.fetchall()
-                cursor.close()
-            except Exception:  # a connection that died is not the benchmark's business
-                return
-            with self._lock:
-                for query_id, duration, query in rows:
-                    if query_id > state[0] and not query.upper().startswith(("SET PROFILING", "SHOW PROFILES")):
-                        kind = _server_kind(query)
-                        self.server_seconds[kind] += float(duration)
-                        self.server_counts[kind] += 1
-                state[0] = max([state[0], *(row[0] for row in rows)])
-                state[1] = 0
-
-        def on_connect(dbapi_connection, record) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("SET profiling = 1, profiling_history_size = 100")
-            cursor.close()
-
-        def after(conn, cursor, statement, parameters, context, executemany):
-            dbapi_connection = conn.connection.dbapi_connection
-            state = seen.setdefault(id(dbapi_connection), [0, 0])
-            state[1] += 1
-            if state[1] >= self.HARVEST_EVERY:
-                harvest(dbapi_connection)
-
-        sa.event.listen(engine, "connect", on_connect)
-        sa.event.listen(engine, "checkin", lambda dbapi_connection, record: dbapi_connection is not None
-                        and harvest(dbapi_connection))
-        sa.event.listen(engine, "after_cursor_execute", after)
-
-    @property
-    def server_total(self) -> float | None:
-        return sum(self.server_seconds.values()) if hasattr(self, "server_seconds") else None
-
-    def describe_server(self) -> str:
-        return ", ".join(f"{kind} {self.server_counts[kind]:,} in {seconds:.2f} s"
-                         for kind, seconds in self.server_seconds.most_common())
-
-    CONNECTION_KINDS = ("COMMIT", "ROLLBACK", "PING")
-
-    @property
-    def statement_seconds(self) -> float:
-        """What the before/after_cursor_execute listener sees: the statements."""
-        return sum(v for k, v in self.seconds.items() if k not in self.CONNECTION_KINDS)
-
-    @property
-    def connection_seconds(self) -> float:
-        """Commits, rollbacks (the pool's reset on return) and pre-pings."""
-        return sum(v for k, v in self.seconds.items() if k in self.CONNECTION_KINDS)
-
-    def describe_functions(self, limit: int = 8) -> str:
-        return ", ".join(f"{name} {self.function_counts[name]:,} in {seconds:.2f} s"
-                         for name, seconds in self.by_function.most_common(limit))
-
-    def describe(self, connection: bool) -> str:
-        kinds = [k for k in self.seconds if (k in self.CONNECTION_KINDS) == connection]
-        return ", ".join(f"{kind} {self.counts[kind]:,} in {self.seconds[kind]:.2f} s"
-                         for kind in sorted(kinds, key=lambda k: -self.seconds[k]))
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
 
 
-def _server_kind(query: str) -> str:
-    """SELECT / INSERT / COMMIT ...; an UPDATE is named by its first column, which tells the
-    pipeline's UPDATEs apart (call_job_id: matching, call_status: results, recording_url,
-    leads_follow_id: follow-up links)."""
-    words = query.split(None, 4)
-    if not words:
-        return "?"
-    kind = words[0].upper()
-    if kind == "UPDATE" and len(words) >= 4 and words[2].upper() == "SET":
-        return f"UPDATE {words[3].split('=', 1)[0]}"
-    return kind
-
-
-def repository_caller() -> str:
-    """The `call_pipeline.crm.repository` function on the stack (for statement listeners: called
-    from an SQLAlchemy event handler, itself called by SQLAlchemy)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_globals.get("__name__") == "call_pipeline.crm.repository":
-            return frame.f_code.co_name
-        frame = frame.f_back
-    return "(elsewhere)"
+def mariadb_statement_counts(url: str) -> Counter:
+    """The server's statement counters (every client's: the benchmark's database is the only busy one)."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SHOW GLOBAL STATUS WHERE Variable_name IN "
+                                    "('Com_select', 'Com_insert', 'Com_update', 'Com_delete', 'Com_commit')"))
+        counts = Counter({name[4:].upper(): int(value) for name, value in rows})
+    engine.dispose()
+    return counts
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
-
-
-def _cpu_profile() -> cProfile.Profile:
-    # Each thread's CPU time, not wall time: a worker blocked on a socket, a lock or an idle queue
-    # costs nothing, so the figures add up to where the (GIL-bound) process spends its CPU.
-    return cProfile.Profile(time.thread_time_ns, 1e-9)
-
-
-@contextlib.contextmanager
-def profile_all_threads() -> Iterator[list[cProfile.Profile]]:
-    """cProfile (CPU time) the calling thread and every thread started meanwhile (pool workers
-    included)."""
-    profiles: list[cProfile.Profile] = []
-    original_run = threading.Thread.run
-
-    def run(self):
-        profile = _cpu_profile()
-        profiles.append(profile)
-        profile.enable()
-        try:
-            original_run(self)
-        finally:
-            profile.disable()
-
-    main = _cpu_profile()
-    profiles.append(main)
-    threading.Thread.run = run
-    main.enable()
-    try:
-        yield profiles
-    finally:
-        main.disable()
-        threading.Thread.run = original_run
-
-
-def profile_top(profiles: list[cProfile.Profile], sort: str, limit: int = 10) -> str:
-    stats: pstats.Stats | None = None
-    for profile in profiles:
-        # a thread still running (an idle pool worker) is left out rather than stopped from here
-        with contextlib.suppress(Exception):
-            if stats is None:
-                stats = pstats.Stats(profile, stream=io.StringIO())
-            else:
-                stats.add(profile)
-    if stats is None:
-        return "(no profile)"
-    out = io.StringIO()
-    stats.stream = out
-    stats.sort_stats(sort).print_stats(limit)
-    lines = out.getvalue().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
-    return "\n".join(line.rstrip() for line in lines[start:] if line.strip())
 
 
 # ---- the CRM ------------------------------------------------------------------------------------
@@ -440,15 +281,6 @@ class SimulatorProcess:
 # ---- running the job ----------------------------------------------------------------------------
 
 
-def multiprocess_sync_job():
-    """`sync_call_task` on the multiprocess executor (for the executor comparison); reconstructable."""
-    import dagster as dg
-
-    from call_pipeline.definitions import defs
-
-    return defs.resolve_job_def("sync_call_task").with_executor_def(dg.multiprocess_executor)
-
-
 @dataclass
 class RunFigures:
     run_id: str
@@ -458,54 +290,104 @@ class RunFigures:
     step_seconds: float = 0.0
     step_kinds: Counter = field(default_factory=Counter)
     failed_steps: list[str] = field(default_factory=list)
+    first_step_s: float = 0.0  # from the launch to the first step's start
+    peak_rss: int = 0
+    peak_pss: int = 0
+    peak_processes: int = 0
+    timeline: list[tuple[float, str, str]] = field(default_factory=list)  # (s from launch, event, step)
 
 
-def _step_figures(run_id: str, success: bool, wall: float, events) -> RunFigures:
-    figures = RunFigures(run_id, success, wall)
-    for event in events:
+def _step_figures(figures: RunFigures, entries, launched_at: float) -> RunFigures:
+    starts = []
+    for entry in entries:
+        event = entry.dagster_event
+        if event is None:
+            continue
         kind = event.event_type_value
-        if kind == "STEP_SUCCESS":
+        if event.step_key and kind in ("STEP_WORKER_STARTING", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE"):
+            figures.timeline.append((entry.timestamp - launched_at, kind, event.step_key))
+        if kind == "STEP_START":
+            starts.append(entry.timestamp)
+        elif kind == "STEP_SUCCESS":
             figures.steps += 1
             figures.step_seconds += event.event_specific_data.duration_ms / 1000
             figures.step_kinds[event.step_key.split("[")[0]] += 1
         elif kind == "STEP_FAILURE":
             figures.steps += 1
             figures.failed_steps.append(event.step_key)
+    if starts:
+        figures.first_step_s = min(starts) - launched_at
     return figures
 
 
-def run_task(instance, task_id: int, args: argparse.Namespace) -> RunFigures:
-    import dagster as dg
+def launch_run(instance, task_id: int, run_config: dict, workers: list[int]) -> RunFigures:
+    """One run of `sync_call_task` for the task, launched as the daemon's run launcher does: the
+    run is created in the instance, and `dagster api execute_run` executes it in a process of its
+    own, on the job's own executor."""
+    import subprocess
 
-    from call_pipeline.definitions import defs
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster_shared.serdes import serialize_value
 
-    # Dagster's console logger prints every event; the events still go to the instance as usual.
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    paging = {k: v for k, v in (("page_size", args.page_size), ("pages_per_batch", args.pages_per_batch)) if v}
-    if paging:
-        run_config["ops"] = {"list_job_pages": {"config": paging}}
+    recon_job = ReconstructableRepository.for_module(
+        "call_pipeline.definitions", "defs", working_directory=os.getcwd()).get_reconstructable_job("sync_call_task")
+    run = instance.create_run_for_job(job_def=recon_job.get_definition(), run_config=run_config,
+                                      tags={"dagster/partition": str(task_id)},
+                                      job_code_origin=recon_job.get_python_origin())
+    args = ExecuteRunArgs(job_origin=recon_job.get_python_origin(), run_id=run.run_id,
+                          instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
+    launched_at = time.time()
     started = time.perf_counter()
-    if args.job:
-        module_name, _, function_name = args.job.partition(":")
-        factory = getattr(importlib.import_module(module_name), function_name)
-        with dg.execute_job(dg.reconstructable(factory), instance=instance, run_config=run_config,
-                            tags={"dagster/partition": str(task_id)}, raise_on_error=False) as result:
-            wall = time.perf_counter() - started
-            return _step_figures(result.run_id, result.success, wall, result.all_events)
-    if args.executor == "in_process":
-        job = defs.resolve_job_def("sync_call_task")
-        result = job.execute_in_process(instance=instance, partition_key=str(task_id), run_config=run_config,
-                                        raise_on_error=False)
-        wall = time.perf_counter() - started
-        return _step_figures(result.run_id, result.success, wall, result.all_events)
-    run_config["execution"] = {"config": {
-        "max_concurrent": args.max_concurrent,
-        "start_method": {"forkserver": {"preload_modules": ["call_pipeline.definitions"]}},
-    }}
-    with dg.execute_job(dg.reconstructable(multiprocess_sync_job), instance=instance, run_config=run_config,
-                        tags={"dagster/partition": str(task_id)}, raise_on_error=False) as result:
-        wall = time.perf_counter() - started
-        return _step_figures(result.run_id, result.success, wall, result.all_events)
+    process = subprocess.Popen([sys.executable, "-m", "dagster", "api", "execute_run", serialize_value(args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with ProcessTreeMemory([process.pid, *workers]) as memory:
+        process.wait()
+    wall = time.perf_counter() - started
+    finished = instance.get_run_by_id(run.run_id)
+    figures = RunFigures(run.run_id, finished.status.value == "SUCCESS", wall, peak_rss=memory.peak_rss,
+                         peak_pss=memory.peak_pss, peak_processes=memory.peak_processes)
+    return _step_figures(figures, instance.all_logs(run.run_id), launched_at)
+
+
+@contextlib.contextmanager
+def celery_workers(count: int, concurrency: int, home: str) -> Iterator[list[int]]:
+    """`count` local Celery workers on every queue (`call-pipeline worker`), stopped after."""
+    import subprocess
+
+    if count <= 0:
+        yield []
+        return
+    processes = []
+    try:
+        for n in range(count):
+            name = f"bench-{n}-{uuid.uuid4().hex[:6]}@%h"
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "call_pipeline.cli", "worker", "--queues",
+                 "sync_queue,query_queue,download_queue,ai_queue", "--concurrency", str(concurrency),
+                 "--name", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "DAGSTER_HOME": home}))
+        wait_for_workers(len(processes))
+        yield [p.pid for p in processes]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except Exception:
+                process.kill()
+
+
+def wait_for_workers(count: int, timeout_s: float = 90.0) -> None:
+    from call_pipeline.celery_app import app
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=1.0) or []
+        if len(replies) >= count:
+            return
+    raise RuntimeError(f"{count} Celery worker(s) did not answer within {timeout_s:.0f} s")
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
@@ -521,8 +403,9 @@ def _shares(args: argparse.Namespace) -> dict:
 
 def _environment(crm_url: str, simulator: SimulatorProcess, args: argparse.Namespace, workdir: str,
                  max_qps: float) -> None:
-    for name in PROXY_VARIABLES:
-        os.environ.pop(name, None)
+    from call_pipeline.clients.proxies import drop_proxy_variables
+
+    drop_proxy_variables()
     os.environ.update({
         "CALL_PIPELINE_CRM_URL": crm_url,
         "ALIBABA_CLOUD_ACCESS_KEY_ID": "bench-access-key",
@@ -538,6 +421,43 @@ def _environment(crm_url: str, simulator: SimulatorProcess, args: argparse.Names
         # nothing should fail; if something does, the benchmark should say so, not back off for minutes
         "CALL_PIPELINE_OP_RETRY_DELAY_SECONDS": os.environ.get("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1"),
     })
+    for name, value in (("CALL_PIPELINE_EXECUTOR", args.executor),
+                        ("CALL_PIPELINE_MAX_CONCURRENT_STEPS", args.max_concurrent),
+                        ("CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", args.per_queue)):
+        if value is not None:
+            os.environ[name] = str(value)
+
+
+def _dagster_home(workdir: str) -> str:
+    """A Dagster home configured like the project's (its dagster.yaml: pools, run limits)."""
+    home = os.path.join(workdir, "dagster_home")
+    os.makedirs(home)
+    project_yaml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dagster.yaml")
+    if os.path.exists(project_yaml):
+        shutil.copy(project_yaml, os.path.join(home, "dagster.yaml"))
+    extra = os.environ.get("CALL_PIPELINE_BENCH_EXTRA_YAML")  # an experiment's instance settings
+    if extra:
+        with open(os.path.join(home, "dagster.yaml"), "a", encoding="utf-8") as out, open(extra) as add:
+            out.write("\n" + add.read())
+    return home
+
+
+def needed_calls(url: str, task_id: int) -> dict:
+    """What a clean run must call, from the CRM: LLM calls (leads whose follow-up the LLM writes)
+    and DownloadRecording calls (succeeded calls with an attempt)."""
+    from call_pipeline.crm.database import create_crm_engine
+    from call_pipeline.crm.schema import leads_task_list as L
+    from call_pipeline.domain.followups import plan_follow_up
+
+    engine = create_crm_engine(url)
+    llm = recordings = 0
+    with engine.connect() as conn:
+        for status, conversation, call_task_id in conn.execute(
+                sa.select(L.c.call_status, L.c.call_conversation, L.c.call_task_id).where(L.c.task_id == task_id)):
+            llm += plan_follow_up(status, conversation) == "llm"
+            recordings += status == "Succeeded" and bool(call_task_id)
+    engine.dispose()
+    return {"llm": llm, "recordings": recordings}
 
 
 def bound_seconds(stats: dict, qps_cap: int, llm_latency_s: float, llm_concurrency: int) -> tuple[float, float]:
@@ -552,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         args.outboundbot_latency_ms = args.llm_latency_ms = 0.0
     qps_cap = None if args.zero_latency else args.qps_cap
     workdir = tempfile.mkdtemp(prefix="call_pipeline_bench_")
-    figures: dict = {"leads": args.leads, "db": args.db, "executor": args.job or args.executor, "shares": shares,
+    figures: dict = {"leads": args.leads, "db": args.db, "shares": shares,
                      "zero_latency": args.zero_latency, "outboundbot_latency_ms": args.outboundbot_latency_ms,
                      "llm_latency_ms": args.llm_latency_ms, "qps_cap": qps_cap,
                      "llm_concurrency": args.llm_concurrency, "page_size": args.page_size,
@@ -567,43 +487,52 @@ def main(argv: list[str] | None = None) -> int:
             simulator = SimulatorProcess(crm_url, task_id, shares, args.seed, args.outboundbot_latency_ms,
                                          args.llm_latency_ms, qps_cap)
             _environment(crm_url, simulator, args, workdir, UNLIMITED_QPS if qps_cap is None else qps_cap)
-            print(f"simulator: OutboundBot {args.outboundbot_latency_ms:g} ms/call, cap "
-                  f"{qps_cap or 'none'} req/s; LLM {args.llm_latency_ms:g} ms/call; pipeline "
-                  f"OUTBOUNDBOT_MAX_QPS={os.environ['OUTBOUNDBOT_MAX_QPS']}, "
-                  f"DASHSCOPE_MAX_CONCURRENCY={args.llm_concurrency}; executor {args.job or args.executor}; "
-                  f"set-up {time.perf_counter() - setup_started:.1f} s", flush=True)
+            home = _dagster_home(workdir)
+            os.environ["DAGSTER_HOME"] = home
 
             import dagster as dg
 
-            from call_pipeline import steps
-            from call_pipeline.crm.database import get_crm_engine
+            from call_pipeline import settings
 
-            timer = DbTimer()
-            timer.attach(get_crm_engine(crm_url))
-            os.makedirs(os.path.join(workdir, "dagster_home"))
+            executor = settings.EXECUTOR
+            figures["executor"] = executor
+            if executor == "multiprocess":
+                figures.update(max_concurrent=settings.MAX_CONCURRENT_STEPS,
+                               per_queue=settings.MAX_CONCURRENT_STEPS_PER_QUEUE)
+            print(f"simulator: OutboundBot {args.outboundbot_latency_ms:g} ms/call, cap "
+                  f"{qps_cap or 'none'} req/s; LLM {args.llm_latency_ms:g} ms/call; pipeline "
+                  f"OUTBOUNDBOT_MAX_QPS={os.environ['OUTBOUNDBOT_MAX_QPS']}, "
+                  f"DASHSCOPE_MAX_CONCURRENCY={args.llm_concurrency}; executor {executor}"
+                  + (f" (max_concurrent {settings.MAX_CONCURRENT_STEPS}, per queue "
+                     f"{settings.MAX_CONCURRENT_STEPS_PER_QUEUE})" if executor == "multiprocess" else "")
+                  + f"; set-up {time.perf_counter() - setup_started:.1f} s", flush=True)
+            run_config: dict = {}
+            paging = {k: v for k, v in (("page_size", args.page_size), ("pages_per_batch", args.pages_per_batch)) if v}
+            if paging:
+                run_config["ops"] = {"list_job_pages": {"config": paging}}
+            statements_before = mariadb_statement_counts(crm_url) if args.db == "mariadb" else None
             runs: list[RunFigures] = []
-            profiles: list[cProfile.Profile] = []
-            profiling = args.zero_latency and not args.no_profile
-            home = os.path.join(workdir, "dagster_home")
-            with dg.DagsterInstance.local_temp(tempdir=home, overrides={"telemetry": {"enabled": False}}) as instance:
+            with dg.DagsterInstance.get() as instance, \
+                    celery_workers(args.workers if executor == "celery" else 0, args.worker_concurrency,
+                                   home) as workers:
                 instance.add_dynamic_partitions("call_tasks", [str(task_id)])
-                with profile_all_threads() if profiling else contextlib.nullcontext([]) as profiles:
-                    for _ in range(max(1, args.max_runs)):
-                        run = run_task(instance, task_id, args)
-                        runs.append(run)
-                        outcome = task_outcome(crm_url, task_id)
-                        print(f"run {run.run_id[:8]}: {'success' if run.success else 'FAILED'} in {run.wall:.1f} s; "
-                              f"task_type {outcome['task_type']}"
-                              + (f"; failed steps: {', '.join(run.failed_steps[:5])}" if run.failed_steps else ""),
-                              flush=True)
-                        if outcome["task_type"] == 4:
-                            break
-                    shutdown = getattr(steps, "shutdown_background_work", None)
-                    if shutdown is not None:
-                        shutdown()
+                for _ in range(max(1, args.max_runs)):
+                    run = launch_run(instance, task_id, run_config, workers)
+                    runs.append(run)
+                    outcome = task_outcome(crm_url, task_id)
+                    print(f"run {run.run_id[:8]}: {'success' if run.success else 'FAILED'} in {run.wall:.1f} s; "
+                          f"task_type {outcome['task_type']}"
+                          + (f"; failed steps: {', '.join(run.failed_steps[:5])}" if run.failed_steps else ""),
+                          flush=True)
+                    if outcome["task_type"] == 4:
+                        break
+            statements = None
+            if statements_before is not None:
+                statements = mariadb_statement_counts(crm_url)
+                statements.subtract(statements_before)
             stats = simulator.stats()
             simulator.stop()
-            report(args, figures, runs, outcome, stats, timer, profiles, qps_cap)
+            report(args, figures, runs, outcome, stats, needed_calls(crm_url, task_id), statements, qps_cap)
     finally:
         if simulator is not None:
             simulator.stop()
@@ -615,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: dict, timer: DbTimer,
-           profiles: list[cProfile.Profile], qps_cap: int | None) -> None:
+def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: dict, needed: dict,
+           statements: Counter | None, qps_cap: int | None) -> None:
     wall = sum(run.wall for run in runs)
     steps = sum(run.steps for run in runs)
     step_seconds = sum(run.step_seconds for run in runs)
@@ -624,21 +553,28 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
     for run in runs:
         kinds.update(run.step_kinds)
     calls = dict(sorted(stats["requests"].items()))
+    downloads = calls.get("DownloadRecording", 0)
+    mib = 1024 * 1024
     figures.update({
         "runs": len(runs), "wall_s": round(wall, 2), "outcome": outcome, "calls": calls,
         "llm_calls": stats["dashscope_requests"], "outboundbot_calls": stats["outboundbot_requests"],
+        "llm_calls_needed": needed["llm"], "download_calls_needed": needed["recordings"],
+        "llm_repeated": max(0, stats["dashscope_requests"] - needed["llm"]),
+        "downloads_repeated": stats["download_recording_repeats"],
         "throttled": stats["throttled"], "max_outboundbot_requests_in_any_1s": stats["max_requests_in_any_1s"],
-        "max_llm_in_flight": stats["max_llm_in_flight"], "db_seconds": round(timer.statement_seconds, 2),
-        "db_connection_seconds": round(timer.connection_seconds, 2),
-        "db": {k: {"count": timer.counts[k], "seconds": round(timer.seconds[k], 3)} for k in timer.seconds},
+        "max_llm_in_flight": stats["max_llm_in_flight"],
         "steps": steps, "step_seconds": round(step_seconds, 2), "step_kinds": dict(kinds),
-        "peak_rss_mib": round(peak_rss_mib(), 1), "simulator_peak_rss_mib": round(stats["peak_rss_mib"], 1),
+        "first_step_s": round(runs[0].first_step_s, 2) if runs else None,
+        "peak_pss_mib": round(max(r.peak_pss for r in runs) / mib, 1),
+        "peak_rss_sum_mib": round(max(r.peak_rss for r in runs) / mib, 1),
+        "peak_processes": max(r.peak_processes for r in runs),
+        "simulator_peak_rss_mib": round(stats["peak_rss_mib"], 1),
     })
     print()
     print(f"leads: {args.leads:,}; runs: {len(runs)}; task_type {outcome['task_type']}; "
           f"matched {outcome['matched']:,}; follow-ups {outcome['with_follow_up']:,}; "
           f"recordings {outcome['recordings']:,}")
-    print(f"wall time: {wall:.1f} s")
+    print(f"wall time: {wall:.1f} s (launch to first step {figures['first_step_s']} s)")
     if qps_cap is not None:
         ob_bound, llm_bound = bound_seconds(stats, qps_cap, args.llm_latency_ms / 1000, args.llm_concurrency)
         bound = max(ob_bound, llm_bound)
@@ -649,36 +585,30 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
         print(f"wall / T = {wall / bound:.3f}" if bound else "wall / T: no calls")
     else:
         figures["leads_per_s"] = round(args.leads / wall, 1)
-        note = "" if args.no_profile else " (under cProfile; --no-profile for the plain figure)"
-        print(f"throughput: {args.leads / wall:,.0f} leads/s{note}")
+        print(f"throughput: {args.leads / wall:,.0f} leads/s")
     print("calls per API action: " + ", ".join(f"{k} {v:,}" for k, v in calls.items())
           + f"; DashScope {stats['dashscope_requests']:,}; throttled {stats['throttled']:,}; "
           f"max OutboundBot requests in any 1 s {stats['max_requests_in_any_1s']}; "
           f"max LLM calls in flight {stats['max_llm_in_flight']}")
-    print(f"database time (statements, summed over threads): {timer.statement_seconds:.2f} s "
-          f"({timer.describe(connection=False)}); commits, pool resets and pings: "
-          f"{timer.connection_seconds:.2f} s ({timer.describe(connection=True)})")
-    print(f"  by repository function: {timer.describe_functions()}")
-    print(f"  of which this process's CPU (driver encoding and parsing): {timer.statement_cpu_seconds:.2f} s")
-    figures["db_statement_cpu_seconds"] = round(timer.statement_cpu_seconds, 3)
-    if timer.server_total is not None:
-        print(f"database time on the server (SHOW PROFILES, every statement incl. commits): "
-              f"{timer.server_total:.2f} s ({timer.describe_server()})")
-        figures["db_server_seconds"] = round(timer.server_total, 3)
-        figures["db_server"] = {k: {"count": timer.server_counts[k], "seconds": round(v, 3)}
-                                for k, v in timer.server_seconds.items()}
-    figures["db_by_function"] = {k: {"count": timer.function_counts[k], "seconds": round(v, 3)}
-                                 for k, v in timer.by_function.items()}
+    print(f"calls against the work: LLM {stats['dashscope_requests']:,} for {needed['llm']:,} leads with a "
+          f"transcript ({figures['llm_repeated']:,} repeated); DownloadRecording {downloads:,} for "
+          f"{needed['recordings']:,} succeeded leads ({figures['downloads_repeated']:,} repeated)")
+    if statements is not None:
+        figures["db_statements"] = dict(statements)
+        print("database statements (MariaDB server counters): "
+              + ", ".join(f"{k} {v:,}" for k, v in sorted(statements.items())))
     overhead = (wall - step_seconds) / steps if steps else 0.0
     print(f"dagster: {steps:,} steps ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
-          f"step time {step_seconds:.1f} s; wall minus step time per step {overhead * 1000:.0f} ms")
+          f"step time {step_seconds:.1f} s, summed")
     figures["step_overhead_ms"] = round(overhead * 1000, 1)
-    print(f"peak memory (RSS): pipeline {peak_rss_mib():.0f} MiB; simulator process {stats['peak_rss_mib']:.0f} MiB")
-    if profiles:
-        print("\nwhere the CPU time goes, all threads (cProfile on thread CPU time, top 10 by tottime):")
-        print(profile_top(profiles, "tottime"))
-        print("\ntop 10 by cumulative time:")
-        print(profile_top(profiles, "cumulative"))
+    if args.timeline:
+        for run in runs:
+            print(f"timeline of run {run.run_id[:8]} (seconds from the launch):")
+            for at, kind, step in run.timeline:
+                print(f"  {at:7.2f}  {kind:<20} {step}")
+    print(f"peak memory of the run's processes ({figures['peak_processes']} at most): "
+          f"{figures['peak_pss_mib']:.0f} MiB (PSS, shared pages once), {figures['peak_rss_sum_mib']:.0f} MiB "
+          f"(RSS summed); simulator process {stats['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":  # pragma: no cover

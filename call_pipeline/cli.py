@@ -1,4 +1,4 @@
-"""`call-pipeline`: the project's command line (demo, UI, simulator, CRM set-up, benchmark)."""
+"""`call-pipeline`: the project's command line (demo, UI, Celery worker, simulator, CRM set-up, benchmark)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import PROJECT_ROOT, CrmTablesExistError, create_crm_engine, create_crm_tables
 
 
@@ -57,9 +58,7 @@ def _ui(args: argparse.Namespace) -> int:
     home = DEMO_DIR / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = dict(os.environ)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
+    env = drop_proxy_variables(dict(os.environ))
     sim_port = args.simulator_port
     env.update({
         "DAGSTER_HOME": str(home),
@@ -98,6 +97,25 @@ def _ui(args: argparse.Namespace) -> int:
                 process.kill()
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """A Celery worker for the `celery` executor's steps, on the given queues."""
+    from call_pipeline.celery_app import QUEUES
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if not queues or unknown:
+        print(f"error: --queues takes some of {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "celery", "-A", "call_pipeline.celery_app", "worker",
+               "-Q", ",".join(queues), "--loglevel", args.loglevel, "--prefetch-multiplier", "1"]
+    if args.concurrency:
+        command += ["--concurrency", str(args.concurrency)]
+    if args.name:
+        command += ["--hostname", args.name]
+    os.execv(sys.executable, command)
+    return 0  # pragma: no cover - execv does not return
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from call_pipeline.simulator.__main__ import main as simulator_main
 
@@ -127,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulator-port", type=int, default=8765)
     p.add_argument("--reset", action="store_true", help="recreate the demo CRM")
     p.set_defaults(func=_ui)
+
+    p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps")
+    p.add_argument("--queues", required=True,
+                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue")
+    p.add_argument("--concurrency", type=int, default=None, help="worker processes (default: Celery's, the CPUs)")
+    p.add_argument("--name", default=None, help="the worker's name (Celery's --hostname, e.g. ai-1@%%h)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser("simulator", help="the OutboundBot + DashScope simulator (see --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

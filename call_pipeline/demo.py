@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm import repository
 from call_pipeline.crm.database import DEFAULT_DATA_DIR, create_crm_engine, create_crm_tables
 from call_pipeline.crm.schema import call_tasks, leads_task_list
@@ -137,8 +138,7 @@ def prepare_environment(crm_url: str, simulator_handle) -> None:
     # Nothing here should fail; if something does, the demo should say so quickly, not back off.
     os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1")
     os.environ.setdefault("CALL_PIPELINE_OP_MAX_RETRIES", "1")
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        os.environ.pop(name, None)
+    drop_proxy_variables()
 
 
 def demo_job_groups(crm_url: str, tasks: dict[int, DemoTask]) -> list[dict]:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables
 
 MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_TEST_MYSQL_URL", "mysql+pymysql://root:@127.0.0.1:3306")
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
 # Op retries back off for seconds in production; in tests a retry happens at once. Set before
 # call_pipeline.settings is first imported.
@@ -21,8 +21,7 @@ os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "0")
 os.environ.setdefault("CALL_PIPELINE_OP_MAX_RETRIES", "1")
 
 # The Alibaba SDK sends even loopback traffic through HTTP(S)_PROXY; the tests talk to loopback only.
-for _name in PROXY_VARIABLES:
-    os.environ.pop(_name, None)
+drop_proxy_variables()
 
 
 @pytest.fixture(scope="session", autouse=True)

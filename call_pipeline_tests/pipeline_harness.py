@@ -52,10 +52,19 @@ def new_reference(task_id: int, leads_id: int) -> str:
 
 
 def run_sync(crm_url: str, simulator, task_id: int, instance: dg.DagsterInstance, *,
-             paging: dict | None = None, **resource_kw):
-    """`paging`: config of list_job_pages (page_size, pages_per_batch)."""
+             paging: dict | None = None, executor: str = "in_process", **resource_kw):
+    """`paging`: config of list_job_pages (page_size, pages_per_batch). `executor`: in_process
+    (`execute_in_process`, resources given here), or another executor of `sync_call_task`: then
+    the run goes through `execute_job` on a reconstructable job whose step processes read the
+    resources from the environment, as in production (`resource_kw`: max_qps, max_concurrency)."""
     if str(task_id) not in instance.get_dynamic_partitions(call_tasks_partitions.name):
         instance.add_dynamic_partitions(call_tasks_partitions.name, [str(task_id)])
+    if executor != "in_process":
+        from call_pipeline_tests.reliability.harness import launch_run, pipeline_env
+
+        with pipeline_env(crm_url, simulator, **resource_kw):
+            return launch_run(instance, task_id, executor=executor,
+                              paging=paging or {"page_size": 100, "pages_per_batch": 10})
     return sync_call_task.execute_in_process(
         instance=instance, partition_key=str(task_id), raise_on_error=False,
         resources=pipeline_resources(crm_url, simulator, **resource_kw),

@@ -1,10 +1,11 @@
-"""The CRM work of a run is bulk (issue 5): a few statements per page of jobs and per batch of
+"""The CRM work of a run is bulk: a few statements per page of jobs and per batch of
 follow-ups, never a statement per lead. Counted on MariaDB through SQLAlchemy's cursor events
 while `sync_call_task` runs against the simulator through the real SDKs."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -12,7 +13,6 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from call_pipeline.bench import repository_caller
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import leads_task_list
 from call_pipeline.simulator.scenarios import build_job_group_from_crm
@@ -27,6 +27,17 @@ BATCHES = 3
 def instance():
     with dg.instance_for_test() as instance:
         yield instance
+
+
+def repository_caller() -> str:
+    """The `call_pipeline.crm.repository` function on the stack (called from an SQLAlchemy
+    event handler, itself called by SQLAlchemy)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "call_pipeline.crm.repository":
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return "(elsewhere)"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from call_pipeline_tests.pipeline_harness import (
     run_sync,
     snapshot,
 )
+from call_pipeline_tests.pipeline_harness import run_sync as run_sync_on
 
 N_REFERENCE = 110  # leads 1..110 carry a new-format reference_id
 LEGACY = range(111, 121)  # no reference_id; the job carries task_{t}_lead_{l}
@@ -78,8 +79,29 @@ def instance():
         yield instance
 
 
-def test_sync_job_end_to_end_on_mariadb(mariadb_url, simulator, instance):
+def calls_needed(crm_url: str, task_id: int) -> tuple[int, int]:
+    """(LLM calls, DownloadRecording calls) a clean run makes: one per lead whose follow-up the
+    LLM writes, one per succeeded call attempt."""
+    from call_pipeline.domain.followups import plan_follow_up
+
+    leads = snapshot(crm_url, task_id).leads.values()
+    llm = sum(plan_follow_up(lead["call_status"], lead["call_conversation"]) == "llm" for lead in leads)
+    recordings = sum(lead["call_status"] == "Succeeded" and bool(lead["call_task_id"]) for lead in leads)
+    return llm, recordings
+
+
+# Pages of 50 jobs, one page per batch: three batches whose steps the multiprocess executor runs
+# side by side.
+E2E_PAGING = {"page_size": 50, "pages_per_batch": 1}
+
+
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_sync_job_end_to_end_on_mariadb(mariadb_url, simulator, instance, executor):
     crm_url = mariadb_url
+
+    def run_sync(*args):
+        return run_sync_on(*args, executor=executor, paging=E2E_PAGING)
+
     task_id = create_task(crm_url, job_group_id="jg-e2e", leads=[])
     leads = scenario_leads(task_id)
     create_task_leads(crm_url, task_id, leads)
@@ -92,6 +114,15 @@ def test_sync_job_end_to_end_on_mariadb(mariadb_url, simulator, instance):
     result = run_sync(crm_url, simulator, task_id, instance)
     assert result.success
     crm = snapshot(crm_url, task_id)
+    # each call made once: an LLM call per lead with a transcript, a download per succeeded call
+    llm_calls, downloads = calls_needed(crm_url, task_id)
+    stats = simulator.state.stats()
+    assert llm_calls > 50 and downloads > 50
+    assert stats["dashscope_requests"] == llm_calls
+    assert stats["requests"]["DownloadRecording"] == downloads and stats["download_recording_repeats"] == 0
+    # three batches, each through every step
+    batches = {e.step_key for e in result.all_events if e.is_step_success and e.step_key.startswith("create_follow")}
+    assert batches == {"create_follow_ups[page_1]", "create_follow_ups[page_2]", "create_follow_ups[page_3]"}
 
     # every strategy matched its leads; the duplicate phones got one job each
     for leads_id, job_id in expected_jobs.items():

@@ -54,7 +54,7 @@ class SharedRateLimiter:
     # 20% wider than a second: a request recorded as sent can reach the server's counter well
     # over 100 ms late on a busy 2-core machine (the GIL, the server's own scheduling); at 3% and
     # at 10% the benchmark still saw 51 in one second at a cap of 50.
-    MARGIN = 1.20
+    MARGIN = 1.05
     MAX_POLL_SECONDS = 0.05
 
     def __init__(self, name: str, rate: float, state_dir: Path | None = None) -> None:

@@ -8,7 +8,6 @@ a naive http.server (Nagle + delayed ACK) would show ~40 ms.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -36,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from alibabacloud_tea_openapi import models as open_api_models
 
     n = int((argv if argv is not None else sys.argv[1:] or ["200"])[0])
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        os.environ.pop(name, None)
+    from call_pipeline.clients.proxies import drop_proxy_variables
+
+    drop_proxy_variables()
     with start_simulator() as sim:
         group = scenarios.build_demo_job_group("jg-rt", 100)
         sim.state.add_job_group(group)

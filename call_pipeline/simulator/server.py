@@ -508,6 +508,8 @@ class SimulatorState:
         self._llm_in_flight = 0
         self._ob_in_flight = 0
         self._llm_requests: list[dict] = []
+        # DownloadRecording calls per TaskId, to tell a repeated call
+        self._downloads_by_task: Counter[str] = Counter()
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -556,6 +558,9 @@ class SimulatorState:
                 "throttled": self._stats["throttled"],
                 "faults_injected": self._stats["faults_injected"],
                 "recording_downloads": self._stats["recording_downloads"],
+                "download_recording_tasks": len(self._downloads_by_task),
+                "download_recording_repeats": sum(n - 1 for n in self._downloads_by_task.values()),
+
                 "llm_in_flight": self._llm_in_flight,
                 "max_llm_in_flight": self._stats["max_llm_in_flight"],
                 "outboundbot_in_flight": self._ob_in_flight,
@@ -581,6 +586,8 @@ class SimulatorState:
             fault = None
             if not throttled:
                 job_ids, group_id = self._request_targets(action, params)
+                if action == "DownloadRecording" and params.get("TaskId"):
+                    self._downloads_by_task[params["TaskId"]] += 1
                 fault = self._take_fault("outboundbot", action, job_ids=job_ids, job_group_id=group_id,
                                          page_number=_int(params, "PageNumber") if action == "ListJobsByGroup"
                                          else None)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.executors import sync_executor
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.jobs import sync_call_task
@@ -77,11 +78,24 @@ def reliability_sync_job_in_process() -> dg.JobDefinition:
     return reliability_sync_job().with_executor_def(sync_executor("in_process"))
 
 
+def reliability_sync_job_multiprocess() -> dg.JobDefinition:
+    return reliability_sync_job().with_executor_def(sync_executor("multiprocess"))
+
+
+def reliability_sync_job_celery() -> dg.JobDefinition:
+    return reliability_sync_job().with_executor_def(sync_executor("celery"))
+
+
+_JOB_BY_EXECUTOR = {None: reliability_sync_job, "in_process": reliability_sync_job_in_process,
+                    "multiprocess": reliability_sync_job_multiprocess, "celery": reliability_sync_job_celery}
+
+
 def reconstructable_job(executor: str | None = None):
     """Made on first use, not at import: building it loads Dagster's storage modules, whose
     global SQLAlchemy hook compiles every MySQL DateTime as DATETIME(6) — collecting this package
-    would otherwise change the DDL of tests that run before any Dagster instance exists."""
-    return dg.reconstructable(reliability_sync_job_in_process if executor == "in_process" else reliability_sync_job)
+    would otherwise change the DDL of tests that run before any Dagster instance exists.
+    `executor`: None for the job's own (the default executor)."""
+    return dg.reconstructable(_JOB_BY_EXECUTOR[executor])
 
 
 def pipeline_env_vars(crm_url: str, simulator, *, max_qps: float = 1000.0, max_concurrency: int = 8,
@@ -148,7 +162,8 @@ def ensure_partition(instance: dg.DagsterInstance, task_id: int) -> None:
 
 
 def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = DEFAULT_PAGE_SIZE,
-               from_failure_of: str | None = None, executor: str | None = None) -> dg.JobExecutionResult:
+               from_failure_of: str | None = None, executor: str | None = None,
+               paging: dict | None = None) -> dg.JobExecutionResult:
     """One run of the partition, or a re-execution from failure of `from_failure_of` (tags are
     passed again: ReexecutionOptions.from_failure does not copy the parent's)."""
     ensure_partition(instance, task_id)
@@ -157,7 +172,8 @@ def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = D
     type(job).get_definition.cache_clear()
     type(job).get_repository_definition.cache_clear()
     options = dg.ReexecutionOptions.from_failure(from_failure_of, instance) if from_failure_of else None
-    return dg.execute_job(job, instance, run_config=run_config(page_size),
+    config = {"ops": {"list_job_pages": {"config": paging}}} if paging else run_config(page_size)
+    return dg.execute_job(job, instance, run_config=config,
                           tags=partition_tags(task_id), raise_on_error=False, reexecution_options=options)
 
 
@@ -264,8 +280,7 @@ def serialized_event_log(instance: dg.DagsterInstance, run_ids) -> str:
 
 
 def subprocess_env(base: dict[str, str], dagster_home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env = drop_proxy_variables(dict(os.environ))
     env.update(base)
     env.update(DAGSTER_HOME=str(dagster_home), PYTHONPATH=str(PROJECT_ROOT), **extra)
     return env
@@ -284,10 +299,25 @@ def start_run_process(task_id: int, env: dict[str, str], log_path: Path, *,
     if from_failure_of:
         args += ["--from-failure", from_failure_of]
     handle = open(log_path, "wb")  # noqa: SIM115 - closed by the caller via finish_run_process
-    proc = subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    # A session of its own: the run and its step processes can be killed together, as when the
+    # machine or the container of a run worker dies.
+    proc = subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     proc._log_handle = handle  # type: ignore[attr-defined]
     proc._log_path = log_path  # type: ignore[attr-defined]
     return proc
+
+
+def step_processes(run_pid: int) -> list:
+    """The multiprocess executor's step processes of a run process: the children of its
+    forkserver (psutil.Process objects)."""
+    import psutil
+
+    steps = []
+    for child in psutil.Process(run_pid).children():
+        if any("forkserver" in part for part in child.cmdline()):
+            steps += child.children()
+    return steps
 
 
 def finish_run_process(proc: subprocess.Popen, timeout: float = 240) -> dict:

@@ -8,13 +8,14 @@ import pytest
 from alibabacloud_outboundbot20191226.client import Client
 from alibabacloud_tea_openapi import models as open_api_models
 
+from call_pipeline.clients.proxies import PROXY_VARIABLES
 from call_pipeline.simulator.server import SimulatorHandle, start_simulator
 
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     # darabonba sends even loopback traffic through HTTP(S)_PROXY and ignores NO_PROXY.
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
