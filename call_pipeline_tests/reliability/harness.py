@@ -293,11 +293,14 @@ def prepare_dagster_home(path: Path) -> Path:
 
 
 def start_run_process(task_id: int, env: dict[str, str], log_path: Path, *,
-                      page_size: int = DEFAULT_PAGE_SIZE, from_failure_of: str | None = None) -> subprocess.Popen:
+                      page_size: int = DEFAULT_PAGE_SIZE, from_failure_of: str | None = None,
+                      executor: str | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "call_pipeline_tests.reliability.run_partition", str(task_id),
             "--page-size", str(page_size)]
     if from_failure_of:
         args += ["--from-failure", from_failure_of]
+    if executor:
+        args += ["--executor", executor]
     handle = open(log_path, "wb")  # noqa: SIM115 - closed by the caller via finish_run_process
     # A session of its own: the run and its step processes can be killed together, as when the
     # machine or the container of a run worker dies.
