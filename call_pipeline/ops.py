@@ -11,7 +11,7 @@ from call_pipeline import settings
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.summary import render_run_summary
-from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource
+from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
@@ -136,12 +136,14 @@ def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, 
 
 @dg.op(tags={**DOWNLOAD_QUEUE, **CHAIN_PRIORITY[4]}, pool="download_queue", retry_policy=API_RETRY_POLICY)
 def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> BatchResult | None:
-    """Step 4 for the batch's succeeded calls without a recording; returns once they are saved."""
+                     outboundbot: OutboundBotResource,
+                     recording_archive: RecordingArchiveResource) -> BatchResult | None:
+    """Step 4 for the batch's succeeded calls without a recording (archived, when an archive is
+    set); returns once they are saved."""
     if batch is None:
         return _not_run(context)
     report = save_recordings(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids, crm.now,
-                             context.log)
+                             context.log, archive=recording_archive.get_archive())
     context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.recordings_fetched} recording(s) saved")
     _raise_if_failed(report, f"task {batch.task_id} {batch.label}: recordings")
     return BatchResult(batch.page_number, report.counts)
@@ -165,7 +167,7 @@ def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, c
 def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
                          batches: list[PageBatch | None], recordings: list[BatchResult | None],
                          follow_ups: list[BatchResult | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
-                         dashscope: DashScopeResource) -> StepCounts:
+                         dashscope: DashScopeResource, recording_archive: RecordingArchiveResource) -> StepCounts:
     """After the last batch: first the batches that no run of this lineage completed (a
     re-execution after a killed run, see steps/catch_up.py); then leads that should have a job
     and have none are marked Failed (provisionally: a later run that matches them clears it).
@@ -176,7 +178,7 @@ def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, pla
         context.log.info(f"task {task.id}: {len(missing)} batch(es) not completed in this run's lineage "
                          f"({', '.join(r.label for r in missing[:10])}); doing them now")
         report = catch_up_batches(crm.engine, outboundbot.get_client(), dashscope.get_client(), missing, crm.zone,
-                                  crm.now, dashscope.max_concurrency, context.log)
+                                  crm.now, dashscope.max_concurrency, context.log, recording_archive.get_archive())
         totals = totals + report.counts
         _raise_if_failed(report, f"task {task.id}: batches caught up")
     marked = fail_unmatched_leads(crm.engine, task.id, crm.now())

@@ -13,9 +13,11 @@ import dagster as dg
 from pydantic import Field
 from sqlalchemy import Engine
 
+from call_pipeline import settings
 from call_pipeline.clients.dashscope_llm import LlmClient, LlmSettings
 from call_pipeline.clients.limits import SharedRateLimiter, SharedSemaphore
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
+from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 
@@ -119,6 +121,29 @@ class DashScopeResource(dg.ConfigurableResource):
         return _cached(("dashscope", settings), build)
 
 
+class RecordingArchiveResource(dg.ConfigurableResource):
+    """Where step 4 archives recordings (CALL_PIPELINE_RECORDING_STORE); none: the CRM keeps the
+    signed URL. The S3 credentials are boto3's own (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+
+    store_url: str | None = Field(default=None, description="file:///path or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(default=None, description="CALL_PIPELINE_RECORDING_S3_ENDPOINT")
+    public_base_url: str | None = Field(default=None, description="CALL_PIPELINE_RECORDING_PUBLIC_BASE_URL")
+    max_bytes: int = Field(default=64 * 1024 * 1024, description="CALL_PIPELINE_RECORDING_MAX_BYTES")
+    max_concurrency: int = Field(default=8, description="CALL_PIPELINE_RECORDING_MAX_CONCURRENCY")
+
+    def get_archive(self) -> RecordingArchive | None:
+        if not self.store_url:
+            return None
+
+        def build() -> RecordingArchive:
+            return RecordingArchive(open_store(self.store_url, self.s3_endpoint), self.public_base_url,
+                                    self.max_bytes,
+                                    limit=SharedSemaphore(f"recordings-{self.store_url}", self.max_concurrency))
+
+        return _cached(("recordings", self.store_url, self.s3_endpoint, self.public_base_url, self.max_bytes,
+                        self.max_concurrency), build)
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
@@ -151,6 +176,11 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource | dg.ConfigurableI
             endpoint=_env("OUTBOUNDBOT_ENDPOINT", DEFAULT_OUTBOUNDBOT_ENDPOINT),
             protocol=_env("OUTBOUNDBOT_PROTOCOL", "https"),
             max_qps=_env_number("OUTBOUNDBOT_MAX_QPS", "20", float),
+        ),
+        "recording_archive": RecordingArchiveResource(
+            store_url=settings.RECORDING_STORE, s3_endpoint=settings.RECORDING_S3_ENDPOINT,
+            public_base_url=settings.RECORDING_PUBLIC_BASE_URL, max_bytes=settings.RECORDING_MAX_BYTES,
+            max_concurrency=settings.RECORDING_MAX_CONCURRENCY,
         ),
         "dashscope": DashScopeResource(
             api_key=dg.EnvVar("DASHSCOPE_API_KEY"),

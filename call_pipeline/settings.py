@@ -40,3 +40,11 @@ MAX_CONCURRENT_STEPS_PER_QUEUE = _int("CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QU
 # celery: the broker and the result backend.
 CELERY_BROKER = os.environ.get("CALL_PIPELINE_CELERY_BROKER") or "pyamqp://guest:guest@127.0.0.1:5672//"
 CELERY_BACKEND = os.environ.get("CALL_PIPELINE_CELERY_BACKEND") or "redis://127.0.0.1:6379/0"
+# The recording archive (step 4): file:///path or s3://bucket/prefix; unset: the CRM keeps the
+# signed URL DownloadRecording gives (it expires).
+RECORDING_STORE = os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None
+RECORDING_S3_ENDPOINT = os.environ.get("CALL_PIPELINE_RECORDING_S3_ENDPOINT") or None
+RECORDING_PUBLIC_BASE_URL = os.environ.get("CALL_PIPELINE_RECORDING_PUBLIC_BASE_URL") or None
+RECORDING_MAX_BYTES = _int("CALL_PIPELINE_RECORDING_MAX_BYTES", 64 * 1024 * 1024)
+# Recordings fetched into the archive at once, across every step and run of the machine.
+RECORDING_MAX_CONCURRENCY = _int("CALL_PIPELINE_RECORDING_MAX_CONCURRENCY", 8)

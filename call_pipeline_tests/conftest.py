@@ -89,3 +89,14 @@ def simulator():
         yield handle
     finally:
         handle.stop()
+
+
+MARIADB_FIXTURES = {"mariadb_url", "mariadb_database_url", "crm_url", "clean_database_url"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that reach MariaDB carry the `mariadb` marker (`-m "not mariadb"`: the rest, in
+    seconds, with no server); CI runs everything."""
+    for item in items:
+        if MARIADB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mariadb)

@@ -12,7 +12,7 @@ from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource
+from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 
 ORGANIZATION = 9
 TEST_ACCESS_KEY_SECRET = "test-secret-5f1d0c"
@@ -20,8 +20,12 @@ TEST_DASHSCOPE_KEY = "sk-test-key-8a2b71"
 
 
 def pipeline_resources(crm_url: str, simulator, *, max_qps: float = 1000.0, max_concurrency: int = 8,
-                       read_timeout_ms: int = 5000, request_timeout_s: float = 10.0) -> dict:
+                       read_timeout_ms: int = 5000, request_timeout_s: float = 10.0,
+                       recording_store: str | None = None, recording_public_base_url: str | None = None,
+                       recording_s3_endpoint: str | None = None) -> dict:
     return {
+        "recording_archive": RecordingArchiveResource(
+            store_url=recording_store, public_base_url=recording_public_base_url, s3_endpoint=recording_s3_endpoint),
         "crm": CrmDatabase(url=crm_url),
         "outboundbot": OutboundBotResource(
             access_key_id="test-ak", access_key_secret=TEST_ACCESS_KEY_SECRET, instance_id="inst-test",

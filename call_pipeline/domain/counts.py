@@ -29,6 +29,9 @@ class StepCounts:
     recordings_fetched: int = 0
     recordings_failed: int = 0
     recordings_invalid_task_id: int = 0
+    recordings_archived: int = 0
+    recordings_already_archived: int = 0
+    recording_urls_renewed: int = 0
     recording_bytes_archived: int = 0
     follow_ups_by_verdict: Counter = field(default_factory=Counter)  # is_interested -> follow-ups written
     follow_ups_by_source: Counter = field(default_factory=Counter)  # llm / no_conversation / ai_fallback

@@ -247,6 +247,7 @@ class SimulatorState:
     """Everything the simulator knows; thread-safe (one re-entrant lock guards all of it)."""
 
     def __init__(self, *, seed: int = 0) -> None:
+        self._expired_urls_to_give = 0
         self.seed = seed
         self._lock = threading.RLock()
         self._groups: dict[str, dict] = {}
@@ -462,6 +463,11 @@ class SimulatorState:
                 self.outboundbot_latency_ms = float(outboundbot_ms)
             if dashscope_ms is not None:
                 self.dashscope_latency_ms = float(dashscope_ms)
+
+    def expire_next_recording_urls(self, count: int) -> None:
+        """The next `count` DownloadRecording answers carry a SignatureUrl that has expired."""
+        with self._lock:
+            self._expired_urls_to_give = int(count)
 
     def set_qps_cap(self, cap: int | None) -> None:
         with self._lock:
@@ -723,6 +729,10 @@ class SimulatorState:
         if task_id not in self._task_to_job:
             raise ApiError(400, "InvalidParameter", f"The specified TaskId does not exist: {task_id}")
         expires = int(time.time()) + 3600
+        with self._lock:
+            if self._expired_urls_to_give > 0:  # a URL whose signature ran out before it was fetched
+                self._expired_urls_to_give -= 1
+                expires = int(time.time()) - 60
         signature = hashlib.sha1(f"{task_id}:{expires}".encode()).hexdigest()[:28]
         url = f"{base_url}/__recordings/{task_id}.wav?Expires={expires}&Signature={signature}"
         slices = "[]" if not _bool(params, "NeedVoiceSliceRecording") else json.dumps([])

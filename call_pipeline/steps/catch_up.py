@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from call_pipeline.clients.dashscope_llm import LlmClient
 from call_pipeline.clients.outboundbot import OutboundBotClient
+from call_pipeline.clients.recording_store import RecordingArchive
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps.batch import BatchResult, PageRequest
 from call_pipeline.steps.call_results import update_call_results
@@ -40,7 +41,7 @@ def incomplete_batches(plan: Sequence[PageRequest], recordings: Sequence[BatchRe
 
 def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, requests: Sequence[PageRequest],
                      zone: ZoneInfo, clock: Callable[[], datetime], concurrency: int,
-                     logger: logging.Logger) -> StepReport:
+                     logger: logging.Logger, archive: RecordingArchive | None = None) -> StepReport:
     """Steps 2 to 5 for each batch in `requests`, doing only what the CRM still needs (every
     write is guarded, so redoing a batch that was partly done is safe)."""
 
@@ -50,7 +51,8 @@ def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, 
         report.counts = report.counts + batch.counts
         report.merge(update_call_results(engine, client, batch.task_id, batch.job_ids, zone, clock(), logger))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="call-pipeline-catch-up") as pool:
-            recordings = pool.submit(save_recordings, engine, client, batch.task_id, batch.job_ids, clock, logger)
+            recordings = pool.submit(save_recordings, engine, client, batch.task_id, batch.job_ids, clock, logger,
+                                     archive=archive)
             follow_ups = pool.submit(write_follow_ups, engine, llm, batch.task_id, batch.job_ids, clock,
                                      concurrency, logger)
             report.merge(recordings.result())

@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError
+from call_pipeline.clients.recording_store import ArchiveError, RecordingArchive, recording_key
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps._concurrent import call_and_write
@@ -27,33 +28,71 @@ WRITE_AT_LEAST_EVERY_S = 2.0
 class _Download:
     lead: repo.LeadForRecording
     url: str | None = None
-    error: OutboundBotError | None = None
+    error: Exception | None = None
+    archived_bytes: int | None = None  # None: not archived now (no archive, or already there)
+    already_archived: bool = False
+    renewed: bool = False
 
 
 def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
                     clock: Callable[[], datetime], logger: logging.Logger | None = None,
-                    threads: int = RECORDING_THREADS) -> StepReport:
+                    threads: int = RECORDING_THREADS, archive: RecordingArchive | None = None) -> StepReport:
     """DownloadRecording for the batch's succeeded calls without a recording, written as they
-    come. A failed download leaves `recording_url` empty with a warning and is a failed unit (the
-    run must not conclude the task with a recording missing: a task at 4 is not run again). An
-    invalid call task id is skipped with a warning and does not fail the step."""
+    come. With an `archive`, the recording behind the signed URL is stored there and the CRM
+    gets the archive's URL; one already archived is not fetched again (nor is DownloadRecording
+    called), and a signed URL that expired before it was fetched is asked for anew, once.
+    A failed download or archive leaves `recording_url` empty with a warning and is a failed
+    unit (the run must not conclude the task with a recording missing: a task at 4 is not run
+    again). An invalid call task id is skipped with a warning and does not fail the step."""
     logger = logger or log
     report = StepReport()
     with engine.connect() as conn:
         leads = repo.fetch_leads_needing_recording(conn, task_id, job_ids)
 
     def download(lead: repo.LeadForRecording) -> _Download:
+        if archive is None:
+            try:
+                return _Download(lead, url=client.download_recording(lead.call_task_id))
+            except OutboundBotError as exc:
+                return _Download(lead, error=exc)
+        key = recording_key(task_id, lead.call_task_id)
         try:
-            return _Download(lead, url=client.download_recording(lead.call_task_id))
-        except OutboundBotError as exc:
-            return _Download(lead, error=exc)
+            if archive.archived(key):
+                return _Download(lead, url=archive.crm_url(key), already_archived=True)
+        except Exception as exc:  # the store unreachable: this lead fails, the next run retries it
+            return _Download(lead, error=ArchiveError(f"the archive could not be read: {type(exc).__name__}: {exc}"))
+        renewed = False
+        for attempt in (1, 2):
+            try:
+                signed_url = client.download_recording(lead.call_task_id)
+            except OutboundBotError as exc:
+                return _Download(lead, error=exc)
+            try:
+                url, size = archive.archive(signed_url, key)
+                return _Download(lead, url=url, archived_bytes=size, renewed=renewed)
+            except ArchiveError as exc:
+                if exc.expired and attempt == 1:
+                    logger.info("task %s job %s: the recording's signed URL had expired; asking for a new one",
+                                task_id, lead.call_job_id)
+                    renewed = True
+                    continue
+                return _Download(lead, error=exc)
+            except Exception as exc:  # the store refused the upload
+                return _Download(lead, error=ArchiveError(f"archiving failed: {type(exc).__name__}: {exc}"))
+        raise AssertionError("unreachable")
 
     def write(downloads: list[_Download]) -> None:
         fetched = []
         for item in downloads:
             if item.url is not None:
                 fetched.append((item.lead.lead_row_id, item.url))
-            elif item.error is not None and item.error.invalid_task_id:
+                counts = report.counts
+                counts.recordings_already_archived += item.already_archived
+                counts.recording_urls_renewed += item.renewed
+                if item.archived_bytes is not None:
+                    counts.recordings_archived += 1
+                    counts.recording_bytes_archived += item.archived_bytes
+            elif isinstance(item.error, OutboundBotError) and item.error.invalid_task_id:
                 report.counts.recordings_invalid_task_id += 1
                 logger.warning("task %s job %s: recording skipped, invalid call task id %s: %s",
                                task_id, item.lead.call_job_id, item.lead.call_task_id, item.error)

@@ -28,7 +28,7 @@ from call_pipeline.executors import sync_executor
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource
+from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, TEST_DASHSCOPE_KEY
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +47,8 @@ def resources_for_tests() -> dict:
     return {
         "io_manager": ReexecutionSafeFilesystemIOManager(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),
+        "recording_archive": RecordingArchiveResource(
+            store_url=os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None),
         "outboundbot": OutboundBotResource(
             access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),
             access_key_secret=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
