@@ -11,6 +11,7 @@ from call_pipeline import settings
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.summary import render_run_summary
+from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
@@ -20,6 +21,9 @@ from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline.steps.paging import plan_batches
 from call_pipeline.steps.recordings import save_recordings
 from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_leads
+
+# The tag of runs that the late-jobs sensor requests for a task at 4 (its group grew).
+LATE_JOBS_TAG = "call_pipeline/late_jobs"
 
 # The seed's Celery queues and priorities (higher runs first).
 SYNC_QUEUE = {"dagster-celery/queue": "sync_queue", "dagster-celery/priority": "5"}
@@ -82,6 +86,12 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
         task = repo.fetch_task(conn, task_id)
     if task is None:
         context.log.warning(f"task {task_id}: no such call task in the CRM; nothing to do")
+        return
+    late_jobs_run = context.run.tags.get(LATE_JOBS_TAG) == "true"
+    if task.task_type == TASK_FOLLOW_UP_DONE and late_jobs_run:
+        context.log.info(f"task {task_id} ({task.task_name}) is at 4 and its job group has new jobs or work "
+                         "left: matching and completing them (the task stays at 4)")
+        yield dg.Output(task)
         return
     if task.task_type not in repo.ACTIVE_TASK_TYPES:
         context.log.info(f"task {task_id}: task_type is {task.task_type}, not 2 or 3; nothing to do")

@@ -2,14 +2,18 @@
 
 
 import time
+from datetime import timedelta
 
 import dagster as dg
 
 from call_pipeline import settings
+from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.crm import repository as repo
+from call_pipeline.domain.job_groups import parse_job_groups_page, tasks_with_late_jobs
 from call_pipeline.jobs import sync_call_task
+from call_pipeline.ops import LATE_JOBS_TAG
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import CrmDatabase
+from call_pipeline.resources import CrmDatabase, OutboundBotResource
 
 # A run in one of these states still holds its task: no second run is requested meanwhile.
 ACTIVE_RUN_STATUSES = [
@@ -60,5 +64,66 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase) -> d
         context.log.info(f"tasks with a queued or running run, not relaunched: {', '.join(skipped)}")
     return dg.SensorResult(
         run_requests=run_requests,
+        dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
+    )
+
+
+JOB_GROUPS_PAGE_SIZE = 100
+
+
+def job_group_progress(outboundbot: OutboundBotResource) -> dict:
+    """Every job group's progress, in one paged ListJobGroups call (pages of 100)."""
+    client = outboundbot.get_client()
+    progress, page = {}, 1
+    while True:
+        groups, total = parse_job_groups_page(client.list_job_groups(page, JOB_GROUPS_PAGE_SIZE))
+        progress.update(groups)
+        if not groups or page * JOB_GROUPS_PAGE_SIZE >= total:
+            return progress
+        page += 1
+
+
+@dg.sensor(
+    job=sync_call_task,
+    minimum_interval_seconds=settings.SENSOR_TICK_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Checks the tasks concluded (at 4) within CALL_PIPELINE_RECONCILE_DAYS for jobs that came "
+    "late: one paged ListJobGroups call for all of them, each group's TotalJobs against the task's matched "
+    "leads. A task whose group grew, or whose late leads still need work, gets a run; it stays at 4.",
+)
+def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
+                     outboundbot: OutboundBotResource) -> dg.SensorResult | dg.SkipReason:
+    since = crm.now() - timedelta(days=settings.RECONCILE_DAYS)
+    with crm.engine.connect() as conn:
+        tasks = repo.fetch_recently_concluded_tasks(conn, since)
+        counts = repo.count_matched_and_pending(conn, [task.id for task in tasks])
+    if not tasks:
+        return dg.SkipReason(f"no task concluded in the last {settings.RECONCILE_DAYS} day(s)")
+    try:
+        progress = job_group_progress(outboundbot)
+    except OutboundBotError as exc:
+        return dg.SkipReason(f"ListJobGroups failed, checked again next tick: {exc}")
+    late = tasks_with_late_jobs(progress, {t.id: t.job_group_id or "" for t in tasks},
+                                {task_id: matched for task_id, (matched, _) in counts.items()})
+    busy = partitions_with_active_runs(context.instance, sync_call_task.name)
+    known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
+    requests, new_keys = [], []
+    now = time.time()
+    for task in tasks:
+        key = str(task.id)
+        if key in busy:
+            continue
+        if task.id in late:
+            run_key = f"late-{task.id}-{late[task.id]}"  # once per size of the group
+        elif counts[task.id][1]:
+            run_key = f"late-{task.id}-work-{int(now // settings.SENSOR_INTERVAL_SECONDS)}"
+        else:
+            continue
+        if key not in known:
+            new_keys.append(key)
+        requests.append(dg.RunRequest(partition_key=key, run_key=run_key,
+                                      tags={LATE_JOBS_TAG: "true", "call_pipeline/task_name": task.task_name[:200]}))
+    return dg.SensorResult(
+        run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
     )

@@ -48,3 +48,5 @@ RECORDING_PUBLIC_BASE_URL = os.environ.get("CALL_PIPELINE_RECORDING_PUBLIC_BASE_
 RECORDING_MAX_BYTES = _int("CALL_PIPELINE_RECORDING_MAX_BYTES", 64 * 1024 * 1024)
 # Recordings fetched into the archive at once, across every step and run of the machine.
 RECORDING_MAX_CONCURRENCY = _int("CALL_PIPELINE_RECORDING_MAX_CONCURRENCY", 8)
+# Tasks concluded (at 4) within this many days are checked for jobs that came late.
+RECONCILE_DAYS = _int("CALL_PIPELINE_RECONCILE_DAYS", 7)

@@ -56,7 +56,7 @@ def new_reference(task_id: int, leads_id: int) -> str:
 
 
 def run_sync(crm_url: str, simulator, task_id: int, instance: dg.DagsterInstance, *,
-             paging: dict | None = None, executor: str = "in_process", **resource_kw):
+             paging: dict | None = None, executor: str = "in_process", tags: dict | None = None, **resource_kw):
     """`paging`: config of list_job_pages (page_size, pages_per_batch). `executor`: in_process
     (`execute_in_process`, resources given here), or another executor of `sync_call_task`: then
     the run goes through `execute_job` on a reconstructable job whose step processes read the
@@ -70,7 +70,7 @@ def run_sync(crm_url: str, simulator, task_id: int, instance: dg.DagsterInstance
             return launch_run(instance, task_id, executor=executor,
                               paging=paging or {"page_size": 100, "pages_per_batch": 10})
     return sync_call_task.execute_in_process(
-        instance=instance, partition_key=str(task_id), raise_on_error=False,
+        instance=instance, partition_key=str(task_id), raise_on_error=False, tags=tags,
         resources=pipeline_resources(crm_url, simulator, **resource_kw),
         run_config={"ops": {"list_job_pages": {"config": paging}}} if paging else None,
     )

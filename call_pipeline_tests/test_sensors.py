@@ -95,3 +95,47 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
     assert tags["create_follow_ups"]["dagster-celery/queue"] == "ai_queue"
     pools = {node.name: node.definition.pool for node in job.graph.nodes}
     assert pools["create_follow_ups"] == "ai_queue" and pools["fetch_recordings"] == "download_queue"
+
+
+def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(mariadb_url, simulator, instance):
+    """The late-jobs sensor sees (one ListJobGroups call) that a concluded task's group grew and
+    requests a run; the run matches the new job and completes its lead; the task stays at 4."""
+    from call_pipeline.ops import LATE_JOBS_TAG
+    from call_pipeline.sensors import late_jobs_sensor
+    from call_pipeline.simulator.scenarios import build_job_group
+    from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources, run_sync, snapshot
+    from call_pipeline_tests.test_sync_job import create_task_leads
+
+    task_id = create_task(mariadb_url, job_group_id="jg-late", leads=[])
+    leads = [{"leads_id": i, "leads_phone": f"1350000{i:04d}", "reference_id": new_reference(task_id, i)}
+             for i in range(1, 21)]
+    create_task_leads(mariadb_url, task_id, leads)
+    group = build_job_group("jg-late", leads[:19], task_id=task_id, seed=4, status_mix={"Succeeded": 1.0})
+    simulator.state.add_job_group(group)
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    assert snapshot(mariadb_url, task_id).task_type == 4
+
+    resources = pipeline_resources(mariadb_url, simulator)
+    resources = {"crm": resources["crm"], "outboundbot": resources["outboundbot"]}
+
+    def tick():
+        context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
+        return late_jobs_sensor.evaluate_tick(context)
+
+    assert tick().run_requests == []  # nothing new: no run
+    calls_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
+    late = build_job_group("jg-late-2", leads[19:], task_id=task_id, seed=6, status_mix={"Succeeded": 1.0})
+    simulator.state.add_jobs("jg-late", late["jobs"])
+    result = tick()
+    assert simulator.state.stats()["requests"]["ListJobGroups"] == calls_before + 1
+    assert [r.partition_key for r in result.run_requests] == [str(task_id)]
+    request = result.run_requests[0]
+    assert request.tags[LATE_JOBS_TAG] == "true" and request.tags["call_pipeline/task_name"]
+
+    assert run_sync(mariadb_url, simulator, task_id, instance, tags=request.tags).success
+    crm = snapshot(mariadb_url, task_id)
+    lead = crm.leads[20]
+    assert lead["call_job_id"] == late["jobs"][0]["JobId"] and lead["call_status"] == "Succeeded"
+    assert lead["leads_follow_id"] is not None and lead["recording_url"]
+    assert crm.task_type == 4
+    assert tick().run_requests == []  # done: the group and the task agree again

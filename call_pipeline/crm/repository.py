@@ -20,7 +20,7 @@ from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_li
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
 from call_pipeline.domain.followups import FollowUp
 from call_pipeline.domain.matching import LeadMatch
-from call_pipeline.domain.task_state import LeadCounts
+from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE, LeadCounts
 
 ACTIVE_TASK_TYPES = (2, 3)
 _L = leads_task_list
@@ -119,6 +119,31 @@ def fetch_tasks_in_progress(conn: Connection) -> list[TaskRow]:
     """Tasks at 2 or 3, with or without a job group: the schedule evaluates their state."""
     stmt = select(*_TASK_COLUMNS).where(call_tasks.c.task_type.in_(ACTIVE_TASK_TYPES)).order_by(call_tasks.c.id)
     return [_task_row(row) for row in conn.execute(stmt)]
+
+
+def fetch_recently_concluded_tasks(conn: Connection, since: datetime) -> list[TaskRow]:
+    """Tasks at 4 with a job group, concluded (last updated) at or after `since`: where a job
+    that came late can still appear."""
+    stmt = (
+        select(*_TASK_COLUMNS)
+        .where(call_tasks.c.task_type == TASK_FOLLOW_UP_DONE, _has_text(call_tasks.c.job_group_id),
+               call_tasks.c.updated_time >= since)
+        .order_by(call_tasks.c.id)
+    )
+    return [_task_row(row) for row in conn.execute(stmt)]
+
+
+def count_matched_and_pending(conn: Connection, task_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Per task: (leads with a job, of which still without a terminal status or a follow-up)."""
+    if not task_ids:
+        return {}
+    has_job = _has_text(_L.c.call_job_id)
+    pending = and_(has_job, or_(not_(_L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))),
+                                _L.c.call_status.is_(None), _L.c.leads_follow_id.is_(None)))
+    stmt = (select(_L.c.task_id, _count_where(has_job), _count_where(pending))
+            .where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id))
+    counts = {int(task_id): (int(matched), int(waiting)) for task_id, matched, waiting in conn.execute(stmt)}
+    return {task_id: counts.get(task_id, (0, 0)) for task_id in task_ids}
 
 
 def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
