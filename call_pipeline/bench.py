@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiprocess: CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE (default: the setting)")
     p.add_argument("--workers", type=int, default=1, help="celery: local workers on every queue (1)")
     p.add_argument("--worker-concurrency", type=int, default=4, help="celery: each worker's --concurrency (4)")
+    p.add_argument("--archive", action="store_true",
+                   help="archive the recordings (CALL_PIPELINE_RECORDING_STORE, a folder of the benchmark's)")
     p.add_argument("--timeline", action="store_true", help="print when each step was launched, started and ended")
     p.add_argument("--max-runs", type=int, default=3, help="runs (each re-executes the task) until task_type 4")
     p.add_argument("--seed", type=int, default=1)
@@ -421,6 +423,8 @@ def _environment(crm_url: str, simulator: SimulatorProcess, args: argparse.Names
         # nothing should fail; if something does, the benchmark should say so, not back off for minutes
         "CALL_PIPELINE_OP_RETRY_DELAY_SECONDS": os.environ.get("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1"),
     })
+    if args.archive:
+        os.environ["CALL_PIPELINE_RECORDING_STORE"] = f"file://{os.path.join(workdir, 'recordings')}"
     for name, value in (("CALL_PIPELINE_EXECUTOR", args.executor),
                         ("CALL_PIPELINE_MAX_CONCURRENT_STEPS", args.max_concurrent),
                         ("CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", args.per_queue)):
@@ -532,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
                 statements.subtract(statements_before)
             stats = simulator.stats()
             simulator.stop()
+            if args.archive:
+                stored = [os.path.getsize(os.path.join(folder, name))
+                          for folder, _, names in os.walk(os.path.join(workdir, "recordings")) for name in names]
+                figures["archived"] = {"recordings": len(stored), "bytes": sum(stored)}
             report(args, figures, runs, outcome, stats, needed_calls(crm_url, task_id), statements, qps_cap)
     finally:
         if simulator is not None:
@@ -593,6 +601,11 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
     print(f"calls against the work: LLM {stats['dashscope_requests']:,} for {needed['llm']:,} leads with a "
           f"transcript ({figures['llm_repeated']:,} repeated); DownloadRecording {downloads:,} for "
           f"{needed['recordings']:,} succeeded leads ({figures['downloads_repeated']:,} repeated)")
+    if "archived" in figures:
+        archived = figures["archived"]
+        print(f"archive: {archived['recordings']:,} recordings, {archived['bytes'] / 1e6:.1f} MB; "
+              f"{archived['recordings'] / wall:.1f} recordings/s, {archived['bytes'] / wall / 1e6:.2f} MB/s "
+              f"over the run's wall time")
     if statements is not None:
         figures["db_statements"] = dict(statements)
         print("database statements (MariaDB server counters): "

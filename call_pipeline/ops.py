@@ -4,6 +4,8 @@ Tags and pools carry the seed's Celery queues so that the `dagster-celery` execu
 op to its queue and pools bound each kind of work across runs."""
 
 
+import re
+
 import dagster as dg
 from pydantic import Field
 
@@ -70,6 +72,18 @@ def _not_run(context: dg.OpExecutionContext) -> None:
     return None
 
 
+TASK_NAME_TAG = "call_pipeline/task_name"
+CRM_ASSET_KEY = dg.AssetKey(["crm", "leads_task_list"])
+
+
+def _tag_task_name(context: dg.OpExecutionContext, task: repo.TaskRow) -> None:
+    """Every run of a task carries its name, whoever launched it: the sensors set it, and a run
+    launched otherwise (a backfill, the Launchpad) gets it here; re-executions and run retries
+    copy their parent's tags."""
+    if context.run.tags.get(TASK_NAME_TAG) != task.task_name[:200]:
+        context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: task.task_name[:200]})
+
+
 def _raise_if_failed(report: StepReport, what: str) -> None:
     message = report.failure_message(what)
     if message:
@@ -91,6 +105,7 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     if task.task_type == TASK_FOLLOW_UP_DONE and late_jobs_run:
         context.log.info(f"task {task_id} ({task.task_name}) is at 4 and its job group has new jobs or work "
                          "left: matching and completing them (the task stays at 4)")
+        _tag_task_name(context, task)
         yield dg.Output(task)
         return
     if task.task_type not in repo.ACTIVE_TASK_TYPES:
@@ -99,6 +114,7 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     if not (task.job_group_id or "").strip():
         context.log.warning(f"task {task_id}: no job_group_id; nothing to do")
         return
+    _tag_task_name(context, task)
     context.log.info(f"task {task_id} ({task.task_name}): job group {task.job_group_id}, task_type {task.task_type}")
     yield dg.Output(task)
 
@@ -212,6 +228,14 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, total
         "task_type_before": before,
         "task_type_after": after,
     })
+    _tag_task_name(context, task)
+    by_status = {"leads_" + re.sub(r"\W+", "_", k.lower()).strip("_"): v for k, v in statuses.items()}
+    # The task's history in the asset catalog: one materialization of its partition per run,
+    # with the run's counts and the task's state as numbers the UI plots per partition.
+    context.log_event(dg.AssetMaterialization(
+        asset_key=CRM_ASSET_KEY, partition=str(task.id), description=f"{task.task_name}: synced",
+        metadata={**totals.as_metadata(), **by_status, "leads": sum(statuses.values()),
+                  "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary)}))
     context.log.info(f"task {task.id}: task_type {before} -> {after}")
     return after if after is not None else -1
 

@@ -11,7 +11,7 @@ from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.job_groups import parse_job_groups_page, tasks_with_late_jobs
 from call_pipeline.jobs import sync_call_task
-from call_pipeline.ops import LATE_JOBS_TAG
+from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, OutboundBotResource
 
@@ -54,7 +54,7 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase) -> d
         dg.RunRequest(
             partition_key=str(task.id),
             run_key=run_key_for(task.id, now, settings.SENSOR_INTERVAL_SECONDS),
-            tags={"call_pipeline/task_name": task.task_name[:200]},
+            tags={TASK_NAME_TAG: task.task_name[:200]},
         )
         for task in tasks
         if str(task.id) not in busy
@@ -122,7 +122,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if key not in known:
             new_keys.append(key)
         requests.append(dg.RunRequest(partition_key=key, run_key=run_key,
-                                      tags={LATE_JOBS_TAG: "true", "call_pipeline/task_name": task.task_name[:200]}))
+                                      tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task.task_name[:200]}))
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],

@@ -50,3 +50,5 @@ RECORDING_MAX_BYTES = _int("CALL_PIPELINE_RECORDING_MAX_BYTES", 64 * 1024 * 1024
 RECORDING_MAX_CONCURRENCY = _int("CALL_PIPELINE_RECORDING_MAX_CONCURRENCY", 8)
 # Tasks concluded (at 4) within this many days are checked for jobs that came late.
 RECONCILE_DAYS = _int("CALL_PIPELINE_RECONCILE_DAYS", 7)
+# The level of what runs print to their console (the event log keeps everything).
+LOG_LEVEL = (os.environ.get("CALL_PIPELINE_LOG_LEVEL") or "INFO").upper()

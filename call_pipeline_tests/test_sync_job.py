@@ -222,9 +222,19 @@ def test_sync_job_on_sqlite(sqlite_url, simulator, instance):
     create_task_leads(sqlite_url, task_id, leads)
     simulator.state.add_job_group(build_job_group("jg-sqlite", leads, task_id=task_id, seed=2,
                                                   status_mix={"Succeeded": 0.5, "Failed": 0.5}))
-    assert run_sync(sqlite_url, simulator, task_id, instance).success
+    result = run_sync(sqlite_url, simulator, task_id, instance)
+    assert result.success
     crm = snapshot(sqlite_url, task_id)
     assert crm.task_type == 4
+    # the operator's view: the run carries the task's name (launched without it), and the CRM
+    # asset's partition got a materialization with the run's counts as numbers
+    assert instance.get_run_by_id(result.run_id).tags["call_pipeline/task_name"] == "测试任务"
+    event = instance.get_latest_materialization_event(dg.AssetKey(["crm", "leads_task_list"]))
+    materialization = event.asset_materialization
+    assert materialization.partition == str(task_id)
+    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    assert metadata["follow_ups_written"] == 40 and metadata["leads"] == 40 and metadata["task_type"] == 4
+    assert metadata["jobs_listed"] == 40 and metadata["leads_succeeded"] + metadata["leads_failed"] == 40
     assert all(lead["call_job_id"] and lead["leads_follow_id"] for lead in crm.leads.values())
     assert len(crm.follow_ups) == 40
 
