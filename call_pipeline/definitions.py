@@ -6,7 +6,7 @@ from call_pipeline.jobs import advance_task_states, sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import resources_from_env
 from call_pipeline.schedules import advance_task_states_schedule
-from call_pipeline.sensors import call_task_sensor, late_jobs_sensor
+from call_pipeline.sensors import call_task_sensor, failure_alert_sensor, late_jobs_sensor
 
 # The CRM table the sync job writes, declared as an external asset with the job's partitions:
 # the UI's "add partition" only offers partitions defs that some asset uses.
@@ -20,7 +20,7 @@ crm_call_task_leads = dg.AssetSpec(
 defs = dg.Definitions(
     assets=[crm_call_task_leads],
     jobs=[sync_call_task, advance_task_states],
-    sensors=[call_task_sensor, late_jobs_sensor],
+    sensors=[call_task_sensor, late_jobs_sensor, failure_alert_sensor],
     schedules=[advance_task_states_schedule],
     resources=resources_from_env(),
 )

@@ -1,6 +1,7 @@
 """The sensor that keeps every active call task in sync."""
 
 
+import os
 import time
 from datetime import timedelta
 
@@ -8,12 +9,16 @@ import dagster as dg
 
 from call_pipeline import settings
 from call_pipeline.clients.outboundbot import OutboundBotError
+from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
+from call_pipeline.domain.alerts import Alert, alert_payload, scrub
 from call_pipeline.domain.job_groups import parse_job_groups_page, tasks_with_late_jobs
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, OutboundBotResource
+
+WILL_RETRY_TAG = "dagster/will_retry"
 
 # A run in one of these states still holds its task: no second run is requested meanwhile.
 ACTIVE_RUN_STATUSES = [
@@ -26,8 +31,21 @@ ACTIVE_RUN_STATUSES = [
 
 
 def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    """Partitions with a queued or running run, or whose failed run Dagster will retry and has not
+    yet (the daemon sets `dagster/will_retry`): a new run would take the retry's place."""
     runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES))
-    return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+    busy = {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+    failed = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE],
+                                                     tags={WILL_RETRY_TAG: "true"}), limit=500)
+    for run in failed:
+        partition = run.tags.get("dagster/partition")
+        if partition is None or partition in busy:
+            continue
+        latest = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, tags={"dagster/partition": partition}),
+                                   limit=1)
+        if latest and latest[0].run_id == run.run_id:  # its retry (or any later run) has not come yet
+            busy.add(partition)
+    return busy
 
 
 def run_key_for(task_id: int, now: float, interval_seconds: int) -> str:
@@ -127,3 +145,43 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
     )
+
+
+SECRET_VARIABLES = ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_ACCESS_KEY_ID", "DASHSCOPE_API_KEY",
+                    "AWS_SECRET_ACCESS_KEY", "CALL_PIPELINE_CELERY_BROKER", "CALL_PIPELINE_CRM_URL")
+
+
+def _root_message(error) -> str:
+    """The innermost cause's message: what failed, under "Exceeded max_retries" and the like."""
+    messages = []
+    while error is not None:
+        messages.append((error.message or "").strip())
+        error = error.cause or error.context
+    return next((m for m in reversed(messages) if m), "")
+
+
+def alert_for(context: dg.RunFailureSensorContext) -> Alert:
+    run = context.dagster_run
+    failures = context.get_step_failure_events()
+    step = ", ".join(sorted({event.step_key for event in failures if event.step_key})) or "(the run)"
+    errors = [_root_message(event.step_failure_data.error) for event in failures
+              if event.step_failure_data and event.step_failure_data.error]
+    error = (errors[0] if errors else context.failure_event.message or "the run failed").strip()
+    secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    return Alert(task_id=run.tags.get("dagster/partition", ""), task_name=run.tags.get(TASK_NAME_TAG, ""),
+                 run_id=run.run_id, job=run.job_name, step=step, error=scrub(error, secrets),
+                 run_url=f"{settings.UI_BASE_URL}/runs/{run.run_id}")
+
+
+@dg.run_failure_sensor(
+    monitored_jobs=[sync_call_task],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Posts an alert for every failed sync run to CALL_PIPELINE_ALERT_WEBHOOK_URL (none: no "
+    "alerts), in CALL_PIPELINE_ALERT_FORMAT (json, dingtalk, wecom, feishu, slack).",
+)
+def failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
+    if not settings.ALERT_WEBHOOK_URL:
+        return
+    alert = alert_for(context)
+    status = post_json(settings.ALERT_WEBHOOK_URL, alert_payload(alert, settings.ALERT_FORMAT))
+    context.log.info(f"alert for run {alert.run_id} (task {alert.task_id}) posted: HTTP {status}")

@@ -29,7 +29,13 @@ DEFAULT_PAGE_SIZE = _int("CALL_PIPELINE_PAGE_SIZE", 100)
 DEFAULT_PAGES_PER_BATCH = _int("CALL_PIPELINE_PAGES_PER_BATCH", 10)
 # Op retries (after the SDKs' own per-request retries): tries and first delay in seconds.
 OP_MAX_RETRIES = _int("CALL_PIPELINE_OP_MAX_RETRIES", 3)
-OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 30)
+# 8 s: the retries wait 8, 24 and 56 s, so a fault that lasts fails the run within about two
+# minutes (with the SDKs' own retries), while one of seconds is absorbed.
+OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 8)
+# Failure alerts: a webhook (none: no alerts), its format, and the UI's address for the run link.
+ALERT_WEBHOOK_URL = os.environ.get("CALL_PIPELINE_ALERT_WEBHOOK_URL") or None
+ALERT_FORMAT = (os.environ.get("CALL_PIPELINE_ALERT_FORMAT") or "json").lower()
+UI_BASE_URL = (os.environ.get("CALL_PIPELINE_UI_BASE_URL") or "http://127.0.0.1:3000").rstrip("/")
 # The executor of sync_call_task: multiprocess (default: measured fastest on one machine, see the
 # README's "Performance"), in_process, or celery (steps on Celery workers).
 EXECUTOR = os.environ.get("CALL_PIPELINE_EXECUTOR") or "multiprocess"

@@ -100,3 +100,20 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if MARIADB_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mariadb)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto's server mode) for this test session."""
+    from call_pipeline_tests.s3_server import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_test_credentials(monkeypatch):
+    """boto3's credentials for the test S3 server."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

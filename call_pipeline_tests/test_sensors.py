@@ -139,3 +139,20 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     assert lead["leads_follow_id"] is not None and lead["recording_url"]
     assert crm.task_type == 4
     assert tick().run_requests == []  # done: the group and the task agree again
+
+
+def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance):
+    tasks = make_tasks(mariadb_url)
+    instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"])])
+    job = defs.resolve_job_def("sync_call_task")
+    run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])},
+                                      status=dg.DagsterRunStatus.STARTED)
+    instance.report_run_failed(run)
+    instance.add_run_tags(run.run_id, {"dagster/will_retry": "true"})  # what the daemon marks
+    assert str(tasks["calling"]) not in {r.partition_key for r in evaluate(instance, mariadb_url).run_requests}
+    # once the retry came (and ended), the task is the sensor's again
+    retry = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"]),
+                                                   "dagster/parent_run_id": run.run_id},
+                                        status=dg.DagsterRunStatus.STARTED)
+    instance.report_run_failed(retry)
+    assert str(tasks["calling"]) in {r.partition_key for r in evaluate(instance, mariadb_url).run_requests}

@@ -17,20 +17,10 @@ from call_pipeline.clients.recording_store import (
     url_expired,
 )
 from call_pipeline.simulator.server import wav_bytes
-from call_pipeline_tests.s3_server import s3_server
+
+pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _aws_test_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def test_audio_headers():

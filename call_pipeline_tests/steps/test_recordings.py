@@ -12,9 +12,10 @@ from call_pipeline.clients.recording_store import recording_key
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline.simulator.server import wav_bytes
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
-from call_pipeline_tests.s3_server import s3_server
 
 PUBLIC = "https://recordings.example.com/crm"
+
+pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
 
 @pytest.fixture
@@ -23,17 +24,6 @@ def instance():
         yield instance
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _aws_test_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def a_task(crm_url: str, simulator, n: int = 30) -> int:

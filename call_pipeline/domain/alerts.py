@@ -1,0 +1,51 @@
+"""Failure alerts: what a failed run says, in the webhook formats of the chat tools the teams use.
+Nothing secret and no full phone number leaves in one: the error text is scrubbed first."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from call_pipeline.domain.phones import mask_phone
+
+ALERT_FORMATS = ("json", "dingtalk", "wecom", "feishu", "slack")
+MAX_ERROR_CHARS = 800
+# Mainland mobile numbers (11 digits from 1), with an optional +86/0086/86 and spaces or dashes.
+_PHONE = re.compile(r"(?<!\d)(?:\+?86[\s-]?|0086[\s-]?)?1\d{2}[\s-]?\d{4}[\s-]?\d{4}(?!\d)")
+
+
+@dataclass(frozen=True)
+class Alert:
+    task_id: str
+    task_name: str
+    run_id: str
+    job: str
+    step: str
+    error: str
+    run_url: str
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every secret replaced and every phone number masked, cut to a readable length."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _PHONE.sub(lambda m: mask_phone(m.group(0)), text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def alert_payload(alert: Alert, fmt: str) -> dict:
+    """The webhook body for `fmt` (json: the alert's fields as they are)."""
+    if fmt == "json":
+        return asdict(alert)
+    title = f"call_pipeline: task {alert.task_id} ({alert.task_name}) failed"
+    lines = [f"job: {alert.job}", f"step: {alert.step}", f"error: {alert.error}", f"run: {alert.run_url}"]
+    if fmt == "dingtalk":
+        return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
+    if fmt == "wecom":
+        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{title}**", *lines])}}
+    if fmt == "feishu":
+        return {"msg_type": "text", "content": {"text": "\n".join([title, *lines])}}
+    if fmt == "slack":
+        return {"text": "\n".join([f"*{title}*", *lines])}
+    raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")

@@ -1,0 +1,28 @@
+import pytest
+
+from call_pipeline.domain.alerts import ALERT_FORMATS, Alert, alert_payload, scrub
+
+ALERT = Alert("42", "十一月试驾邀约", "run-1", "sync_call_task", "create_follow_ups[page_1]", "boom",
+              "http://ui/runs/run-1")
+
+
+def test_scrub_masks_phones_and_removes_secrets():
+    text = scrub("lead 13800138000 (+86 139-0013-9000) failed with key sk-abcdef123 ", ["sk-abcdef123", ""])
+    assert "13800138000" not in text and "0013-9000" not in text and "sk-abcdef123" not in text
+    assert "138****8000" in text and "***" in text
+    assert len(scrub("x" * 5000)) <= 800
+
+
+@pytest.mark.parametrize("fmt", ALERT_FORMATS)
+def test_every_format_carries_the_task_the_step_and_the_link(fmt):
+    payload = alert_payload(ALERT, fmt)
+    flat = str(payload)
+    for value in ("42", "十一月试驾邀约", "create_follow_ups[page_1]", "http://ui/runs/run-1"):
+        assert value in flat
+    if fmt == "json":
+        assert set(payload) == {"task_id", "task_name", "run_id", "job", "step", "error", "run_url"}
+
+
+def test_an_unknown_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="CALL_PIPELINE_ALERT_FORMAT"):
+        alert_payload(ALERT, "teams")
