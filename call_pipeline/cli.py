@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import PROJECT_ROOT, CrmTablesExistError, create_crm_engine, create_crm_tables
@@ -45,17 +47,20 @@ def _interrupt(_signum, _frame) -> None:
 def _ui(args: argparse.Namespace) -> int:
     """The demo CRM and the simulator, with `dagster dev` on top: the sensor and the schedule run
     live, and runs, backfills and re-executions can be driven from the UI."""
-    from call_pipeline.demo import DEMO_DIR, demo_job_groups, seed_demo_crm
+    from call_pipeline.demo import UI_DIR, demo_job_groups, seed_demo_crm
     from call_pipeline.simulator.scenarios import save_scenario_file
 
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    crm_file = DEMO_DIR / "ui-crm.sqlite3"
-    scenario_file = DEMO_DIR / "ui-scenario.json"
+    # A folder of its own: `demo` starts from an empty folder each time, and must not take the
+    # UI's CRM, scenario and run history with it.
+    ui_dir = Path(args.data_dir) if args.data_dir else UI_DIR
+    ui_dir.mkdir(parents=True, exist_ok=True)
+    crm_file = ui_dir / "crm.sqlite3"
+    scenario_file = ui_dir / "scenario.json"
     crm_url = f"sqlite:///{crm_file}"
     if args.reset or not crm_file.exists() or not scenario_file.exists():
         tasks = seed_demo_crm(crm_url)
         save_scenario_file(scenario_file, demo_job_groups(crm_url, tasks))
-    home = DEMO_DIR / "dagster_home"
+    home = ui_dir / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
     env = drop_proxy_variables(dict(os.environ))
@@ -76,25 +81,50 @@ def _ui(args: argparse.Namespace) -> int:
                      "--port", str(sim_port), "--scenario", str(scenario_file)]
     dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                    "-p", str(args.port), "-h", "127.0.0.1"]
-    # SIGTERM (e.g. from a supervisor) must stop the children too, as Ctrl-C does.
+    # SIGTERM (e.g. from a supervisor) must stop the children too, as Ctrl-C does. Each child runs
+    # in a process group of its own with SIGINT restored (a shell that starts `ui` in the
+    # background has it ignored, and dagster dev would inherit that), so that stopping reaches
+    # the webserver, the daemon and the code server that dagster dev starts.
     signal.signal(signal.SIGTERM, _interrupt)
-    simulator = subprocess.Popen(simulator_cmd, env=env, cwd=PROJECT_ROOT)
+    simulator = _start_group(simulator_cmd, env)
     time.sleep(1.0)
     print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}); Ctrl-C stops both.")
-    dagster = subprocess.Popen(dagster_cmd, env=env, cwd=PROJECT_ROOT)
+    dagster = _start_group(dagster_cmd, env)
     try:
         return dagster.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        for process in (dagster, simulator):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in (dagster, simulator):
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop_groups([dagster, simulator])
+
+
+def _start_group(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _stop_groups(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGINT to each child's whole process group, then SIGKILL to what is left after `timeout_s`."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -144,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--simulator-port", type=int, default=8765)
     p.add_argument("--reset", action="store_true", help="recreate the demo CRM")
+    p.add_argument("--data-dir", default=None, help="the UI's folder (default: data/ui)")
     p.set_defaults(func=_ui)
 
     p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps")

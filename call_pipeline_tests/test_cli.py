@@ -87,3 +87,54 @@ def test_limits_come_from_the_environment(monkeypatch):
     assert resources["outboundbot"].max_qps == 50.0
     assert resources["dashscope"].max_concurrency == 16
     assert resources["dashscope"].model == "qwen-max" and resources["dashscope"].app_id == "app-123"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_started_in_the_background_stops_every_process_on_sigterm(tmp_path):
+    """As a shell starts it with `&` (SIGINT ignored) and a supervisor stops it (SIGTERM): the
+    webserver, the daemon, the code server and the simulator all end, in their own folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import requests
+
+    port, sim_port = _free_port(), _free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "call_pipeline.cli", "ui", "--port", str(port), "--simulator-port", str(sim_port),
+         "--data-dir", str(tmp_path / "ui")],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ui.poll() is None, "ui exited"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the webserver did not come up"
+            time.sleep(0.5)
+        time.sleep(3)  # the daemon and the code server are up too
+        family = psutil.Process(ui.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in family)
+        assert "dagster" in names and "call_pipeline.simulator" in names
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+        assert (tmp_path / "ui" / "crm.sqlite3").exists()
+    finally:
+        if ui.poll() is None:
+            ui.kill()
