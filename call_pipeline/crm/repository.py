@@ -17,12 +17,19 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, not_, or_, select, update
 
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
-from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES, CallResult
+from call_pipeline.domain.call_results import (
+    CANCELLED,
+    FAILED,
+    NON_TERMINAL_JOB_STATUSES,
+    SUCCEEDED,
+    TERMINAL_JOB_STATUSES,
+    CallResult,
+)
 from call_pipeline.domain.followups import FollowUp
 from call_pipeline.domain.matching import LeadMatch
-from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE, LeadCounts
+from call_pipeline.domain.task_state import TASK_CALLING, TASK_CALLS_DONE, TASK_FOLLOW_UP_DONE, LeadCounts
 
-ACTIVE_TASK_TYPES = (2, 3)
+ACTIVE_TASK_TYPES = (TASK_CALLING, TASK_CALLS_DONE)
 _L = leads_task_list
 
 
@@ -210,9 +217,9 @@ def mark_unmatched_leads_failed(conn: Connection, task_id: int, now: datetime) -
             _L.c.task_id == task_id,
             _is_blank(_L.c.call_job_id),
             or_(_has_text(_L.c.reference_id), _has_text(_L.c.leads_phone)),
-            or_(_L.c.call_status.is_(None), _L.c.call_status != "Failed"),
+            or_(_L.c.call_status.is_(None), _L.c.call_status != FAILED),
         )
-        .values(call_status="Failed", updated_time=now)
+        .values(call_status=FAILED, updated_time=now)
     )
     return int(conn.execute(stmt).rowcount or 0)
 
@@ -292,7 +299,7 @@ def fetch_leads_needing_recording(
         select(_L.c.id, _L.c.call_job_id, _L.c.call_task_id)
         .where(
             _L.c.task_id == task_id,
-            _L.c.call_status == "Succeeded",
+            _L.c.call_status == SUCCEEDED,
             _has_text(_L.c.call_task_id),
             _is_blank(_L.c.recording_url),
         )
@@ -474,11 +481,11 @@ def task_progress(conn: Connection) -> list[dict]:
             call_tasks.c.id, call_tasks.c.task_name, call_tasks.c.task_type,
             func.count(_L.c.id).label("leads"),
             _count_where(has_job).label("matched"),
-            _count_where(and_(not_(has_job), _L.c.call_status == "Failed")).label("unmatched"),
-            _count_where(_L.c.call_status == "Succeeded").label("succeeded"),
-            _count_where(and_(has_job, _L.c.call_status == "Failed")).label("failed"),
-            _count_where(_L.c.call_status == "Cancelled").label("cancelled"),
-            _count_where(_L.c.call_status.in_(["Scheduling", "Executing", "Paused", "Drafted"])).label("running"),
+            _count_where(and_(not_(has_job), _L.c.call_status == FAILED)).label("unmatched"),
+            _count_where(_L.c.call_status == SUCCEEDED).label("succeeded"),
+            _count_where(and_(has_job, _L.c.call_status == FAILED)).label("failed"),
+            _count_where(_L.c.call_status == CANCELLED).label("cancelled"),
+            _count_where(_L.c.call_status.in_(sorted(NON_TERMINAL_JOB_STATUSES))).label("running"),
             _count_where(_has_text(_L.c.recording_url)).label("recordings"),
             func.count(_L.c.leads_follow_id).label("follow_ups"),
             _count_where(_L.c.is_interested == 1).label("interested"),

@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 
 from call_pipeline.domain._values import clean_text
 
-TERMINAL_JOB_STATUSES = frozenset({"Succeeded", "Failed", "Cancelled"})
+SUCCEEDED, FAILED, CANCELLED = "Succeeded", "Failed", "Cancelled"
+TERMINAL_JOB_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 NON_TERMINAL_JOB_STATUSES = frozenset({"Scheduling", "Executing", "Paused", "Drafted"})
 
 # Epoch values below this are seconds: 1e11 ms is 1973, 1e11 s is the year 5138.
