@@ -12,7 +12,7 @@ from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.alerts import Alert, alert_payload, scrub
-from call_pipeline.domain.job_groups import parse_job_groups_page, tasks_with_late_jobs
+from call_pipeline.domain.job_groups import GroupProgress, parse_job_groups_page, tasks_with_late_jobs
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
@@ -48,43 +48,80 @@ def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> 
     return busy
 
 
-def run_key_for(task_id: int, now: float, interval_seconds: int) -> str:
-    """Run keys are remembered forever, so the key carries the interval's number: each task gets
-    at most one run per interval, and a new key (a relaunch) in the next one."""
-    return f"task-{task_id}-{int(now // interval_seconds)}"
+PROGRESS_TAG = "call_pipeline/progress"
+
+
+def progress_tag(progress: GroupProgress | None) -> str:
+    return f"{progress.total_jobs}/{progress.total_completed}" if progress else "unknown"
+
+
+def last_completed_run(instance: dg.DagsterInstance, task_id: int) -> dg.RunRecord | None:
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=sync_call_task.name, tags={"dagster/partition": str(task_id)},
+                              statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1)
+    return records[0] if records else None
+
+
+def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
+    """Why the task needs a run now, as its run key (keys are remembered forever), or None."""
+    if last is None:
+        return f"task-{task_id}-first-{progress}"
+    if progress != "unknown" and last.dagster_run.tags.get(PROGRESS_TAG) != progress:
+        return f"task-{task_id}-progress-{progress}"
+    if work_left:
+        return f"task-{task_id}-work-{int(now // settings.SENSOR_INTERVAL_SECONDS)}"
+    ended = last.end_time or last.start_time or last.create_timestamp.timestamp()
+    if now - ended >= settings.SENSOR_MAX_INTERVAL_SECONDS:
+        return f"task-{task_id}-every-{int(now // settings.SENSOR_MAX_INTERVAL_SECONDS)}"
+    return None
 
 
 @dg.sensor(
     job=sync_call_task,
     minimum_interval_seconds=settings.SENSOR_TICK_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds a partition per active call task (task_type 2 or 3 with a job group) and "
-    "requests a run for it once per interval, never while it already has a queued or running run.",
+    description="Adds a partition per active call task (task_type 2 or 3 with a job group) and requests a "
+    "run when there is work: its job group's progress (one paged ListJobGroups call per tick for all tasks) "
+    "changed since its last completed run, the CRM still holds work for it (a unit that failed), or "
+    "CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS passed; never while it has a queued or running run or a "
+    "failed run that Dagster will retry.",
 )
-def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase) -> dg.SensorResult:
+def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
+                     outboundbot: OutboundBotResource) -> dg.SensorResult:
     with crm.engine.connect() as conn:
         tasks = repo.fetch_active_tasks(conn)
+        work_left = repo.count_work_left(conn, [task.id for task in tasks])
     known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
     new_keys = [str(task.id) for task in tasks if str(task.id) not in known]
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
+    groups: dict = {}
+    if tasks:
+        try:
+            groups = job_group_progress(outboundbot)
+        except OutboundBotError as exc:
+            context.log.warning(f"ListJobGroups failed, progress unknown this tick: {exc}")
     now = time.time()
-    run_requests = [
-        dg.RunRequest(
-            partition_key=str(task.id),
-            run_key=run_key_for(task.id, now, settings.SENSOR_INTERVAL_SECONDS),
-            tags={TASK_NAME_TAG: task.task_name[:200]},
-        )
-        for task in tasks
-        if str(task.id) not in busy
-    ]
+    run_requests, quiet = [], []
+    for task in tasks:
+        if str(task.id) in busy:
+            continue
+        progress = progress_tag(groups.get(task.job_group_id or ""))
+        run_key = why_run(task.id, progress, work_left[task.id], last_completed_run(context.instance, task.id), now)
+        if run_key is None:
+            quiet.append(str(task.id))
+            continue
+        run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key,
+                                          tags={TASK_NAME_TAG: task.task_name[:200], PROGRESS_TAG: progress}))
     skipped = sorted(busy & {str(task.id) for task in tasks})
     if skipped:
-        context.log.info(f"tasks with a queued or running run, not relaunched: {', '.join(skipped)}")
+        context.log.info("tasks with a queued or running run (or a retry coming), not relaunched: "
+                         + ", ".join(skipped))
+    if quiet:
+        context.log.debug(f"tasks with no change and no work left: {', '.join(quiet)}")
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
     )
-
 
 JOB_GROUPS_PAGE_SIZE = 100
 

@@ -58,3 +58,5 @@ RECORDING_MAX_CONCURRENCY = _int("CALL_PIPELINE_RECORDING_MAX_CONCURRENCY", 8)
 RECONCILE_DAYS = _int("CALL_PIPELINE_RECONCILE_DAYS", 7)
 # The level of what runs print to their console (the event log keeps everything).
 LOG_LEVEL = (os.environ.get("CALL_PIPELINE_LOG_LEVEL") or "INFO").upper()
+# The sensor relaunches a task whose group and CRM show no change at least this often (seconds).
+SENSOR_MAX_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS", 3600)

@@ -5,8 +5,7 @@ import pytest
 
 from call_pipeline import settings
 from call_pipeline.definitions import defs
-from call_pipeline.resources import CrmDatabase
-from call_pipeline.sensors import call_task_sensor, run_key_for
+from call_pipeline.sensors import call_task_sensor, why_run
 from call_pipeline_tests.pipeline_harness import create_task
 
 
@@ -25,8 +24,11 @@ def instance():
         yield instance
 
 
-def evaluate(instance, crm_url):
-    resources = {"crm": CrmDatabase(url=crm_url)}
+def evaluate(instance, crm_url, simulator):
+    from call_pipeline_tests.pipeline_harness import pipeline_resources
+
+    resources = pipeline_resources(crm_url, simulator)
+    resources = {"crm": resources["crm"], "outboundbot": resources["outboundbot"]}
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
     return call_task_sensor.evaluate_tick(context)
 
@@ -42,42 +44,51 @@ def make_tasks(crm_url):
     }
 
 
-def test_sensor_requests_runs_for_active_tasks_only_and_adds_their_partitions(mariadb_url, instance):
+def test_sensor_requests_runs_for_active_tasks_only_and_adds_their_partitions(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
-    result = evaluate(instance, mariadb_url)
+    result = evaluate(instance, mariadb_url, simulator)
     wanted = {str(tasks["calling"]), str(tasks["calls_done"])}
     assert {r.partition_key for r in result.run_requests} == wanted
     added = {key for request in result.dynamic_partitions_requests for key in request.partition_keys}
     assert added == wanted
-    assert all(r.run_key.startswith(f"task-{r.partition_key}-") for r in result.run_requests)
+    assert all(r.run_key.startswith(f"task-{r.partition_key}-first-") for r in result.run_requests)
 
 
-def test_sensor_does_not_relaunch_a_task_with_a_queued_or_running_run(mariadb_url, instance):
+def test_sensor_does_not_relaunch_a_task_with_a_queued_or_running_run(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"]), str(tasks["calls_done"])])
     job = defs.resolve_job_def("sync_call_task")
     # (a QUEUED run needs a code-location origin to be created; it is filtered the same way)
     for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):
         run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])}, status=status)
-        result = evaluate(instance, mariadb_url)
+        result = evaluate(instance, mariadb_url, simulator)
         assert {r.partition_key for r in result.run_requests} == {str(tasks["calls_done"])}
         assert result.dynamic_partitions_requests == []  # both known already
         instance.report_run_failed(run)
     # once the run has ended the task is requested again
-    result = evaluate(instance, mariadb_url)
+    result = evaluate(instance, mariadb_url, simulator)
     assert str(tasks["calling"]) in {r.partition_key for r in result.run_requests}
 
 
-def test_run_keys_repeat_within_an_interval_and_change_across_intervals():
-    interval = settings.SENSOR_INTERVAL_SECONDS
-    assert run_key_for(7, 1000 * interval, interval) == run_key_for(7, 1000 * interval + interval - 1, interval)
-    assert run_key_for(7, 1000 * interval, interval) != run_key_for(7, 1001 * interval, interval)
-    assert run_key_for(7, 0, interval) != run_key_for(8, 0, interval)
+def test_a_task_gets_a_run_only_when_there_is_work():
+    class Last:  # a run record: its tags and when it ended
+        def __init__(self, progress, ended):
+            self.dagster_run = type("Run", (), {"tags": {"call_pipeline/progress": progress}})()
+            self.end_time, self.start_time = ended, ended
+
+    now = 1_000_000.0
+    assert why_run(7, "10/3", 0, None, now) == "task-7-first-10/3"
+    assert why_run(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
+    assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == "task-7-progress-10/4"
+    assert why_run(7, "unknown", 0, Last("10/3", now - 60), now) is None
+    assert why_run(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
+    late = why_run(7, "10/3", 0, Last("10/3", now - settings.SENSOR_MAX_INTERVAL_SECONDS), now)
+    assert late.startswith("task-7-every-")
 
 
-def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance):
+def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance, simulator):
     create_task(mariadb_url, task_type=4, job_group_id="jg-z")
-    result = evaluate(instance, mariadb_url)
+    result = evaluate(instance, mariadb_url, simulator)
     assert result.run_requests == [] and result.dynamic_partitions_requests == []
 
 
@@ -141,7 +152,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     assert tick().run_requests == []  # done: the group and the task agree again
 
 
-def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance):
+def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"])])
     job = defs.resolve_job_def("sync_call_task")
@@ -149,10 +160,52 @@ def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance
                                       status=dg.DagsterRunStatus.STARTED)
     instance.report_run_failed(run)
     instance.add_run_tags(run.run_id, {"dagster/will_retry": "true"})  # what the daemon marks
-    assert str(tasks["calling"]) not in {r.partition_key for r in evaluate(instance, mariadb_url).run_requests}
+    requested = {r.partition_key for r in evaluate(instance, mariadb_url, simulator).run_requests}
+    assert str(tasks["calling"]) not in requested
     # once the retry came (and ended), the task is the sensor's again
     retry = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"]),
                                                    "dagster/parent_run_id": run.run_id},
                                         status=dg.DagsterRunStatus.STARTED)
     instance.report_run_failed(retry)
-    assert str(tasks["calling"]) in {r.partition_key for r in evaluate(instance, mariadb_url).run_requests}
+    requested = {r.partition_key for r in evaluate(instance, mariadb_url, simulator).run_requests}
+    assert str(tasks["calling"]) in requested
+
+
+def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_url, instance, simulator):
+    """One tick over 100 active tasks, each synced by a completed run that saw its group's
+    progress: after 10 groups move on, the tick makes one ListJobGroups call and requests
+    exactly those 10 runs (before: a run per task per interval, whatever happened)."""
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    from call_pipeline.sensors import PROGRESS_TAG, job_group_progress, progress_tag
+    from call_pipeline.simulator.scenarios import build_job_group
+    from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
+    from call_pipeline_tests.test_sync_job import create_task_leads
+
+    job = defs.resolve_job_def("sync_call_task")
+    tasks = {}
+    for n in range(100):
+        group_id = f"jg-quiet-{n}"
+        task_id = create_task(mariadb_url, job_group_id=group_id, leads=[])
+        lead = {"leads_id": 1, "leads_phone": f"1340000{n:04d}", "reference_id": new_reference(task_id, 1)}
+        create_task_leads(mariadb_url, task_id, [lead])
+        group = build_job_group(group_id, [lead], task_id=task_id, seed=n, status_mix={"Succeeded": 1.0})
+        group["jobs"][0]["Status"] = "Executing"  # still calling: the CRM holds no work for it
+        simulator.state.add_job_group(group)
+        tasks[task_id] = group_id
+    instance.add_dynamic_partitions("call_tasks", [str(t) for t in tasks])
+    seen = job_group_progress(pipeline_resources(mariadb_url, simulator)["outboundbot"])
+    for task_id, group_id in tasks.items():
+        run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED, tags={
+            "dagster/partition": str(task_id), PROGRESS_TAG: progress_tag(seen[group_id])})
+        instance.report_dagster_event(DagsterEvent(DagsterEventType.RUN_SUCCESS.value, job_name=job.name),
+                                      run_id=run.run_id)
+    assert evaluate(instance, mariadb_url, simulator).run_requests == []  # nothing moved
+
+    moving = list(tasks)[:10]
+    for task_id in moving:
+        simulator.state.set_job_status(simulator.state.jobs_of_group(tasks[task_id])[0]["JobId"], "Succeeded")
+    calls_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
+    result = evaluate(instance, mariadb_url, simulator)
+    assert sorted(int(r.partition_key) for r in result.run_requests) == sorted(moving)
+    assert simulator.state.stats()["requests"]["ListJobGroups"] == calls_before + 1  # 100 groups: one page

@@ -153,6 +153,23 @@ def count_matched_and_pending(conn: Connection, task_ids: Sequence[int]) -> dict
     return {task_id: counts.get(task_id, (0, 0)) for task_id in task_ids}
 
 
+def count_work_left(conn: Connection, task_ids: Sequence[int]) -> dict[int, int]:
+    """Per task: leads the CRM still holds work for that the cloud is not waiting on: a job with
+    no status yet, a terminal status with no follow-up, a succeeded call with no recording (a unit
+    that failed, or a run cut short)."""
+    if not task_ids:
+        return {}
+    has_job = _has_text(_L.c.call_job_id)
+    terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
+    work = and_(has_job, or_(_is_blank(_L.c.call_status),
+                             and_(terminal, _L.c.leads_follow_id.is_(None)),
+                             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id),
+                                  _is_blank(_L.c.recording_url))))
+    stmt = select(_L.c.task_id, _count_where(work)).where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id)
+    counts = {int(task_id): int(n) for task_id, n in conn.execute(stmt)}
+    return {task_id: counts.get(task_id, 0) for task_id in task_ids}
+
+
 def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
     row = conn.execute(select(*_TASK_COLUMNS).where(call_tasks.c.id == task_id)).first()
     return _task_row(row) if row else None
