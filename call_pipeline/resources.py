@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from call_pipeline import settings
 from call_pipeline.clients.dashscope_llm import LlmClient, LlmSettings
-from call_pipeline.clients.limits import SharedRateLimiter, SharedSemaphore
+from call_pipeline.clients.limits import concurrency_limit, rate_limiter
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
@@ -82,7 +82,7 @@ class OutboundBotResource(dg.ConfigurableResource):
         )
 
         def build() -> OutboundBotClient:
-            limiter = SharedRateLimiter(f"outboundbot-{self.endpoint}-{self.instance_id}", self.max_qps)
+            limiter = rate_limiter(f"outboundbot-{self.endpoint}-{self.instance_id}", self.max_qps)
             return OutboundBotClient(settings, limiter)
 
         return _cached(("outboundbot", settings), build)
@@ -116,7 +116,7 @@ class DashScopeResource(dg.ConfigurableResource):
 
         def build() -> LlmClient:
             target = self.base_http_api_url or "default"
-            return LlmClient(settings, SharedSemaphore(f"dashscope-{target}", self.max_concurrency))
+            return LlmClient(settings, concurrency_limit(f"dashscope-{target}", self.max_concurrency))
 
         return _cached(("dashscope", settings), build)
 
@@ -138,7 +138,7 @@ class RecordingArchiveResource(dg.ConfigurableResource):
         def build() -> RecordingArchive:
             return RecordingArchive(open_store(self.store_url, self.s3_endpoint), self.public_base_url,
                                     self.max_bytes,
-                                    limit=SharedSemaphore(f"recordings-{self.store_url}", self.max_concurrency))
+                                    limit=concurrency_limit(f"recordings-{self.store_url}", self.max_concurrency))
 
         return _cached(("recordings", self.store_url, self.s3_endpoint, self.public_base_url, self.max_bytes,
                         self.max_concurrency), build)

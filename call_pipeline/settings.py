@@ -60,3 +60,7 @@ RECONCILE_DAYS = _int("CALL_PIPELINE_RECONCILE_DAYS", 7)
 LOG_LEVEL = (os.environ.get("CALL_PIPELINE_LOG_LEVEL") or "INFO").upper()
 # The sensor relaunches a task whose group and CRM show no change at least this often (seconds).
 SENSOR_MAX_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS", 3600)
+# Redis for the account's limits across machines (OUTBOUNDBOT_MAX_QPS, DASHSCOPE_MAX_CONCURRENCY);
+# unset: they hold per machine (files under CALL_PIPELINE_STATE_DIR). Its keys start with the prefix.
+REDIS_URL = os.environ.get("CALL_PIPELINE_REDIS_URL") or None
+REDIS_KEY_PREFIX = os.environ.get("CALL_PIPELINE_REDIS_KEY_PREFIX") or "call_pipeline"

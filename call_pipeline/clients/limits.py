@@ -151,3 +151,26 @@ class SharedSemaphore:
                     continue
                 return fd, index
             time.sleep(self.POLL_SECONDS)
+
+
+def rate_limiter(name: str, rate: float):
+    """The account's rate limit `name`: through Redis when CALL_PIPELINE_REDIS_URL is set (every
+    machine), else in this machine's files."""
+    from call_pipeline import settings
+
+    if settings.REDIS_URL:
+        from call_pipeline.clients.redis_limits import RedisRateLimiter
+
+        return RedisRateLimiter(settings.REDIS_URL, name, rate, settings.REDIS_KEY_PREFIX)
+    return SharedRateLimiter(name, rate)
+
+
+def concurrency_limit(name: str, slots: int):
+    """The account's concurrency limit `name`, as `rate_limiter` chooses where it lives."""
+    from call_pipeline import settings
+
+    if settings.REDIS_URL:
+        from call_pipeline.clients.redis_limits import RedisLeaseSemaphore
+
+        return RedisLeaseSemaphore(settings.REDIS_URL, name, slots, settings.REDIS_KEY_PREFIX)
+    return SharedSemaphore(name, slots)

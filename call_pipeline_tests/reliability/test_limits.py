@@ -18,11 +18,30 @@ from call_pipeline_tests.reliability.invariant import Monitor, assert_matches_cl
 
 CAP = 12
 LLM_SLOTS = 2
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own in the machine's Redis; its keys are deleted after."""
+    import uuid
+
+    import redis
+
+    prefix = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"*{prefix}*"):
+        client.delete(key)
+    client.close()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("shared_through", ["files", "redis"])
 def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, simulator, instance, clean_run,
-                                                                   tmp_path):
+                                                                   tmp_path, shared_through, redis_prefix):
+    """`files`: one state folder for every process (one machine). `redis`: a state folder per
+    process, as on three machines, and the limits in Redis (CALL_PIPELINE_REDIS_URL)."""
     tasks = [scenarios.mixed(task_id=7200 + i, n_leads=20, leads_id_offset=1000 * i, seed=60 + i)
              for i in range(3)]
     cleans = {s.task_id: clean_run(s) for s in tasks}
@@ -32,12 +51,18 @@ def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, 
     simulator.state.set_qps_cap(CAP)  # the simulated account throttles above CAP requests a second
     simulator.state.set_latency(outboundbot_ms=5, dashscope_ms=150)
     simulator.state.inject_fault(action="*", status=503, times=3)  # retries go through the limiter too
-    state_dir = tmp_path / "limits"  # one folder for every process: the limiters' shared state
-    env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, max_qps=CAP, max_concurrency=LLM_SLOTS),
-                         dagster_home=instance.root_directory, CALL_PIPELINE_STATE_DIR=str(state_dir))
+    base = pipeline_env_vars(mariadb_url, simulator, max_qps=CAP, max_concurrency=LLM_SLOTS)
+    if shared_through == "redis":
+        base.update(CALL_PIPELINE_REDIS_URL=REDIS_URL, CALL_PIPELINE_REDIS_KEY_PREFIX=redis_prefix)
+
+    def env_of(scenario) -> dict:
+        # files: one folder for every process, the limiters' shared state; redis: one each
+        folder = tmp_path / ("limits" if shared_through == "files" else f"limits-{scenario.task_id}")
+        return subprocess_env(base, dagster_home=instance.root_directory, CALL_PIPELINE_STATE_DIR=str(folder))
 
     with Monitor(mariadb_url, [s.task_id for s in tasks]):
-        procs = [start_run_process(s.task_id, env, tmp_path / f"run_{s.task_id}.log", page_size=10) for s in tasks]
+        procs = [start_run_process(s.task_id, env_of(s), tmp_path / f"run_{s.task_id}.log", page_size=10)
+                 for s in tasks]
         reports = [finish_run_process(proc, timeout=240) for proc in procs]
 
     assert all(r["success"] for r in reports), [r["output"][-2000:] for r in reports]

@@ -1,0 +1,132 @@
+"""The limits shared through the machine's Redis, by real processes: the rate holds across them,
+a lease held by a process that is SIGKILLed is free again within a minute, and an unreachable
+Redis is a clear error, never "no limit"."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from call_pipeline.clients.redis_limits import (
+    LEASE_SECONDS,
+    LimitUnavailable,
+    RedisLeaseSemaphore,
+    RedisRateLimiter,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def prefix():
+    name = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"*{name}*"):
+        client.delete(key)
+    client.close()
+
+
+def _python(code: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+HAMMER = """
+import json, sys, time
+from call_pipeline.clients.redis_limits import RedisRateLimiter
+limiter = RedisRateLimiter({url!r}, "ob", {rate}, {prefix!r})
+sent, end = [], time.time() + {seconds}
+while time.time() < end:
+    limiter.acquire()
+    sent.append(time.time())
+print(json.dumps(sent))
+"""
+
+
+def test_the_rate_holds_across_processes(prefix):
+    rate, seconds = 20, 3.0
+    procs = [_python(HAMMER.format(url=REDIS_URL, rate=rate, prefix=prefix, seconds=seconds)) for _ in range(3)]
+    sent = sorted(t for p in procs for t in json.loads(p.communicate(timeout=60)[0]))
+    assert len(sent) >= rate * (seconds - 1)  # the processes did go as fast as they were let
+    most = max(sum(1 for t in sent if start <= t < start + 1.0) for start in sent)
+    assert most <= rate, most
+
+
+HOLD = """
+import sys, time
+from call_pipeline.clients.redis_limits import RedisLeaseSemaphore
+semaphore = RedisLeaseSemaphore({url!r}, "llm", 3, {prefix!r})
+holds = [semaphore.hold() for _ in range(3)]
+for hold in holds:
+    hold.__enter__()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_slots_of_a_killed_process_are_free_again_within_a_minute(prefix):
+    semaphore = RedisLeaseSemaphore(REDIS_URL, "llm", 3, prefix)
+    holder = _python(HOLD.format(url=REDIS_URL, prefix=prefix))
+    assert holder.stdout.readline().strip() == "held"
+    assert semaphore.held() == 3
+    time.sleep(LEASE_SECONDS / 2)
+    assert semaphore.held() == 3  # renewed while the holder lives
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    killed_at = time.monotonic()
+    while semaphore.held():
+        assert time.monotonic() - killed_at < 60, "the dead holder's slots were not freed within a minute"
+        time.sleep(0.5)
+    with semaphore.hold():
+        assert semaphore.held() == 1
+
+
+def test_a_released_lease_frees_its_slot_at_once(prefix):
+    semaphore = RedisLeaseSemaphore(REDIS_URL, "llm", 1, prefix)
+    with semaphore.hold():
+        assert semaphore.held() == 1
+    assert semaphore.held() == 0
+
+
+def test_an_unreachable_redis_is_a_clear_error():
+    with pytest.raises(LimitUnavailable, match="CALL_PIPELINE_REDIS_URL is set but Redis at 127.0.0.1:1"):
+        RedisRateLimiter("redis://127.0.0.1:1/0", "ob", 20, "p").acquire()
+    with pytest.raises(LimitUnavailable, match="unreachable"), RedisLeaseSemaphore("redis://127.0.0.1:1/0", "llm", 2,
+                                                                                  "p").hold():
+        pass
+
+
+CALLS = """
+from call_pipeline.simulator.server import start_simulator
+from call_pipeline_tests.pipeline_harness import pipeline_resources
+simulator = start_simulator()
+resources = pipeline_resources("sqlite://", simulator)
+for call in (lambda: resources["outboundbot"].get_client().list_jobs_by_group("jg", 1, 10),
+             lambda: resources["dashscope"].get_client().complete([{"role": "user", "content": "json"}])):
+    try:
+        call()
+        print("NO ERROR")
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+print("cloud calls:", simulator.state.stats()["outboundbot_requests"] + simulator.state.stats()["dashscope_requests"])
+simulator.stop()
+"""
+
+
+def test_clients_configured_with_an_unreachable_redis_make_no_call():
+    proc = _python(CALLS, CALL_PIPELINE_REDIS_URL="redis://127.0.0.1:1/0")
+    out = proc.communicate(timeout=120)[0]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("OutboundBotError") and "Redis at 127.0.0.1:1 is unreachable" in lines[0]
+    assert lines[1].startswith("LimitUnavailable")
+    assert lines[2] == "cloud calls: 0"
