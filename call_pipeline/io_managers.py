@@ -8,8 +8,10 @@ downstream mapped steps (`fetch_call_results[page_6]`, ...), whose input was the
 in any run of the lineage. Loading it raises "Attempting to access run_id, but it was not
 provided" before the op runs, on every re-execution, so the partition could never be finished
 from failure. Such an input loads as None here instead; the ops pass None along as "this batch
-was not run", and the wait op of a re-execution does every batch's remaining work itself
-(`steps.catch_up_task`). Every other input loads exactly as with Dagster's own IO manager.
+was not run", and the op after `.collect()` does those batches itself (steps/catch_up.py). Every
+other input loads exactly as with Dagster's own IO manager. On Celery workers, which share no
+disk, the step outputs go to an S3-compatible bucket instead (CALL_PIPELINE_IO_STORE), with the
+same rule.
 """
 
 from __future__ import annotations
@@ -17,22 +19,29 @@ from __future__ import annotations
 import dagster as dg
 from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
+from dagster_aws.s3 import S3PickleIOManager
+
+
+def never_produced(context: dg.InputContext) -> bool:
+    """Whether no run of the lineage produced this input (its step never ran); logged."""
+    upstream = context.upstream_output
+    if upstream is None:
+        return False
+    try:
+        upstream.run_id  # noqa: B018 - raises when no run of the lineage produced the output
+    except DagsterInvariantViolationError:
+        context.log.warning(
+            f"input {context.name!r} comes from step {upstream.step_key}, "
+            "which no run of this lineage executed (the parent run was interrupted before it "
+            "started); loading None: the re-execution catches up on that batch's work"
+        )
+        return True
+    return False
 
 
 class ReexecutionSafePickledIOManager(PickledObjectFilesystemIOManager):
     def load_input(self, context: dg.InputContext):
-        upstream = context.upstream_output
-        if upstream is not None:
-            try:
-                upstream.run_id  # noqa: B018 - raises when no run of the lineage produced the output
-            except DagsterInvariantViolationError:
-                context.log.warning(
-                    f"input {context.name!r} comes from step {upstream.step_key}, "
-                    "which no run of this lineage executed (the parent run was interrupted before it "
-                    "started); loading None: the re-execution catches up on that batch's work"
-                )
-                return None
-        return super().load_input(context)
+        return None if never_produced(context) else super().load_input(context)
 
 
 class ReexecutionSafeFilesystemIOManager(dg.FilesystemIOManager):
@@ -42,3 +51,11 @@ class ReexecutionSafeFilesystemIOManager(dg.FilesystemIOManager):
     def create_io_manager(self, context: dg.InitResourceContext) -> ReexecutionSafePickledIOManager:
         base_dir = self.base_dir or context.instance.storage_directory()
         return ReexecutionSafePickledIOManager(base_dir=base_dir)
+
+
+class ReexecutionSafeS3PickleIOManager(S3PickleIOManager):
+    """dagster-aws's `S3PickleIOManager` (for steps on machines that share no disk: Celery
+    workers), with the same None for inputs that no run of the lineage produced."""
+
+    def load_input(self, context: dg.InputContext):
+        return None if never_produced(context) else super().load_input(context)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import threading
 from datetime import datetime
+from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 from sqlalchemy import Engine
 
@@ -19,7 +21,7 @@ from call_pipeline.clients.limits import concurrency_limit, rate_limiter
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
-from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
+from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager, ReexecutionSafeS3PickleIOManager
 
 DEFAULT_OUTBOUNDBOT_ENDPOINT = "outboundbot.cn-shanghai.aliyuncs.com"
 DEFAULT_TIMEZONE = "Asia/Shanghai"
@@ -160,6 +162,18 @@ def _env_number(name: str, default: str, kind: type) -> float | int:
     return value
 
 
+def io_manager_from_settings() -> dg.ConfigurableIOManagerFactory | dg.ConfigurableIOManager:
+    """Step outputs in the instance's storage folder, or in CALL_PIPELINE_IO_STORE (s3://...)."""
+    if not settings.IO_STORE:
+        return ReexecutionSafeFilesystemIOManager()
+    parsed = urlparse(settings.IO_STORE)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"CALL_PIPELINE_IO_STORE must be s3://bucket/prefix, got {settings.IO_STORE!r}")
+    return ReexecutionSafeS3PickleIOManager(
+        s3_resource=S3Resource(endpoint_url=settings.IO_S3_ENDPOINT), s3_bucket=parsed.netloc,
+        s3_prefix=parsed.path.strip("/") or "dagster")
+
+
 def resources_from_env() -> dict[str, dg.ConfigurableResource | dg.ConfigurableIOManagerFactory]:
     """The resources as SPEC §6 configures them. Credentials are `EnvVar`s: a run without them
     fails before its first step with Dagster's error naming every missing variable; it never
@@ -167,7 +181,7 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource | dg.ConfigurableI
     from failure after a killed run (call_pipeline/io_managers.py)."""
     crm_url = dg.EnvVar("CALL_PIPELINE_CRM_URL") if _env("CALL_PIPELINE_CRM_URL") else DEFAULT_CRM_URL
     return {
-        "io_manager": ReexecutionSafeFilesystemIOManager(),
+        "io_manager": io_manager_from_settings(),
         "crm": CrmDatabase(url=crm_url, timezone=_env("CALL_PIPELINE_TIMEZONE", DEFAULT_TIMEZONE)),
         "outboundbot": OutboundBotResource(
             access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),

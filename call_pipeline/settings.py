@@ -64,3 +64,7 @@ SENSOR_MAX_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS", 
 # unset: they hold per machine (files under CALL_PIPELINE_STATE_DIR). Its keys start with the prefix.
 REDIS_URL = os.environ.get("CALL_PIPELINE_REDIS_URL") or None
 REDIS_KEY_PREFIX = os.environ.get("CALL_PIPELINE_REDIS_KEY_PREFIX") or "call_pipeline"
+# Where steps hand each other their outputs: unset, the instance's storage folder (one machine);
+# s3://bucket/prefix for workers that share no disk (endpoint: CALL_PIPELINE_IO_S3_ENDPOINT).
+IO_STORE = os.environ.get("CALL_PIPELINE_IO_STORE") or None
+IO_S3_ENDPOINT = os.environ.get("CALL_PIPELINE_IO_S3_ENDPOINT") or None

@@ -81,3 +81,48 @@ def env(mariadb_url, simulator):
     configure()
     yield configure
     stack.close()
+
+
+@pytest.fixture
+def broker_url():
+    """A RabbitMQ virtual host of this test's own, deleted after: its queues are nobody else's."""
+    import subprocess
+
+    vhost = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield f"pyamqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own in the machine's Redis; its keys are deleted after."""
+    import redis
+
+    prefix = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    for key in client.scan_iter(f"*{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def dagster_mysql_env() -> Iterator[dict[str, str]]:
+    """A utf8mb4 database of its own on the machine's MariaDB for a production-like Dagster
+    instance (deploy/dagster.yaml reads these variables), dropped after."""
+    name = f"call_pipeline_dagster_{uuid.uuid4().hex[:10]}"
+    server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    try:
+        yield {"DAGSTER_MYSQL_HOST": "127.0.0.1", "DAGSTER_MYSQL_PORT": "3306", "DAGSTER_MYSQL_USER": "root",
+               "DAGSTER_MYSQL_PASSWORD": "", "DAGSTER_MYSQL_DB": name}
+    finally:
+        with server.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        server.dispose()

@@ -25,10 +25,15 @@ import dagster as dg
 
 from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.executors import sync_executor
-from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
+from call_pipeline.resources import (
+    CrmDatabase,
+    DashScopeResource,
+    OutboundBotResource,
+    RecordingArchiveResource,
+    io_manager_from_settings,
+)
 from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, TEST_DASHSCOPE_KEY
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +50,7 @@ def resources_for_tests() -> dict:
     """SPEC §6's resources, read from the environment like production; the test-only knobs are
     the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
     return {
-        "io_manager": ReexecutionSafeFilesystemIOManager(),
+        "io_manager": io_manager_from_settings(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),
         "recording_archive": RecordingArchiveResource(
             store_url=os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None),

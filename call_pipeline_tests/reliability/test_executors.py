@@ -25,19 +25,6 @@ from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, 
 RESULT_BACKEND = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture
-def broker_url():
-    """A RabbitMQ virtual host of this test's own, deleted after: its queues are nobody else's."""
-    vhost = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   check=True, capture_output=True, timeout=60)
-    try:
-        yield f"pyamqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
-
-
 def wait_for_worker(broker: str, name: str, worker: subprocess.Popen, timeout_s: float = 90.0) -> None:
     app = Celery(broker=broker, backend=RESULT_BACKEND)
     deadline = time.monotonic() + timeout_s

@@ -21,21 +21,6 @@ LLM_SLOTS = 2
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture
-def redis_prefix():
-    """A key prefix of this test's own in the machine's Redis; its keys are deleted after."""
-    import uuid
-
-    import redis
-
-    prefix = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"*{prefix}*"):
-        client.delete(key)
-    client.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shared_through", ["files", "redis"])
 def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, simulator, instance, clean_run,

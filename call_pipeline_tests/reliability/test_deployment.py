@@ -1,0 +1,198 @@
+"""The production shape with real processes: dagster-daemon and dagster-webserver on a MariaDB
+instance (deploy/dagster.yaml: queued runs, run retries, run monitoring), the celery executor with
+RabbitMQ as broker and Redis for results and for the shared limits, step outputs in an
+S3-compatible bucket (moto's server), and two Celery workers, each with a home folder and a state
+folder of its own (as on two machines): one on sync_queue,query_queue, one on
+download_queue,ai_queue. The sensor launches the runs of two tasks through the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import requests
+from celery import Celery
+
+from call_pipeline_tests.reliability import scenarios
+from call_pipeline_tests.reliability.harness import PROJECT_ROOT, pipeline_env_vars, subprocess_env
+from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, normalized
+
+RESULT_BACKEND = "redis://127.0.0.1:6379/0"
+BIN = Path(sys.executable).parent
+QUEUES_OF = {"sync-query": "sync_queue,query_queue", "download-ai": "download_queue,ai_queue"}
+WORKER_OF_QUEUE = {"sync_queue": "sync-query", "query_queue": "sync-query", "download_queue": "download-ai",
+                   "ai_queue": "download-ai"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _home(path: Path) -> Path:
+    path.mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "deploy" / "dagster.yaml", path / "dagster.yaml")
+    return path
+
+
+class Processes:
+    """Started in process groups of their own, stopped together (and killed if they linger)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.running = logs, {}
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        proc = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.running[name] = (proc, log)
+        return proc
+
+    def check_alive(self) -> None:
+        for name, (proc, _) in self.running.items():
+            assert proc.poll() is None, f"{name} exited: {self.output(name)[-3000:]}"
+
+    def output(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc, _ in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc, log in self.running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.close()
+
+
+@pytest.mark.slow
+def test_the_sensor_runs_two_tasks_through_the_daemon_on_two_celery_workers(
+        mariadb_url, simulator, clean_run, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials,
+        tmp_path):
+    tasks = [scenarios.mixed(task_id=7400 + i, n_leads=40, leads_id_offset=2000 * i, seed=80 + i) for i in range(2)]
+    cleans = {s.task_id: clean_run(s) for s in tasks}
+    for scenario in tasks:
+        scenario.install(mariadb_url, simulator)
+    bucket = s3.new_bucket()
+    env = subprocess_env(pipeline_env_vars(mariadb_url, simulator), dagster_home=tmp_path / "unused", **{
+        **dagster_mysql_env,
+        "CALL_PIPELINE_EXECUTOR": "celery",
+        "CALL_PIPELINE_CELERY_BROKER": broker_url, "CALL_PIPELINE_CELERY_BACKEND": RESULT_BACKEND,
+        "CALL_PIPELINE_REDIS_URL": RESULT_BACKEND, "CALL_PIPELINE_REDIS_KEY_PREFIX": redis_prefix,
+        "CALL_PIPELINE_IO_STORE": f"s3://{bucket}/steps", "CALL_PIPELINE_IO_S3_ENDPOINT": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+        "CALL_PIPELINE_SENSOR_TICK_SECONDS": "5",
+    })
+    ops_home = _home(tmp_path / "ops_home")
+    # the schema, once, before the processes that share it start
+    os.environ.update(dagster_mysql_env)
+    try:
+        dg.DagsterInstance.from_config(str(ops_home)).dispose()
+    finally:
+        for name in dagster_mysql_env:
+            os.environ.pop(name, None)
+    processes = Processes(tmp_path)
+    port = _free_port()
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    try:
+        ops_env = {**env, "DAGSTER_HOME": str(ops_home)}
+        processes.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], ops_env)
+        processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
+                                      "-p", str(port)], ops_env)
+        for name, queues in QUEUES_OF.items():
+            home = _home(tmp_path / f"{name}_home")
+            processes.start(name, [sys.executable, "-m", "call_pipeline.cli", "worker", "--queues", queues,
+                                   "--concurrency", "2", "--name", f"{name}@localhost"],
+                            {**env, "DAGSTER_HOME": str(home), "CALL_PIPELINE_STATE_DIR": str(home / "limits")})
+        processes.check_alive()
+        _wait_for_workers(broker_url, [f"{name}@localhost" for name in QUEUES_OF])
+        _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok, 120, "the webserver")
+
+        os.environ.update(dagster_mysql_env)
+        instance = dg.DagsterInstance.from_config(str(ops_home))
+        try:
+            runs = _wait_for_runs(instance, [s.task_id for s in tasks], processes)
+            ran_on = {}
+            for run in runs:
+                assert run.tags["call_pipeline/task_name"]
+                for entry in instance.all_logs(run.run_id):
+                    event = entry.dagster_event
+                    if event and event.event_type_value == "ENGINE_EVENT" and \
+                            "in celery worker" in (entry.message or ""):
+                        ran_on[(run.run_id, event.step_key)] = event.engine_event_data.metadata["Celery worker"].value
+            succeeded = {(r.run_id, e.step_key) for r in runs for e in instance.all_logs(r.run_id)
+                         if e.dagster_event and e.dagster_event.is_step_success}
+        finally:
+            instance.dispose()
+            for name in dagster_mysql_env:
+                os.environ.pop(name, None)
+    finally:
+        processes.stop()
+
+    assert succeeded and set(ran_on) >= succeeded
+    from call_pipeline.definitions import defs
+
+    queue_of = {node.name: node.definition.tags["dagster-celery/queue"]
+                for node in defs.resolve_job_def("sync_call_task").graph.node_dict.values()}
+    for (_, step_key), worker in ran_on.items():
+        expected = WORKER_OF_QUEUE[queue_of[step_key.split("[")[0]]]
+        assert worker == f"{expected}@localhost", (step_key, worker)
+    assert {w for w in ran_on.values()} == {f"{name}@localhost" for name in QUEUES_OF}
+    for scenario in tasks:
+        assert_matches_clean_run(normalized(mariadb_url, scenario.task_id), cleans[scenario.task_id])
+    stats = simulator.state.stats()
+    llm = sum(1 for clean in cleans.values() for lead in clean["leads"].values()
+              if lead["follow_up"] in ("llm", "ai_fallback"))
+    assert stats["dashscope_requests"] == llm  # no LLM call twice
+    assert stats["download_recording_repeats"] == 0 and stats["throttled"] == 0
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(Exception):
+            if condition():
+                return
+        assert time.monotonic() < deadline, f"{what} did not come up within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+def _wait_for_workers(broker: str, names: list[str], timeout_s: float = 120.0) -> None:
+    app = Celery(broker=broker, backend=RESULT_BACKEND)
+    try:
+        _wait_for(lambda: {n for reply in app.control.ping(timeout=1.0) or [] for n in reply} >= set(names),
+                  timeout_s, "the workers")
+    finally:
+        app.close()
+
+
+def _wait_for_runs(instance: dg.DagsterInstance, task_ids: list[int], processes: Processes,
+                   timeout_s: float = 300.0) -> list:
+    """The runs the sensor launched for the tasks, once each task has a successful one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="sync_call_task"))
+        done = {run.tags.get("dagster/partition") for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
+        if {str(t) for t in task_ids} <= done:
+            return [run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS]
+        processes.check_alive()
+        failed = [run for run in runs if run.status == dg.DagsterRunStatus.FAILURE]
+        assert not failed, processes.output("daemon")[-3000:]
+        assert time.monotonic() < deadline, (
+            f"runs: {[(r.tags.get('dagster/partition'), r.status.value) for r in runs]}\\n"
+            + processes.output("daemon")[-3000:])
+        time.sleep(1.0)
