@@ -86,10 +86,11 @@ def _ui(args: argparse.Namespace) -> int:
     # background has it ignored, and dagster dev would inherit that), so that stopping reaches
     # the webserver, the daemon and the code server that dagster dev starts.
     signal.signal(signal.SIGTERM, _interrupt)
-    simulator = _start_group(simulator_cmd, env)
+    simulator = _start_group(simulator_cmd, env, PROJECT_ROOT)
     time.sleep(1.0)
     print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}); Ctrl-C stops both.")
-    dagster = _start_group(dagster_cmd, env)
+    # from the instance's folder: dagster dev warns about a dagster.yaml in its working folder
+    dagster = _start_group(dagster_cmd, env, home)
     try:
         return dagster.wait()
     except KeyboardInterrupt:
@@ -98,8 +99,8 @@ def _ui(args: argparse.Namespace) -> int:
         _stop_groups([dagster, simulator])
 
 
-def _start_group(command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True,
+def _start_group(command: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 

@@ -1,5 +1,6 @@
 """All of call_pipeline's Dagster definitions, gathered in one place."""
 
+
 import dagster as dg
 
 from call_pipeline.jobs import advance_task_states, sync_call_task

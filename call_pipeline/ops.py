@@ -15,6 +15,7 @@ from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.summary import render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
+from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
@@ -238,26 +239,6 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, total
                   "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary)}))
     context.log.info(f"task {task.id}: task_type {before} -> {after}")
     return after if after is not None else -1
-
-
-def last_sync_run_status(instance: dg.DagsterInstance, task_id: int) -> dg.DagsterRunStatus | None:
-    runs = instance.get_runs(
-        filters=dg.RunsFilter(job_name="sync_call_task", tags={"dagster/partition": str(task_id)}), limit=1
-    )
-    return runs[0].status if runs else None
-
-
-# A task whose last sync run did not finish may have pages never matched: concluding it now would
-# lose their leads for good, since a task at 4 is never run again. Its next run evaluates it.
-UNFINISHED_RUN_STATUSES = {
-    dg.DagsterRunStatus.FAILURE,
-    dg.DagsterRunStatus.CANCELED,
-    dg.DagsterRunStatus.CANCELING,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-}
 
 
 @dg.op(tags=SYNC_QUEUE)

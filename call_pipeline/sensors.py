@@ -17,36 +17,7 @@ from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, OutboundBotResource
-
-WILL_RETRY_TAG = "dagster/will_retry"
-
-# A run in one of these states still holds its task: no second run is requested meanwhile.
-ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
-
-
-def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> set[str]:
-    """Partitions with a queued or running run, or whose failed run Dagster will retry and has not
-    yet (the daemon sets `dagster/will_retry`): a new run would take the retry's place."""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES))
-    busy = {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
-    failed = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE],
-                                                     tags={WILL_RETRY_TAG: "true"}), limit=500)
-    for run in failed:
-        partition = run.tags.get("dagster/partition")
-        if partition is None or partition in busy:
-            continue
-        latest = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, tags={"dagster/partition": partition}),
-                                   limit=1)
-        if latest and latest[0].run_id == run.run_id:  # its retry (or any later run) has not come yet
-            busy.add(partition)
-    return busy
-
+from call_pipeline.run_status import partitions_with_active_runs
 
 PROGRESS_TAG = "call_pipeline/progress"
 
