@@ -44,12 +44,15 @@ class RedisRateLimiter:
         self.item = RateLimitItemPerSecond(max(1, int(rate * RATE_SHARE)))
         self._limiter = MovingWindowRateLimiter(RedisStorage(url, key_prefix=prefix, socket_timeout=5,
                                                              socket_connect_timeout=5))
+        self.granted_at = 0.0  # the time of the last hit the window let go, as the window counts it
 
     def acquire(self) -> float:
         started = time.monotonic()
         while True:
             try:
+                asked_at = time.time()
                 if self._limiter.hit(self.item, self.name):
+                    self.granted_at = asked_at
                     return time.monotonic() - started
                 reset = self._limiter.get_window_stats(self.item, self.name).reset_time
             except (StorageError, redis.RedisError, OSError) as exc:

@@ -47,7 +47,7 @@ limiter = RedisRateLimiter({url!r}, "ob", {rate}, {prefix!r})
 sent, end = [], time.time() + {seconds}
 while time.time() < end:
     limiter.acquire()
-    sent.append(time.time())
+    sent.append(limiter.granted_at)  # when the window counted it (a busy machine delays what follows)
 print(json.dumps(sent))
 """
 
