@@ -33,16 +33,13 @@ def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:
 
 def celery_config() -> dict:
     return {
-        "broker": {"env": "CALL_PIPELINE_CELERY_BROKER"} if _set("CALL_PIPELINE_CELERY_BROKER")
+        # from the environment of each process (a password in a broker URL never enters the config)
+        "broker": {"env": "CALL_PIPELINE_CELERY_BROKER"} if os.environ.get("CALL_PIPELINE_CELERY_BROKER")
         else settings.CELERY_BROKER,
-        "backend": {"env": "CALL_PIPELINE_CELERY_BACKEND"} if _set("CALL_PIPELINE_CELERY_BACKEND")
+        "backend": {"env": "CALL_PIPELINE_CELERY_BACKEND"} if os.environ.get("CALL_PIPELINE_CELERY_BACKEND")
         else settings.CELERY_BACKEND,
         "include": ["call_pipeline.definitions"],
     }
-
-
-def _set(name: str) -> bool:
-    return bool(os.environ.get(name))
 
 
 def sync_executor(name: str | None = None) -> dg.ExecutorDefinition:

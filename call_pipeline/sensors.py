@@ -19,6 +19,21 @@ from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
 
+JOB_GROUPS_PAGE_SIZE = 100
+
+
+def job_group_progress(outboundbot: OutboundBotResource) -> dict:
+    """Every job group's progress, in one paged ListJobGroups call (pages of 100)."""
+    client = outboundbot.get_client()
+    progress, page = {}, 1
+    while True:
+        groups, total = parse_job_groups_page(client.list_job_groups(page, JOB_GROUPS_PAGE_SIZE))
+        progress.update(groups)
+        if not groups or page * JOB_GROUPS_PAGE_SIZE >= total:
+            return progress
+        page += 1
+
+
 PROGRESS_TAG = "call_pipeline/progress"
 
 
@@ -61,7 +76,7 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
                      outboundbot: OutboundBotResource) -> dg.SensorResult:
     with crm.engine.connect() as conn:
         tasks = repo.fetch_active_tasks(conn)
-        work_left = repo.count_work_left(conn, [task.id for task in tasks])
+        work = repo.count_lead_work(conn, [task.id for task in tasks])
     known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
     new_keys = [str(task.id) for task in tasks if str(task.id) not in known]
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
@@ -77,7 +92,8 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if str(task.id) in busy:
             continue
         progress = progress_tag(groups.get(task.job_group_id or ""))
-        run_key = why_run(task.id, progress, work_left[task.id], last_completed_run(context.instance, task.id), now)
+        run_key = why_run(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
+                          now)
         if run_key is None:
             quiet.append(str(task.id))
             continue
@@ -94,20 +110,6 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
     )
 
-JOB_GROUPS_PAGE_SIZE = 100
-
-
-def job_group_progress(outboundbot: OutboundBotResource) -> dict:
-    """Every job group's progress, in one paged ListJobGroups call (pages of 100)."""
-    client = outboundbot.get_client()
-    progress, page = {}, 1
-    while True:
-        groups, total = parse_job_groups_page(client.list_job_groups(page, JOB_GROUPS_PAGE_SIZE))
-        progress.update(groups)
-        if not groups or page * JOB_GROUPS_PAGE_SIZE >= total:
-            return progress
-        page += 1
-
 
 @dg.sensor(
     job=sync_call_task,
@@ -122,7 +124,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     since = crm.now() - timedelta(days=settings.RECONCILE_DAYS)
     with crm.engine.connect() as conn:
         tasks = repo.fetch_recently_concluded_tasks(conn, since)
-        counts = repo.count_matched_and_pending(conn, [task.id for task in tasks])
+        work = repo.count_lead_work(conn, [task.id for task in tasks])
     if not tasks:
         return dg.SkipReason(f"no task concluded in the last {settings.RECONCILE_DAYS} day(s)")
     try:
@@ -130,7 +132,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     except OutboundBotError as exc:
         return dg.SkipReason(f"ListJobGroups failed, checked again next tick: {exc}")
     late = tasks_with_late_jobs(progress, {t.id: t.job_group_id or "" for t in tasks},
-                                {task_id: matched for task_id, (matched, _) in counts.items()})
+                                {task_id: counts.matched for task_id, counts in work.items()})
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
     known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
     requests, new_keys = [], []
@@ -141,7 +143,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
             continue
         if task.id in late:
             run_key = f"late-{task.id}-{late[task.id]}"  # once per size of the group
-        elif counts[task.id][1]:
+        elif work[task.id].calling or work[task.id].work_left:
             run_key = f"late-{task.id}-work-{int(now // settings.SENSOR_INTERVAL_SECONDS)}"
         else:
             continue

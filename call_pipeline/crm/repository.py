@@ -140,34 +140,32 @@ def fetch_recently_concluded_tasks(conn: Connection, since: datetime) -> list[Ta
     return [_task_row(row) for row in conn.execute(stmt)]
 
 
-def count_matched_and_pending(conn: Connection, task_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """Per task: (leads with a job, of which still without a terminal status or a follow-up)."""
-    if not task_ids:
-        return {}
-    has_job = _has_text(_L.c.call_job_id)
-    pending = and_(has_job, or_(not_(_L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))),
-                                _L.c.call_status.is_(None), _L.c.leads_follow_id.is_(None)))
-    stmt = (select(_L.c.task_id, _count_where(has_job), _count_where(pending))
-            .where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id))
-    counts = {int(task_id): (int(matched), int(waiting)) for task_id, matched, waiting in conn.execute(stmt)}
-    return {task_id: counts.get(task_id, (0, 0)) for task_id in task_ids}
+@dataclass(frozen=True)
+class LeadWork:
+    """A task's leads with a job, of which still calling (a status that is not terminal), and of
+    which the CRM holds work for that the cloud is not waiting on (a unit that failed)."""
+
+    matched: int = 0
+    calling: int = 0
+    work_left: int = 0
 
 
-def count_work_left(conn: Connection, task_ids: Sequence[int]) -> dict[int, int]:
-    """Per task: leads the CRM still holds work for that the cloud is not waiting on: a job with
-    no status yet, a terminal status with no follow-up, a succeeded call with no recording (a unit
-    that failed, or a run cut short)."""
+def count_lead_work(conn: Connection, task_ids: Sequence[int]) -> dict[int, LeadWork]:
+    """Per task, in one statement. Work left: a job with no status yet, a terminal status with no
+    follow-up, a succeeded call with no recording."""
     if not task_ids:
         return {}
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
+    calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
     work = and_(has_job, or_(_is_blank(_L.c.call_status),
                              and_(terminal, _L.c.leads_follow_id.is_(None)),
                              and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id),
                                   _is_blank(_L.c.recording_url))))
-    stmt = select(_L.c.task_id, _count_where(work)).where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id)
-    counts = {int(task_id): int(n) for task_id, n in conn.execute(stmt)}
-    return {task_id: counts.get(task_id, 0) for task_id in task_ids}
+    stmt = (select(_L.c.task_id, _count_where(has_job), _count_where(calling), _count_where(work))
+            .where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id))
+    counts = {int(row[0]): LeadWork(*(int(n) for n in row[1:])) for row in conn.execute(stmt)}
+    return {task_id: counts.get(task_id, LeadWork()) for task_id in task_ids}
 
 
 def fetch_task(conn: Connection, task_id: int) -> TaskRow | None:
