@@ -8,11 +8,11 @@ from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 from kombu import Queue
 
-from call_pipeline import settings
+from call_pipeline.settings import SETTINGS
 
 QUEUES = ("sync_queue", "query_queue", "download_queue", "ai_queue")
 
-app = make_app({"broker": settings.CELERY_BROKER, "backend": settings.CELERY_BACKEND,
+app = make_app({"broker": SETTINGS.celery_broker, "backend": SETTINGS.celery_backend,
                 "include": ["call_pipeline.definitions"], "config_source": {
                     # one step at a time per worker process: a long step-5 batch does not hold others back
                     "worker_prefetch_multiplier": 1,

@@ -34,10 +34,10 @@ def _init_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(_args: argparse.Namespace) -> int:
-    from call_pipeline.demo import run_demo
+def _demo(args: argparse.Namespace) -> int:
+    from call_pipeline.demo import DEMO_DIR, run_demo
 
-    return run_demo()
+    return run_demo(Path(args.data_dir) if args.data_dir else DEMO_DIR)
 
 
 def _interrupt(_signum, _frame) -> None:
@@ -147,6 +147,14 @@ def _worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def _settings(_args: argparse.Namespace) -> int:
+    from call_pipeline.resources import RESOURCE_SETTINGS
+    from call_pipeline.settings import PipelineSettings, settings_table
+
+    print(settings_table(*RESOURCE_SETTINGS, PipelineSettings))
+    return 0
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from call_pipeline.simulator.__main__ import main as simulator_main
 
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_init_db)
 
     p = sub.add_parser("demo", help="run sync_call_task end to end on a SQLite CRM and the simulator")
+    p.add_argument("--data-dir", default=None, help="the demo's folder, emptied first (default: data/demo)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("ui", help="the demo CRM and simulator under `dagster dev`")
@@ -185,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="the worker's name (Celery's --hostname, e.g. ai-1@%%h)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("settings", help="every setting: its environment variable, default and meaning")
+    p.set_defaults(func=_settings)
 
     p = sub.add_parser("simulator", help="the OutboundBot + DashScope simulator (see --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

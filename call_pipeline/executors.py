@@ -8,12 +8,12 @@ returns when it is written, so every executor gives the same result.
 from __future__ import annotations
 
 import os
+from typing import get_args
 
 import dagster as dg
 
-from call_pipeline import settings
+from call_pipeline.settings import SETTINGS, ExecutorName, PipelineSettings, env_name
 
-EXECUTORS = ("multiprocess", "in_process", "celery")
 # Forked step processes start from a server that has these imported already (about half the
 # start-up of a step process that imports Dagster and the project itself).
 PRELOADED_MODULES = ["call_pipeline.definitions"]
@@ -32,27 +32,26 @@ def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:
 
 
 def celery_config() -> dict:
-    return {
-        # from the environment of each process (a password in a broker URL never enters the config)
-        "broker": {"env": "CALL_PIPELINE_CELERY_BROKER"} if os.environ.get("CALL_PIPELINE_CELERY_BROKER")
-        else settings.CELERY_BROKER,
-        "backend": {"env": "CALL_PIPELINE_CELERY_BACKEND"} if os.environ.get("CALL_PIPELINE_CELERY_BACKEND")
-        else settings.CELERY_BACKEND,
-        "include": ["call_pipeline.definitions"],
-    }
+    def from_each_process(field: str) -> dict | str:
+        # a password in a broker URL never enters the run config
+        env = env_name(PipelineSettings, field)
+        return {"env": env} if os.environ.get(env) else getattr(SETTINGS, field)
+
+    return {"broker": from_each_process("celery_broker"), "backend": from_each_process("celery_backend"),
+            "include": ["call_pipeline.definitions"]}
 
 
 def sync_executor(name: str | None = None) -> dg.ExecutorDefinition:
     """The executor named by `name` (default: CALL_PIPELINE_EXECUTOR)."""
-    name = name or settings.EXECUTOR
+    name = name or SETTINGS.executor
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
         return dg.multiprocess_executor.configured(
-            multiprocess_config(settings.MAX_CONCURRENT_STEPS, settings.MAX_CONCURRENT_STEPS_PER_QUEUE),
+            multiprocess_config(SETTINGS.max_concurrent_steps, SETTINGS.max_concurrent_steps_per_queue),
             name="multiprocess")
     if name == "celery":
         from dagster_celery import celery_executor
 
         return celery_executor.configured(celery_config(), name="celery")
-    raise ValueError(f"CALL_PIPELINE_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    raise ValueError(f"CALL_PIPELINE_EXECUTOR must be one of {', '.join(get_args(ExecutorName))}, got {name!r}")

@@ -3,7 +3,6 @@
 
 import dagster as dg
 
-from call_pipeline import settings
 from call_pipeline.executors import sync_executor
 from call_pipeline.ops import (
     advance_all_task_states,
@@ -18,9 +17,6 @@ from call_pipeline.ops import (
 )
 from call_pipeline.partitions import call_tasks_partitions
 
-# What runs print: INFO and up by default (CALL_PIPELINE_LOG_LEVEL); the event log keeps DEBUG too.
-CONSOLE = {"console": dg.colored_console_logger.configured({"log_level": settings.LOG_LEVEL, "name": "dagster"})}
-
 # Run retries re-execute only the failed mapped step and what follows it, on the same partition.
 RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
 
@@ -28,7 +24,6 @@ RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FA
 @dg.job(
     partitions_def=call_tasks_partitions,
     executor_def=sync_executor(),
-    logger_defs=CONSOLE,
     tags=RUN_RETRY_TAGS,
     description="Sync one CRM call task (partition = task id) with OutboundBot and DashScope: "
     "map jobs to leads, fetch call results and recordings, write AI follow-ups, advance the task.",
@@ -47,7 +42,7 @@ def sync_call_task():
     advance_task_state(task, totals)
 
 
-@dg.job(executor_def=dg.in_process_executor, logger_defs=CONSOLE,
+@dg.job(executor_def=dg.in_process_executor,
         description="Advance the state (2 -> 3 -> 4) of every CRM call task at 2 or 3.")
 def advance_task_states():
     advance_all_task_states()

@@ -9,13 +9,13 @@ import re
 import dagster as dg
 from pydantic import Field
 
-from call_pipeline import settings
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.summary import render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
+from call_pipeline.settings import SETTINGS
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
@@ -40,17 +40,17 @@ AI_QUEUE = {"dagster-celery/queue": "ai_queue", "dagster-celery/priority": "4"}
 CHAIN_PRIORITY = {step: {"dagster/priority": str(step)} for step in (2, 3, 4, 5)}
 
 API_RETRY_POLICY = dg.RetryPolicy(
-    max_retries=settings.OP_MAX_RETRIES,
-    delay=settings.OP_RETRY_DELAY_SECONDS,
+    max_retries=SETTINGS.op_max_retries,
+    delay=SETTINGS.op_retry_delay_seconds,
     backoff=dg.Backoff.EXPONENTIAL,
     jitter=dg.Jitter.PLUS_MINUS,
 )
 
 
 class PagingConfig(dg.Config):
-    page_size: int = Field(default=settings.DEFAULT_PAGE_SIZE, ge=1,
+    page_size: int = Field(default=SETTINGS.page_size, ge=1,
                            description="ListJobsByGroup page size (CALL_PIPELINE_PAGE_SIZE).")
-    pages_per_batch: int = Field(default=settings.DEFAULT_PAGES_PER_BATCH, ge=1,
+    pages_per_batch: int = Field(default=SETTINGS.pages_per_batch, ge=1,
                                  description="Pages whose jobs one mapped chain (steps 2-5) works on together "
                                              "(CALL_PIPELINE_PAGES_PER_BATCH).")
 
@@ -208,9 +208,13 @@ def mark_unmatched_leads(context: dg.OpExecutionContext, task: repo.TaskRow, pla
                                   crm.now, dashscope.max_concurrency, context.log, recording_archive.get_archive())
         totals = totals + report.counts
         _raise_if_failed(report, f"task {task.id}: batches caught up")
-    marked = fail_unmatched_leads(crm.engine, task.id, crm.now())
+    marked, (unidentified, some) = fail_unmatched_leads(crm.engine, task.id, crm.now())
     if marked:
         context.log.warning(f"task {task.id}: {marked} lead(s) matched no job and are marked Failed for now")
+    if unidentified:
+        context.log.warning(f"task {task.id}: {unidentified} lead(s) have neither a reference id nor a phone, so "
+                            f"no job can match them; left as they are: leads {', '.join(map(str, some))}"
+                            + (" …" if unidentified > len(some) else ""))
     totals.unmatched_leads_failed += marked
     return totals
 

@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import dagster as dg
 
-from call_pipeline import settings
 from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
@@ -16,8 +15,9 @@ from call_pipeline.domain.job_groups import GroupProgress, parse_job_groups_page
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import CrmDatabase, OutboundBotResource
+from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
+from call_pipeline.settings import SETTINGS, PipelineSettings, secret_variables
 
 JOB_GROUPS_PAGE_SIZE = 100
 
@@ -55,16 +55,16 @@ def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | No
     if progress != "unknown" and last.dagster_run.tags.get(PROGRESS_TAG) != progress:
         return f"task-{task_id}-progress-{progress}"
     if work_left:
-        return f"task-{task_id}-work-{int(now // settings.SENSOR_INTERVAL_SECONDS)}"
+        return f"task-{task_id}-work-{int(now // SETTINGS.sensor_interval_seconds)}"
     ended = last.end_time or last.start_time or last.create_timestamp.timestamp()
-    if now - ended >= settings.SENSOR_MAX_INTERVAL_SECONDS:
-        return f"task-{task_id}-every-{int(now // settings.SENSOR_MAX_INTERVAL_SECONDS)}"
+    if now - ended >= SETTINGS.sensor_max_interval_seconds:
+        return f"task-{task_id}-every-{int(now // SETTINGS.sensor_max_interval_seconds)}"
     return None
 
 
 @dg.sensor(
     job=sync_call_task,
-    minimum_interval_seconds=settings.SENSOR_TICK_SECONDS,
+    minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds a partition per active call task (task_type 2 or 3 with a job group) and requests a "
     "run when there is work: its job group's progress (one paged ListJobGroups call per tick for all tasks) "
@@ -113,7 +113,7 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
 
 @dg.sensor(
     job=sync_call_task,
-    minimum_interval_seconds=settings.SENSOR_TICK_SECONDS,
+    minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Checks the tasks concluded (at 4) within CALL_PIPELINE_RECONCILE_DAYS for jobs that came "
     "late: one paged ListJobGroups call for all of them, each group's TotalJobs against the task's matched "
@@ -121,12 +121,12 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
 )
 def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
                      outboundbot: OutboundBotResource) -> dg.SensorResult | dg.SkipReason:
-    since = crm.now() - timedelta(days=settings.RECONCILE_DAYS)
+    since = crm.now() - timedelta(days=SETTINGS.reconcile_days)
     with crm.engine.connect() as conn:
         tasks = repo.fetch_recently_concluded_tasks(conn, since)
         work = repo.count_lead_work(conn, [task.id for task in tasks])
     if not tasks:
-        return dg.SkipReason(f"no task concluded in the last {settings.RECONCILE_DAYS} day(s)")
+        return dg.SkipReason(f"no task concluded in the last {SETTINGS.reconcile_days} day(s)")
     try:
         progress = job_group_progress(outboundbot)
     except OutboundBotError as exc:
@@ -144,7 +144,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if task.id in late:
             run_key = f"late-{task.id}-{late[task.id]}"  # once per size of the group
         elif work[task.id].calling or work[task.id].work_left:
-            run_key = f"late-{task.id}-work-{int(now // settings.SENSOR_INTERVAL_SECONDS)}"
+            run_key = f"late-{task.id}-work-{int(now // SETTINGS.sensor_interval_seconds)}"
         else:
             continue
         if key not in known:
@@ -157,8 +157,8 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     )
 
 
-SECRET_VARIABLES = ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_ACCESS_KEY_ID", "DASHSCOPE_API_KEY",
-                    "AWS_SECRET_ACCESS_KEY", "CALL_PIPELINE_CELERY_BROKER", "CALL_PIPELINE_CRM_URL")
+# What an alert must never show: every secret setting's value, and boto3's own secret key.
+SECRET_VARIABLES = (*secret_variables(PipelineSettings, *RESOURCE_SETTINGS), "AWS_SECRET_ACCESS_KEY")
 
 
 def _root_message(error) -> str:
@@ -180,7 +180,7 @@ def alert_for(context: dg.RunFailureSensorContext) -> Alert:
     secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
     return Alert(task_id=run.tags.get("dagster/partition", ""), task_name=run.tags.get(TASK_NAME_TAG, ""),
                  run_id=run.run_id, job=run.job_name, step=step, error=scrub(error, secrets),
-                 run_url=f"{settings.UI_BASE_URL}/runs/{run.run_id}")
+                 run_url=f"{SETTINGS.ui_base_url}/runs/{run.run_id}")
 
 
 @dg.run_failure_sensor(
@@ -190,8 +190,8 @@ def alert_for(context: dg.RunFailureSensorContext) -> Alert:
     "alerts), in CALL_PIPELINE_ALERT_FORMAT (json, dingtalk, wecom, feishu, slack).",
 )
 def failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
-    if not settings.ALERT_WEBHOOK_URL:
+    if not SETTINGS.alert_webhook_url:
         return
     alert = alert_for(context)
-    status = post_json(settings.ALERT_WEBHOOK_URL, alert_payload(alert, settings.ALERT_FORMAT))
+    status = post_json(SETTINGS.alert_webhook_url, alert_payload(alert, SETTINGS.alert_format))
     context.log.info(f"alert for run {alert.run_id} (task {alert.task_id}) posted: HTTP {status}")

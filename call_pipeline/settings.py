@@ -1,70 +1,181 @@
-"""Pipeline settings that are not resources: how often things run and how ops retry.
-Read from the environment once, when the definitions load."""
+"""Every setting of the pipeline, declared once: its environment variable, type, default and why.
+
+- The resources' settings (the CRM, the clouds' credentials, endpoints and the account's limits,
+  the recording archive) are the fields of the resources in `call_pipeline/resources.py`, each
+  declared with `env_field`; `from_env` builds a resource from them. Secrets become Dagster
+  `EnvVar`s, resolved inside each process and never stored in run config, tags or logs.
+- The others (how often things run, retries, the executor, alerts, where step outputs live) are
+  the fields of `PipelineSettings`, read once when the definitions load: `SETTINGS`.
+
+A value that does not parse stops the loading with the variable's name and what it must be.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import dagster as dg
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
+class SettingError(ValueError):
+    """An environment variable whose value the setting cannot take."""
+
+
+def env_field(env: str, default: Any = ..., *, description: str, secret: bool = False, **constraints: Any) -> Any:
+    """A setting read from the environment variable `env`; `secret`: passed on as an `EnvVar`."""
+    return Field(default, description=f"{description} ({env})",
+                 json_schema_extra={"env": env, "secret": secret}, repr=not secret, **constraints)
+
+
+def env_name(model: type[BaseModel], field: str) -> str:
+    """The environment variable of `model`'s setting `field`."""
+    return model.model_fields[field].json_schema_extra["env"]
+
+
+def from_env(model: type[Model], environ: Mapping[str, str] | None = None, *, secrets_as_env_vars: bool = True,
+             **overrides: Any) -> Model:
+    """`model` with each `env_field` taken from the environment where it is set (an empty value
+    counts as unset), else its default. With `secrets_as_env_vars` (resources), a secret is an
+    `EnvVar` when it has no default or its variable is set: resolved in each process, and a run
+    without it stops before its first step and names it."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        env = extra.get("env")
+        if not env or name in overrides:
+            continue
+        is_set = environ.get(env) not in (None, "")
+        if secrets_as_env_vars and extra.get("secret") and (is_set or field.is_required()):
+            values[name] = dg.EnvVar(env)
+        elif is_set:
+            values[name] = environ[env]
+    values.update(overrides)
     try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+        return model(**values)
+    except ValidationError as exc:
+        raise SettingError("; ".join(_problem(model, error) for error in exc.errors())) from None
 
 
-# How often the sensor relaunches a run for an active task (seconds).
-SENSOR_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", 300)
-# How often the sensor looks at the CRM (seconds); a task is relaunched once per interval above.
-SENSOR_TICK_SECONDS = _int("CALL_PIPELINE_SENSOR_TICK_SECONDS", 30)
-# Cron of the schedule that advances every task's state.
-STATE_SCHEDULE_CRON = os.environ.get("CALL_PIPELINE_STATE_SCHEDULE_CRON") or "*/10 * * * *"
-# ListJobsByGroup page size (SPEC: 100).
-DEFAULT_PAGE_SIZE = _int("CALL_PIPELINE_PAGE_SIZE", 100)
-# Pages per mapped chain: their jobs are the batch that steps 2-5 work on together. Chosen by
-# measurement (README "Performance"): fewer, larger batches cost fewer statements and steps.
-DEFAULT_PAGES_PER_BATCH = _int("CALL_PIPELINE_PAGES_PER_BATCH", 10)
-# Op retries (after the SDKs' own per-request retries): tries and first delay in seconds.
-OP_MAX_RETRIES = _int("CALL_PIPELINE_OP_MAX_RETRIES", 3)
-# 8 s: the retries wait 8, 24 and 56 s, so a fault that lasts fails the run within about two
-# minutes (with the SDKs' own retries), while one of seconds is absorbed.
-OP_RETRY_DELAY_SECONDS = _int("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 8)
-# Failure alerts: a webhook (none: no alerts), its format, and the UI's address for the run link.
-ALERT_WEBHOOK_URL = os.environ.get("CALL_PIPELINE_ALERT_WEBHOOK_URL") or None
-ALERT_FORMAT = (os.environ.get("CALL_PIPELINE_ALERT_FORMAT") or "json").lower()
-UI_BASE_URL = (os.environ.get("CALL_PIPELINE_UI_BASE_URL") or "http://127.0.0.1:3000").rstrip("/")
-# The executor of sync_call_task: multiprocess (default: measured fastest on one machine, see the
-# README's "Performance"), in_process, or celery (steps on Celery workers).
-EXECUTOR = os.environ.get("CALL_PIPELINE_EXECUTOR") or "multiprocess"
-# multiprocess: steps at once in one run, and of those at most this many step-4 / step-5 steps (so
-# that each kind keeps slots while the other runs). Chosen by measurement.
-MAX_CONCURRENT_STEPS = _int("CALL_PIPELINE_MAX_CONCURRENT_STEPS", 6)
-MAX_CONCURRENT_STEPS_PER_QUEUE = _int("CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", 2)
-# celery: the broker and the result backend.
-CELERY_BROKER = os.environ.get("CALL_PIPELINE_CELERY_BROKER") or "pyamqp://guest:guest@127.0.0.1:5672//"
-CELERY_BACKEND = os.environ.get("CALL_PIPELINE_CELERY_BACKEND") or "redis://127.0.0.1:6379/0"
-# The recording archive (step 4): file:///path or s3://bucket/prefix; unset: the CRM keeps the
-# signed URL DownloadRecording gives (it expires).
-RECORDING_STORE = os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None
-RECORDING_S3_ENDPOINT = os.environ.get("CALL_PIPELINE_RECORDING_S3_ENDPOINT") or None
-RECORDING_PUBLIC_BASE_URL = os.environ.get("CALL_PIPELINE_RECORDING_PUBLIC_BASE_URL") or None
-RECORDING_MAX_BYTES = _int("CALL_PIPELINE_RECORDING_MAX_BYTES", 64 * 1024 * 1024)
-# Recordings fetched into the archive at once, across every step and run of the machine.
-RECORDING_MAX_CONCURRENCY = _int("CALL_PIPELINE_RECORDING_MAX_CONCURRENCY", 8)
-# Tasks concluded (at 4) within this many days are checked for jobs that came late.
-RECONCILE_DAYS = _int("CALL_PIPELINE_RECONCILE_DAYS", 7)
-# The level of what runs print to their console (the event log keeps everything).
-LOG_LEVEL = (os.environ.get("CALL_PIPELINE_LOG_LEVEL") or "INFO").upper()
-# The sensor relaunches a task whose group and CRM show no change at least this often (seconds).
-SENSOR_MAX_INTERVAL_SECONDS = _int("CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS", 3600)
-# Redis for the account's limits across machines (OUTBOUNDBOT_MAX_QPS, DASHSCOPE_MAX_CONCURRENCY);
-# unset: they hold per machine (files under CALL_PIPELINE_STATE_DIR). Its keys start with the prefix.
-REDIS_URL = os.environ.get("CALL_PIPELINE_REDIS_URL") or None
-REDIS_KEY_PREFIX = os.environ.get("CALL_PIPELINE_REDIS_KEY_PREFIX") or "call_pipeline"
-# Where steps hand each other their outputs: unset, the instance's storage folder (one machine);
-# s3://bucket/prefix for workers that share no disk (endpoint: CALL_PIPELINE_IO_S3_ENDPOINT).
-IO_STORE = os.environ.get("CALL_PIPELINE_IO_STORE") or None
-IO_S3_ENDPOINT = os.environ.get("CALL_PIPELINE_IO_S3_ENDPOINT") or None
+def _problem(model: type[BaseModel], error: Mapping[str, Any]) -> str:
+    field = model.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    shown = "(secret)" if extra.get("secret") else repr(error.get("input"))
+    return f"{extra.get('env') or error['loc']} = {shown}: {error['msg']}"
+
+
+def secret_variables(*models: type[BaseModel]) -> list[str]:
+    """The environment variables of the secret settings of `models`."""
+    return [field.json_schema_extra["env"] for model in models for field in model.model_fields.values()
+            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("secret")]
+
+
+AlertFormat = Literal["json", "dingtalk", "wecom", "feishu", "slack"]
+ExecutorName = Literal["multiprocess", "in_process", "celery"]
+
+
+class PipelineSettings(BaseModel):
+    """The settings that are not a resource's."""
+
+    # The sensors
+    sensor_tick_seconds: int = env_field(
+        "CALL_PIPELINE_SENSOR_TICK_SECONDS", 30, gt=0,
+        description="How often the sensors look at the CRM and the job groups (seconds)")
+    sensor_interval_seconds: int = env_field(
+        "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", 300, gt=0,
+        description="The window of a sensor run key: at most one run per task and window (seconds)")
+    sensor_max_interval_seconds: int = env_field(
+        "CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS", 3600, gt=0,
+        description="A task whose group and CRM show no change still gets a run this often (seconds)")
+    reconcile_days: int = env_field(
+        "CALL_PIPELINE_RECONCILE_DAYS", 7, ge=0,
+        description="Tasks concluded (at 4) within this many days are checked for jobs that came late")
+    state_schedule_cron: str = env_field(
+        "CALL_PIPELINE_STATE_SCHEDULE_CRON", "*/10 * * * *",
+        description="Cron of the schedule that advances every task's state")
+
+    # Paging: ListJobsByGroup pages of 100 jobs; pages per mapped chain chosen by measurement
+    # (README "Performance": fewer, larger batches cost fewer statements and steps).
+    page_size: int = env_field("CALL_PIPELINE_PAGE_SIZE", 100, ge=1, description="ListJobsByGroup page size")
+    pages_per_batch: int = env_field(
+        "CALL_PIPELINE_PAGES_PER_BATCH", 10, ge=1,
+        description="Pages whose jobs one mapped chain (steps 2-5) works on together")
+
+    # Op retries, after the SDKs' own per-request retries. A first delay of 8 s waits 8, 24 and
+    # 56 s: a fault that lasts fails the run within about two minutes, one of seconds is absorbed.
+    op_max_retries: int = env_field("CALL_PIPELINE_OP_MAX_RETRIES", 3, ge=0,
+                                    description="Retries of an op that calls a cloud")
+    op_retry_delay_seconds: int = env_field("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 8, ge=0,
+                                            description="The first op retry's delay (seconds), doubling")
+
+    # The executor of sync_call_task: multiprocess is the one measured fastest on one machine.
+    executor: ExecutorName = env_field("CALL_PIPELINE_EXECUTOR", "multiprocess",
+                                       description="multiprocess, in_process or celery")
+    max_concurrent_steps: int = env_field("CALL_PIPELINE_MAX_CONCURRENT_STEPS", 6, ge=1,
+                                          description="multiprocess: steps at once in one run")
+    max_concurrent_steps_per_queue: int = env_field(
+        "CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", 2, ge=1,
+        description="multiprocess: of those, step-4 or step-5 steps at once (each kind keeps slots "
+                    "while the other runs)")
+    celery_broker: str = env_field("CALL_PIPELINE_CELERY_BROKER", "pyamqp://guest:guest@127.0.0.1:5672//",
+                                   secret=True, description="celery: the broker")
+    celery_backend: str = env_field("CALL_PIPELINE_CELERY_BACKEND", "redis://127.0.0.1:6379/0", secret=True,
+                                    description="celery: the result backend")
+
+    # The account's limits across machines
+    redis_url: str | None = env_field(
+        "CALL_PIPELINE_REDIS_URL", None, secret=True,
+        description="Redis holding OUTBOUNDBOT_MAX_QPS and DASHSCOPE_MAX_CONCURRENCY for every machine; "
+                    "unset: they hold per machine, in files under CALL_PIPELINE_STATE_DIR")
+    redis_key_prefix: str = env_field("CALL_PIPELINE_REDIS_KEY_PREFIX", "call_pipeline",
+                                      description="The start of every Redis key of the limits")
+    state_dir: str | None = env_field(
+        "CALL_PIPELINE_STATE_DIR", None,
+        description="The per-machine limits' files; unset: under DAGSTER_HOME, else the temp folder")
+
+    # Where steps hand each other their outputs
+    io_store: str | None = env_field(
+        "CALL_PIPELINE_IO_STORE", None,
+        description="s3://bucket/prefix for workers that share no disk; unset: the instance's storage folder")
+    io_s3_endpoint: str | None = env_field("CALL_PIPELINE_IO_S3_ENDPOINT", None,
+                                           description="The S3-compatible endpoint of CALL_PIPELINE_IO_STORE")
+
+    # The operator's view
+    alert_webhook_url: str | None = env_field("CALL_PIPELINE_ALERT_WEBHOOK_URL", None, secret=True,
+                                              description="Where failure alerts go; unset: no alerts")
+    alert_format: AlertFormat = env_field("CALL_PIPELINE_ALERT_FORMAT", "json",
+                                          description="json, dingtalk, wecom, feishu or slack")
+    ui_base_url: str = env_field("CALL_PIPELINE_UI_BASE_URL", "http://127.0.0.1:3000",
+                                 description="The Dagster UI's address, for the run links of alerts")
+
+    @field_validator("alert_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("ui_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+def settings_table(*models: type[BaseModel]) -> str:
+    """Every setting of `models` as a Markdown table: variable, default, meaning."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for model in models:
+        for field in model.model_fields.values():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if not extra.get("env"):
+                continue
+            default = "required" if field.is_required() else ("unset" if field.default is None else f"`{field.default}`")
+            meaning = (field.description or "").removesuffix(f" ({extra['env']})")
+            rows.append(f"| `{extra['env']}` | {default} | {meaning}{' (secret)' if extra.get('secret') else ''} |")
+    return "\n".join(rows)
+
+
+SETTINGS: PipelineSettings = from_env(PipelineSettings, secrets_as_env_vars=False)

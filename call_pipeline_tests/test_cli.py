@@ -10,7 +10,9 @@ import dagster as dg
 import pytest
 
 from call_pipeline.cli import main
-from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotSettings
+from call_pipeline.clients.outboundbot import OutboundBotClient
+from call_pipeline.resources import OutboundBotResource
+from call_pipeline.steps.paging import count_job_pages
 
 
 def free_port() -> int:
@@ -33,11 +35,12 @@ def test_simulator_command_serves_a_1000_job_group_to_the_real_sdk():
                 break
             except OSError:
                 time.sleep(0.1)
-        client = OutboundBotClient(OutboundBotSettings(access_key_id="ak", access_key_secret="sk",
+        client = OutboundBotClient(OutboundBotResource(access_key_id="ak", access_key_secret="sk",
                                                        instance_id="inst", endpoint=f"127.0.0.1:{port}",
                                                        protocol="http"))
-        job_ids = [job["JobId"] for body in client.iter_job_group_pages("jg-1000", page_size=100)
-                   for job in body["Jobs"]["List"]]
+        pages = count_job_pages(client, "jg-1000", 100)
+        job_ids = [job["JobId"] for page in range(1, pages + 1)
+                   for job in client.list_jobs_by_group("jg-1000", page, 100)["Jobs"]["List"]]
         assert len(job_ids) == 1000 == len(set(job_ids))
     finally:
         process.terminate()

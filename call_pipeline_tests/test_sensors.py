@@ -3,9 +3,9 @@
 import dagster as dg
 import pytest
 
-from call_pipeline import settings
 from call_pipeline.definitions import defs
 from call_pipeline.sensors import call_task_sensor, why_run
+from call_pipeline.settings import SETTINGS
 from call_pipeline_tests.pipeline_harness import create_task
 
 
@@ -82,7 +82,7 @@ def test_a_task_gets_a_run_only_when_there_is_work():
     assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == "task-7-progress-10/4"
     assert why_run(7, "unknown", 0, Last("10/3", now - 60), now) is None
     assert why_run(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
-    late = why_run(7, "10/3", 0, Last("10/3", now - settings.SENSOR_MAX_INTERVAL_SECONDS), now)
+    late = why_run(7, "10/3", 0, Last("10/3", now - SETTINGS.sensor_max_interval_seconds), now)
     assert late.startswith("task-7-every-")
 
 
@@ -96,7 +96,7 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
     assert defs.resolve_sensor_def("call_task_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     schedule = defs.resolve_schedule_def("advance_task_states_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    assert schedule.cron_schedule == settings.STATE_SCHEDULE_CRON
+    assert schedule.cron_schedule == SETTINGS.state_schedule_cron
     job = defs.resolve_job_def("sync_call_task")
     assert job.partitions_def.name == "call_tasks"
     tags = {node.name: node.definition.tags for node in job.graph.nodes}

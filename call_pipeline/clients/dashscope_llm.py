@@ -12,14 +12,16 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dashscope
 import requests
 
 from call_pipeline.clients.limits import SharedSemaphore
+
+if TYPE_CHECKING:  # the resource is the client's configuration
+    from call_pipeline.resources import DashScopeResource
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +41,8 @@ class LlmError(RuntimeError):
                          + (f" (request id {request_id})" if request_id else ""))
 
 
-@dataclass(frozen=True)
-class LlmSettings:
-    api_key: str
-    model: str = "qwen-plus"
-    app_id: str | None = None
-    base_http_api_url: str | None = None
-    max_concurrency: int = 8
-    request_timeout_s: float = 60.0
-    max_attempts: int = 3
-    backoff_s: float = 1.0
-    max_backoff_s: float = 20.0
-
-
 class LlmClient:
-    def __init__(self, settings: LlmSettings, semaphore: SharedSemaphore | None = None) -> None:
+    def __init__(self, settings: DashScopeResource, semaphore: SharedSemaphore | None = None) -> None:
         self.settings = settings
         self._semaphore = semaphore
 

@@ -24,9 +24,10 @@ from pathlib import Path
 def default_state_dir() -> Path:
     """Where the limiters keep their files: `CALL_PIPELINE_STATE_DIR`, else the Dagster home,
     else the system temp folder. Every process of one Dagster instance resolves the same folder."""
-    explicit = os.environ.get("CALL_PIPELINE_STATE_DIR")
-    if explicit:
-        return Path(explicit)
+    from call_pipeline.settings import SETTINGS
+
+    if SETTINGS.state_dir:
+        return Path(SETTINGS.state_dir)
     dagster_home = os.environ.get("DAGSTER_HOME")
     if dagster_home:
         return Path(dagster_home) / "call_pipeline_limits"
@@ -155,21 +156,21 @@ class SharedSemaphore:
 def rate_limiter(name: str, rate: float):
     """The account's rate limit `name`: through Redis when CALL_PIPELINE_REDIS_URL is set (every
     machine), else in this machine's files."""
-    from call_pipeline import settings
+    from call_pipeline.settings import SETTINGS
 
-    if settings.REDIS_URL:
+    if SETTINGS.redis_url:
         from call_pipeline.clients.redis_limits import RedisRateLimiter
 
-        return RedisRateLimiter(settings.REDIS_URL, name, rate, settings.REDIS_KEY_PREFIX)
+        return RedisRateLimiter(SETTINGS.redis_url, name, rate, SETTINGS.redis_key_prefix)
     return SharedRateLimiter(name, rate)
 
 
 def concurrency_limit(name: str, slots: int):
     """The account's concurrency limit `name`, as `rate_limiter` chooses where it lives."""
-    from call_pipeline import settings
+    from call_pipeline.settings import SETTINGS
 
-    if settings.REDIS_URL:
+    if SETTINGS.redis_url:
         from call_pipeline.clients.redis_limits import RedisLeaseSemaphore
 
-        return RedisLeaseSemaphore(settings.REDIS_URL, name, slots, settings.REDIS_KEY_PREFIX)
+        return RedisLeaseSemaphore(SETTINGS.redis_url, name, slots, SETTINGS.redis_key_prefix)
     return SharedSemaphore(name, slots)

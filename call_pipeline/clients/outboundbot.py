@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import requests
 from alibabacloud_outboundbot20191226 import models as ob
@@ -32,6 +31,9 @@ from requests.utils import should_bypass_proxies
 from Tea.exceptions import TeaException, UnretryableException
 
 from call_pipeline.clients.limits import SharedRateLimiter
+
+if TYPE_CHECKING:  # the resource is the client's configuration
+    from call_pipeline.resources import OutboundBotResource
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +61,6 @@ class OutboundBotError(RuntimeError):
         self.invalid_task_id = action == "DownloadRecording" and code in INVALID_TASK_ID_CODES
         super().__init__(f"OutboundBot {action} failed: {code or 'error'}: {message}"
                          + (f" (request id {request_id})" if request_id else ""))
-
-
-@dataclass(frozen=True)
-class OutboundBotSettings:
-    access_key_id: str
-    access_key_secret: str
-    instance_id: str
-    endpoint: str = "outboundbot.cn-shanghai.aliyuncs.com"
-    protocol: str = "https"
-    max_qps: float = 20.0
-    connect_timeout_ms: int = 5000
-    read_timeout_ms: int = 10000
-    max_attempts: int = 3
-    backoff_ms: int = 500
-    max_backoff_ms: int = 8000
 
 
 def split_for_list_jobs(job_ids: Sequence[str]) -> list[list[str]]:
@@ -143,7 +130,7 @@ def _bypasses_proxy(protocol: str, endpoint: str) -> bool:
 
 
 class OutboundBotClient:
-    def __init__(self, settings: OutboundBotSettings, limiter: SharedRateLimiter | None = None) -> None:
+    def __init__(self, settings: OutboundBotResource, limiter: SharedRateLimiter | None = None) -> None:
         self.settings = settings
         self.instance_id = settings.instance_id
         config = open_api_models.Config(
@@ -186,19 +173,6 @@ class OutboundBotClient:
         )
         return self._call("ListJobsByGroup", self._client.list_jobs_by_group, request)
 
-    def iter_job_group_pages(self, job_group_id: str, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every page of a job group, in order, until TotalCount is covered or a page is empty."""
-        page_number = 1
-        while True:
-            body = self.list_jobs_by_group(job_group_id, page_number, page_size)
-            jobs = body.get("Jobs") or {}
-            listed = jobs.get("List") or []
-            yield body
-            total = int(jobs.get("TotalCount") or 0)
-            if not listed or page_number * page_size >= total:
-                return
-            page_number += 1
-
     def list_jobs(self, job_ids: Sequence[str]) -> dict[str, Any]:
         if len(job_ids) > LIST_JOBS_MAX_IDS:
             raise ValueError(f"ListJobs takes at most {LIST_JOBS_MAX_IDS} job ids, got {len(job_ids)}")
@@ -222,9 +196,6 @@ class OutboundBotClient:
         request = ob.ListJobGroupsRequest(instance_id=self.instance_id, page_number=page_number, page_size=page_size)
         return self._call("ListJobGroups", self._client.list_job_groups, request)
 
-    def describe_job_group(self, job_group_id: str) -> dict[str, Any]:
-        request = ob.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
-        return self._call("DescribeJobGroup", self._client.describe_job_group, request)
 
 
 def _body_of(response) -> dict[str, Any]:

@@ -239,6 +239,16 @@ def mark_unmatched_leads_failed(conn: Connection, task_id: int, now: datetime) -
     return int(conn.execute(stmt).rowcount or 0)
 
 
+def fetch_leads_without_identity(conn: Connection, task_id: int, limit: int = 20) -> tuple[int, list[int]]:
+    """Leads with no job and neither a reference id nor a phone (nothing to match a job by):
+    how many, and the first `limit` lead ids."""
+    where = and_(_L.c.task_id == task_id, _is_blank(_L.c.call_job_id), not_(_has_text(_L.c.reference_id)),
+                 not_(_has_text(_L.c.leads_phone)))
+    count = int(conn.execute(select(func.count()).select_from(_L).where(where)).scalar_one())
+    ids = [int(row.leads_id) for row in conn.execute(select(_L.c.leads_id).where(where).order_by(_L.c.id).limit(limit))]
+    return count, ids
+
+
 # ---- step 3: call results ---------------------------------------------------------------------
 
 
@@ -449,7 +459,7 @@ def _count_where(condition):
 
 
 def count_task_leads(conn: Connection, task_id: int) -> LeadCounts:
-    """Only leads with a job count (SPEC §4)."""
+    """Only leads with a job count (contract: "Task state")."""
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     stmt = select(
@@ -497,6 +507,7 @@ def task_progress(conn: Connection) -> list[dict]:
             func.count(_L.c.id).label("leads"),
             _count_where(has_job).label("matched"),
             _count_where(and_(not_(has_job), _L.c.call_status == FAILED)).label("unmatched"),
+            _count_where(and_(not_(has_job), not_(_has_text(_L.c.call_status)))).label("untouched"),
             _count_where(_L.c.call_status == SUCCEEDED).label("succeeded"),
             _count_where(and_(has_job, _L.c.call_status == FAILED)).label("failed"),
             _count_where(_L.c.call_status == CANCELLED).label("cancelled"),
@@ -513,3 +524,13 @@ def task_progress(conn: Connection) -> list[dict]:
     )
     return [{k: (int(v) if k not in ("task_name",) and v is not None else v) for k, v in row._mapping.items()}
             for row in conn.execute(stmt)]
+
+
+def lead_ids_by_job(conn: Connection, job_ids: Iterable[str]) -> dict[str, int]:
+    """The lead each of `job_ids` is matched to: to name leads, not job ids, in what people read."""
+    ids = sorted(set(job_ids))
+    found: dict[str, int] = {}
+    for start in range(0, len(ids), 500):
+        stmt = select(_L.c.call_job_id, _L.c.leads_id).where(_L.c.call_job_id.in_(ids[start:start + 500]))
+        found.update({row.call_job_id: int(row.leads_id) for row in conn.execute(stmt)})
+    return found

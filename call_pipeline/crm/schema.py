@@ -1,4 +1,4 @@
-"""The CRM tables of SPEC §2 as SQLAlchemy Core objects.
+"""The CRM tables (docs/contract.md, "CRM tables") as SQLAlchemy Core objects.
 
 The pipeline owns none of these tables: it reads and writes only the columns below, never adds
 columns and never deletes rows. The same definitions create the tables on MySQL/MariaDB

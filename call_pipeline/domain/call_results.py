@@ -1,4 +1,4 @@
-"""Step 3: turn ListJobs answers into the values written to a lead (SPEC §3 step 3)."""
+"""Step 3: turn ListJobs answers into the values written to a lead (contract: "Call results")."""
 
 from __future__ import annotations
 
@@ -17,11 +17,6 @@ NON_TERMINAL_JOB_STATUSES = frozenset({"Scheduling", "Executing", "Paused", "Dra
 
 # Epoch values below this are seconds: 1e11 ms is 1973, 1e11 s is the year 5138.
 _SECONDS_BELOW = 1e11
-
-
-def is_terminal_status(status: str | None) -> bool:
-    text = clean_text(status)
-    return text in TERMINAL_JOB_STATUSES
 
 
 def _zone(tz: str | ZoneInfo) -> ZoneInfo:

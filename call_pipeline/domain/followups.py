@@ -47,14 +47,10 @@ def _conversation_entries(call_conversation: str | None) -> list | None:
 
 
 def plan_follow_up(call_status: str | None, call_conversation: str | None) -> Literal["llm", "basic", "skip"]:
-    """SPEC §3 step 5: A → "llm", B → "basic", C (no terminal status yet) → "skip"."""
+    """Contract "Follow-up cases": A → "llm", B → "basic", C (no terminal status yet) → "skip"."""
     if clean_text(call_status) not in TERMINAL_JOB_STATUSES:
         return "skip"
     return "llm" if _conversation_entries(call_conversation) is not None else "basic"
-
-
-def needs_llm(call_status: str | None, call_conversation: str | None) -> bool:
-    return plan_follow_up(call_status, call_conversation) == "llm"
 
 
 def basic_follow_up(call_status: str) -> FollowUp:

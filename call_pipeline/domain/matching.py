@@ -1,7 +1,7 @@
 """Step 2: which OutboundBot job belongs to which lead of a call task.
 
 Matching is done in memory, one page of jobs against all the task's leads, so the caller can write
-each page's matches in one bulk update (SPEC §3 step 2).
+each page's matches in one bulk update (contract: "Matching").
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _holders(lead_ids: list[int], job_of_lead: dict[int, str]) -> str:
 
 
 def match_jobs_to_leads(jobs: list[JobContacts], leads: pd.DataFrame, task_id: int) -> MatchResult:
-    """Pair one page of jobs with the task's leads (SPEC §3 step 2 and its decisions).
+    """Pair one page of jobs with the task's leads (contract: "Matching", "One job, one lead").
 
     `leads` holds the task's leads_task_list rows with columns id, leads_id, reference_id,
     leads_phone and call_job_id. Beyond the brief: a job whose reference id names a lead that

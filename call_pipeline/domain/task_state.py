@@ -1,4 +1,4 @@
-"""SPEC §4: when a call task moves up from calling (2) to calls done (3) to follow-up done (4)."""
+"""Contract "Task state": when a call task moves up from calling (2) to calls done (3) to follow-up done (4)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.server import SimulatorState, start_simulator
+from call_pipeline.simulator.server import start_simulator
+from call_pipeline.simulator.state import SimulatorState
 
 
 def build_parser() -> argparse.ArgumentParser:

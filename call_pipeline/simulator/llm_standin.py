@@ -1,7 +1,7 @@
 """Deterministic stand-in for the DashScope model / Bailian app that writes follow-up notes.
 
 Given the request messages (or an app ``prompt``), it finds what the *customer* said and answers the
-SPEC §3 step 5 JSON::
+follow-up JSON of docs/contract.md, "LLM answer"::
 
     {"leads_remark": "...", "is_interested": 0 | 1 | 2, "next_follow_time": "YYYY-MM-DD HH:MM:SS" | null}
 

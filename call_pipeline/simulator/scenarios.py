@@ -169,7 +169,7 @@ _DEFAULT_CALL_END = ("SucceededFinish", "1", "ivr")
 
 
 def normalize_phone(phone: str | None) -> str:
-    """Digits only, with a leading 86 / 0086 country code dropped (as SPEC §3 step 2 compares)."""
+    """Digits only, with a leading 86 / 0086 country code dropped (contract: "Phone numbers")."""
     digits = re.sub(r"\D", "", phone or "")
     if digits.startswith("0086"):
         digits = digits[4:]

@@ -10,11 +10,13 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.domain.task_state import TASK_CALLING, TASK_CALLS_DONE, TASK_FOLLOW_UP_DONE, decide_task_type
 
 
-def fail_unmatched_leads(engine: Engine, task_id: int, now: datetime) -> int:
+def fail_unmatched_leads(engine: Engine, task_id: int, now: datetime) -> tuple[int, tuple[int, list[int]]]:
     """Leads that should have a job and have none are marked Failed (provisionally: a later run
-    that matches them clears it). Returns how many."""
+    that matches them clears it). Returns how many, and the leads left as they are because they
+    have nothing to match a job by (no reference id, no phone): how many and the first ids."""
     with repo.write_transaction(engine) as conn:
-        return repo.mark_unmatched_leads_failed(conn, task_id, now)
+        marked = repo.mark_unmatched_leads_failed(conn, task_id, now)
+        return marked, repo.fetch_leads_without_identity(conn, task_id)
 
 
 def evaluate_task_state(engine: Engine, task_id: int, now: datetime) -> tuple[int | None, int | None]:

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from call_pipeline.clients.dashscope_llm import LlmClient, LlmError, LlmSettings
+from call_pipeline.clients.dashscope_llm import LlmClient, LlmError
 from call_pipeline.clients.limits import SharedSemaphore
+from call_pipeline.resources import DashScopeResource
 
 MESSAGES = [
     {"role": "system",
@@ -16,7 +17,7 @@ MESSAGES = [
 
 
 def make_client(simulator, tmp_path, **overrides) -> LlmClient:
-    settings = LlmSettings(api_key="sk-test-secret", base_http_api_url=simulator.dashscope_base_url,
+    settings = DashScopeResource(api_key="sk-test-secret", base_http_api_url=simulator.dashscope_base_url,
                            request_timeout_s=overrides.pop("request_timeout_s", 2.0), backoff_s=0.01,
                            max_backoff_s=0.05, **overrides)
     return LlmClient(settings, SharedSemaphore(f"llm-{simulator.port}", settings.max_concurrency, tmp_path))

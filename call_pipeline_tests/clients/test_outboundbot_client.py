@@ -9,14 +9,15 @@ from call_pipeline.clients.limits import SharedRateLimiter
 from call_pipeline.clients.outboundbot import (
     OutboundBotClient,
     OutboundBotError,
-    OutboundBotSettings,
     split_for_list_jobs,
 )
+from call_pipeline.resources import OutboundBotResource
 from call_pipeline.simulator.scenarios import build_job_group
+from call_pipeline.steps.paging import count_job_pages
 
 
 def make_client(simulator, tmp_path, **overrides) -> OutboundBotClient:
-    settings = OutboundBotSettings(
+    settings = OutboundBotResource(
         access_key_id="test-ak", access_key_secret="test-secret", instance_id="inst-test",
         endpoint=simulator.endpoint, protocol="http",
         read_timeout_ms=overrides.pop("read_timeout_ms", 2000), connect_timeout_ms=1000,
@@ -37,18 +38,23 @@ def group(simulator):
     return "jg-t"
 
 
+def all_job_ids(client: OutboundBotClient, group: str) -> list[str]:
+    pages = count_job_pages(client, group, 100)
+    return [job["JobId"] for page in range(1, pages + 1)
+            for job in client.list_jobs_by_group(group, page, 100)["Jobs"]["List"]]
+
+
 def test_pages_through_the_whole_group(simulator, tmp_path, group):
     client = make_client(simulator, tmp_path)
-    pages = list(client.iter_job_group_pages(group, page_size=100))
-    job_ids = [job["JobId"] for body in pages for job in body["Jobs"]["List"]]
-    assert len(pages) == 3
+    job_ids = all_job_ids(client, group)
     assert len(job_ids) == 250 == len(set(job_ids))
-    assert simulator.state.stats()["requests"]["ListJobsByGroup"] == 3
+    # one call for the count, then one per page of 100
+    assert simulator.state.stats()["requests"]["ListJobsByGroup"] == 1 + 3
 
 
 def test_list_jobs_enforces_99_ids_and_batches(simulator, tmp_path, group):
     client = make_client(simulator, tmp_path)
-    job_ids = [job["JobId"] for body in client.iter_job_group_pages(group) for job in body["Jobs"]["List"]]
+    job_ids = all_job_ids(client, group)
     with pytest.raises(ValueError, match="at most 99"):
         client.list_jobs(job_ids[:100])
     calls = split_for_list_jobs(job_ids)
@@ -61,7 +67,7 @@ def test_download_recording_returns_a_fetchable_url(simulator, tmp_path, group):
     import requests
 
     client = make_client(simulator, tmp_path)
-    job_ids = [job["JobId"] for body in client.iter_job_group_pages(group) for job in body["Jobs"]["List"]]
+    job_ids = all_job_ids(client, group)
     jobs = [job for ids in split_for_list_jobs(job_ids) for job in client.list_jobs(ids)["Jobs"]]
     task_id = next(job["Tasks"][-1]["TaskId"] for job in jobs if job.get("Status") == "Succeeded" and job.get("Tasks"))
     url = client.download_recording(task_id)
@@ -151,7 +157,7 @@ def test_proxy_variables_do_not_leak_into_the_sdk(simulator, tmp_path, group, mo
 
 
 def test_every_request_passes_the_rate_limiter_retries_included(simulator, tmp_path, group):
-    settings = OutboundBotSettings(access_key_id="a", access_key_secret="b", instance_id="i",
+    settings = OutboundBotResource(access_key_id="a", access_key_secret="b", instance_id="i",
                                    endpoint=simulator.endpoint, protocol="http", backoff_ms=1, max_backoff_ms=2)
     limiter = SharedRateLimiter(f"count-{simulator.port}", 2.0, tmp_path)
     client = OutboundBotClient(settings, limiter)

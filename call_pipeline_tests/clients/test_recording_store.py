@@ -16,7 +16,7 @@ from call_pipeline.clients.recording_store import (
     recording_key,
     url_expired,
 )
-from call_pipeline.simulator.server import wav_bytes
+from call_pipeline.simulator.outboundbot import wav_bytes
 
 pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 

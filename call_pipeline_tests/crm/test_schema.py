@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from call_pipeline.crm.database import CrmTablesExistError, create_crm_engine, create_crm_tables
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 
-SPEC_COLUMNS = {
+CONTRACT_COLUMNS = {
     "call_tasks": ["id", "task_name", "organization_id", "task_type", "job_group_id", "created_time",
                    "updated_time"],
     "leads_task_list": ["id", "task_id", "leads_id", "organization_id", "leads_phone", "reference_id",
@@ -20,7 +20,7 @@ SPEC_COLUMNS = {
 def test_tables_have_exactly_the_spec_columns(crm_url):
     engine = create_crm_engine(crm_url)
     inspector = sa.inspect(engine)
-    for table, columns in SPEC_COLUMNS.items():
+    for table, columns in CONTRACT_COLUMNS.items():
         assert [c["name"] for c in inspector.get_columns(table)] == columns
     index_names = {ix["name"] for ix in inspector.get_indexes("leads_task_list")}
     assert {"idx_task", "idx_job", "idx_call_task"} <= index_names

@@ -10,7 +10,6 @@ from call_pipeline.domain.call_results import (
     CallResult,
     ListJobsParse,
     epoch_to_crm_datetime,
-    is_terminal_status,
     parse_list_jobs_body,
     parse_list_jobs_job,
 )
@@ -61,27 +60,6 @@ def test_status_sets():
     assert {"Succeeded", "Failed", "Cancelled"} == TERMINAL_JOB_STATUSES
     assert {"Scheduling", "Executing", "Paused", "Drafted"} == NON_TERMINAL_JOB_STATUSES
     assert not TERMINAL_JOB_STATUSES & NON_TERMINAL_JOB_STATUSES
-
-
-@pytest.mark.parametrize(
-    ("status", "terminal"),
-    [
-        ("Succeeded", True),
-        ("Failed", True),
-        ("Cancelled", True),
-        (" Failed ", True),
-        ("Executing", False),
-        ("Scheduling", False),
-        ("Paused", False),
-        ("Drafted", False),
-        ("SucceededFinish", False),
-        ("succeeded", False),
-        ("", False),
-        (None, False),
-    ],
-)
-def test_is_terminal_status(status, terminal):
-    assert is_terminal_status(status) is terminal
 
 
 # --- times -------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from call_pipeline.domain.followups import (
     ai_fallback_follow_up,
     basic_follow_up,
     build_llm_messages,
-    needs_llm,
     parse_llm_answer,
     plan_follow_up,
 )
@@ -42,13 +41,11 @@ def answer(**fields):
 @pytest.mark.parametrize("status", [None, "", "Executing", "Scheduling", "Paused", "Drafted", "Weird"])
 def test_case_c_no_terminal_status_is_skipped(status):
     assert plan_follow_up(status, CONVERSATION) == "skip"
-    assert needs_llm(status, CONVERSATION) is False
 
 
 @pytest.mark.parametrize("status", ["Succeeded", "Failed", "Cancelled"])
 def test_case_a_terminal_with_conversation_goes_to_the_llm(status):
     assert plan_follow_up(status, CONVERSATION) == "llm"
-    assert needs_llm(status, CONVERSATION) is True
 
 
 @pytest.mark.parametrize(
@@ -56,7 +53,6 @@ def test_case_a_terminal_with_conversation_goes_to_the_llm(status):
 )
 def test_case_b_terminal_without_a_conversation_is_basic(conversation):
     assert plan_follow_up("Succeeded", conversation) == "basic"
-    assert needs_llm("Succeeded", conversation) is False
 
 
 # --- basic and fallback records ----------------------------------------------------------------

@@ -47,8 +47,8 @@ def _env(name: str, default: str) -> str:
 
 
 def resources_for_tests() -> dict:
-    """SPEC §6's resources, read from the environment like production; the test-only knobs are
-    the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
+    """The pipeline's resources (contract: "Settings"), read from the environment like production;
+    the test-only knobs are the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
     return {
         "io_manager": io_manager_from_settings(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),

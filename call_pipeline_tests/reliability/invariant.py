@@ -9,7 +9,7 @@ should have one; and the task's task_type. At no point (checked after every run,
 leads, or is a follow-up record visible that no lead (or more than one) links to.
 
 LLM faults that exhaust the retries legitimately end in the AI-fallback follow-up
-(is_interested 0, remark "AI分析不可用…"): SPEC §3 step 5 makes that the basic record. Tests of
+(is_interested 0, remark "AI分析不可用…"): the contract ("AI fallback") makes that the basic record. Tests of
 such faults name those leads in `expect_fallback` (or allow any lead with `allow_fallback`).
 """
 

@@ -1,4 +1,4 @@
-"""SPEC §7: bad input either works, or fails only its lead or batch, with a log line (in the
+"""Bad input (contract: "Bad input") either works, or fails only its lead or batch, with a log line (in the
 Dagster event log) that says which and why; a rerun changes nothing and duplicates nothing.
 The quotes, backslashes and SQL in reference ids, transcripts, statuses and remarks also prove
 that every statement is parameterised: they are stored verbatim and no table is touched."""

@@ -56,7 +56,7 @@ def test_two_runs_of_one_partition_at_the_same_time(mariadb_url, simulator, inst
 def test_jobs_added_while_a_run_pages_through_the_group(mariadb_url, simulator, instance, env, clean_run):
     """The group grows while the first run pages through it (it counted the pages at the start):
     the new jobs' leads are marked unmatched for now, and the next run matches them and clears
-    the mark. One job is still calling, so the task is not concluded meanwhile (SPEC §4)."""
+    the mark. One job is still calling, so the task is not concluded meanwhile (contract: "Task state")."""
     scenario = scenarios.mixed(task_id=7002, n_leads=60)
     # the job of lead 1 is still running in both runs
     running = scenario.job_of(scenario.leads[0]["leads_id"])

@@ -1,8 +1,8 @@
 """DashScope faults, each aimed at one lead's requests (its transcript carries a marker): 429 and
 500 are retried by our LLM client (3 attempts, exponential backoff); past the retries, and for
 `DataInspectionFailed` (never retried), a non-JSON answer or timeouts past the retries, the lead
-gets the AI-fallback follow-up (is_interested 0, "AI分析不可用…") — SPEC §3 step 5 makes that
-the basic record, so those leads are compared with the fallback, every other lead with the
+gets the AI-fallback follow-up (is_interested 0, "AI分析不可用…") — the contract ("AI fallback") makes
+that the basic record, so those leads are compared with the fallback, every other lead with the
 clean run's verdict."""
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import dagster as dg
 import pytest
 
 from call_pipeline.clients.recording_store import recording_key
+from call_pipeline.simulator.outboundbot import wav_bytes
 from call_pipeline.simulator.scenarios import build_job_group
-from call_pipeline.simulator.server import wav_bytes
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 
 PUBLIC = "https://recordings.example.com/crm"

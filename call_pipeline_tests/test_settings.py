@@ -1,0 +1,77 @@
+"""Each setting is declared once, with its variable; reading the environment is one function."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from call_pipeline.crm.database import PROJECT_ROOT
+from call_pipeline.resources import RESOURCE_SETTINGS, DashScopeResource, OutboundBotResource, RecordingArchiveResource
+from call_pipeline.settings import PipelineSettings, SettingError, env_name, from_env, secret_variables
+
+
+def test_unset_and_empty_variables_take_the_declared_defaults():
+    settings = from_env(PipelineSettings, {"CALL_PIPELINE_PAGE_SIZE": ""}, secrets_as_env_vars=False)
+    assert settings.page_size == PipelineSettings.model_fields["page_size"].default == 100
+    assert settings.executor == "multiprocess" and settings.redis_url is None
+
+
+def test_values_are_parsed_and_normalised():
+    settings = from_env(PipelineSettings, {
+        "CALL_PIPELINE_SENSOR_TICK_SECONDS": "5", "CALL_PIPELINE_ALERT_FORMAT": "DingTalk",
+        "CALL_PIPELINE_UI_BASE_URL": "http://ui.internal:3000/",
+    }, secrets_as_env_vars=False)
+    assert settings.sensor_tick_seconds == 5 and settings.alert_format == "dingtalk"
+    assert settings.ui_base_url == "http://ui.internal:3000"
+
+
+def test_a_bad_value_names_every_variable_and_what_it_must_be():
+    with pytest.raises(SettingError) as error:
+        from_env(PipelineSettings, {"CALL_PIPELINE_EXECUTOR": "threads", "CALL_PIPELINE_PAGE_SIZE": "0",
+                                    "CALL_PIPELINE_OP_MAX_RETRIES": "three"}, secrets_as_env_vars=False)
+    message = str(error.value)
+    assert "CALL_PIPELINE_EXECUTOR = 'threads'" in message and "'in_process'" in message
+    assert "CALL_PIPELINE_PAGE_SIZE = '0'" in message and "greater than or equal to 1" in message
+    assert "CALL_PIPELINE_OP_MAX_RETRIES = 'three'" in message
+
+
+def test_a_bad_secret_is_named_without_its_value():
+    with pytest.raises(SettingError) as error:
+        from_env(OutboundBotResource, {"OUTBOUNDBOT_PROTOCOL": "ftp"}, access_key_id="ak", access_key_secret="sk",
+                 instance_id="i", max_qps="-1")
+    assert "OUTBOUNDBOT_PROTOCOL = 'ftp'" in str(error.value) and "OUTBOUNDBOT_MAX_QPS" in str(error.value)
+    broker = "pyamqp://app:hunter2@mq.internal//"
+    settings = from_env(PipelineSettings, {"CALL_PIPELINE_CELERY_BROKER": broker}, secrets_as_env_vars=False)
+    assert settings.celery_broker == broker and "hunter2" not in repr(settings)
+
+
+def test_resources_take_secrets_as_env_vars_and_the_rest_as_values():
+    environ = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "ak", "OUTBOUNDBOT_ENDPOINT": "127.0.0.1:9", "OUTBOUNDBOT_MAX_QPS": "7.5"}
+    resource = from_env(OutboundBotResource, environ)
+    assert isinstance(resource.access_key_id, dg.EnvVar) and resource.access_key_id.env_var_name == \
+        "ALIBABA_CLOUD_ACCESS_KEY_ID"
+    # a required secret is an EnvVar even when unset: the run names it when it starts
+    assert isinstance(resource.access_key_secret, dg.EnvVar)
+    assert resource.endpoint == "127.0.0.1:9" and resource.max_qps == 7.5
+    dashscope = from_env(DashScopeResource, {"DASHSCOPE_MAX_CONCURRENCY": "16", "BAILIAN_APP_ID": "app-1"})
+    assert dashscope.max_concurrency == 16 and dashscope.app_id == "app-1" and dashscope.model == "qwen-plus"
+    assert from_env(RecordingArchiveResource, {}).store_url is None
+
+
+def test_each_variable_has_one_setting():
+    names = [env_name(model, field) for model in (PipelineSettings, *RESOURCE_SETTINGS)
+             for field, info in model.model_fields.items() if isinstance(info.json_schema_extra, dict)]
+    assert len(names) == len(set(names))
+    assert {"CALL_PIPELINE_CRM_URL", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "DASHSCOPE_API_KEY",
+            "CALL_PIPELINE_CELERY_BROKER"} <= set(secret_variables(PipelineSettings, *RESOURCE_SETTINGS))
+    assert "OUTBOUNDBOT_MAX_QPS" not in secret_variables(*RESOURCE_SETTINGS)
+
+
+def test_the_readme_lists_every_setting():
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Settings"):]
+    section = section[:section.index("\n## ", 5)]
+    for model in (*RESOURCE_SETTINGS, PipelineSettings):
+        for field, info in model.model_fields.items():
+            if isinstance(info.json_schema_extra, dict):
+                assert f"| `{env_name(model, field)}` |" in section, env_name(model, field)
