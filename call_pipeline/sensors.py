@@ -49,13 +49,16 @@ def last_completed_run(instance: dg.DagsterInstance, task_id: int) -> dg.RunReco
 
 
 def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
-    """Why the task needs a run now, as its run key (keys are remembered forever), or None."""
+    """Why the task needs a run now, as its run key (keys are remembered forever), or None. Each
+    key holds the window of CALL_PIPELINE_SENSOR_INTERVAL_SECONDS it was asked in: a run that
+    failed for good (its retries too) is asked again in the next window, not never."""
+    window = int(now // SETTINGS.sensor_interval_seconds)
     if last is None:
-        return f"task-{task_id}-first-{progress}"
+        return f"task-{task_id}-first-{progress}-{window}"
     if progress != "unknown" and last.dagster_run.tags.get(PROGRESS_TAG) != progress:
-        return f"task-{task_id}-progress-{progress}"
+        return f"task-{task_id}-progress-{progress}-{window}"
     if work_left:
-        return f"task-{task_id}-work-{int(now // SETTINGS.sensor_interval_seconds)}"
+        return f"task-{task_id}-work-{window}"
     ended = last.end_time or last.start_time or last.create_timestamp.timestamp()
     if now - ended >= SETTINGS.sensor_max_interval_seconds:
         return f"task-{task_id}-every-{int(now // SETTINGS.sensor_max_interval_seconds)}"

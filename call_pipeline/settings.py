@@ -172,7 +172,8 @@ def settings_table(*models: type[BaseModel]) -> str:
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             if not extra.get("env"):
                 continue
-            default = "required" if field.is_required() else ("unset" if field.default is None else f"`{field.default}`")
+            default = ("required" if field.is_required() else "unset" if field.default is None
+                       else f"`{field.default}`")
             meaning = (field.description or "").removesuffix(f" ({extra['env']})")
             rows.append(f"| `{extra['env']}` | {default} | {meaning}{' (secret)' if extra.get('secret') else ''} |")
     return "\n".join(rows)

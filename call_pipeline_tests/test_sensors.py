@@ -1,9 +1,12 @@
 """The sensor through `build_sensor_context`, against a real CRM on MariaDB."""
 
+import time
+
 import dagster as dg
 import pytest
 
 from call_pipeline.definitions import defs
+from call_pipeline.run_status import RETRY_GRACE_SECONDS, partitions_with_active_runs
 from call_pipeline.sensors import call_task_sensor, why_run
 from call_pipeline.settings import SETTINGS
 from call_pipeline_tests.pipeline_harness import create_task
@@ -77,13 +80,29 @@ def test_a_task_gets_a_run_only_when_there_is_work():
             self.end_time, self.start_time = ended, ended
 
     now = 1_000_000.0
-    assert why_run(7, "10/3", 0, None, now) == "task-7-first-10/3"
+    window = int(now // SETTINGS.sensor_interval_seconds)
+    assert why_run(7, "10/3", 0, None, now) == f"task-7-first-10/3-{window}"
     assert why_run(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
-    assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == "task-7-progress-10/4"
+    assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == f"task-7-progress-10/4-{window}"
     assert why_run(7, "unknown", 0, Last("10/3", now - 60), now) is None
     assert why_run(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
     late = why_run(7, "10/3", 0, Last("10/3", now - SETTINGS.sensor_max_interval_seconds), now)
     assert late.startswith("task-7-every-")
+
+
+def test_a_task_whose_runs_failed_for_good_is_asked_again_in_the_next_window():
+    """Run keys are remembered forever: a key without its window would be spent by the first run
+    (and its retries) that failed, and the task would never be run again while nothing changed."""
+    class Synced:  # the last successful run saw 10/3
+        dagster_run = type("Run", (), {"tags": {"call_pipeline/progress": "10/3"}})()
+        end_time = start_time = 0.0
+
+    now = 1_000_000.0
+    later = now + SETTINGS.sensor_interval_seconds
+    for last, progress in ((None, "10/3"), (Synced(), "10/4")):
+        first = why_run(7, progress, 0, last, now)
+        assert first == why_run(7, progress, 0, last, now + 1)  # one run per window
+        assert why_run(7, progress, 0, last, later) not in (None, first)
 
 
 def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance, simulator):
@@ -162,6 +181,10 @@ def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance
     instance.add_run_tags(run.run_id, {"dagster/will_retry": "true"})  # what the daemon marks
     requested = {r.partition_key for r in evaluate(instance, mariadb_url, simulator).run_requests}
     assert str(tasks["calling"]) not in requested
+    # a retry that never came (it could not be launched) holds the task only for a while
+    assert str(tasks["calling"]) in partitions_with_active_runs(instance)
+    assert str(tasks["calling"]) not in partitions_with_active_runs(
+        instance, now=time.time() + RETRY_GRACE_SECONDS + 5)
     # once the retry came (and ended), the task is the sensor's again
     retry = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"]),
                                                    "dagster/parent_run_id": run.run_id},
