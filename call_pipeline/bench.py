@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="--tasks > 1: give up when the tasks are not all done after this many seconds (3600)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--lasting-fault", metavar="ACTION", default=None,
+                   help="the cloud answers ACTION (e.g. ListJobs) with 503 for good: prints how long the run "
+                        "takes to fail, at the op retries' settings (one run, no daemon)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     return p
 
@@ -319,6 +322,12 @@ class SimulatorProcess:
     def stats(self) -> dict:
         self._pipe.send("stats")
         return self._pipe.recv()
+
+    def inject_fault(self, fault: dict) -> None:
+        import requests
+
+        requests.post(f"http://{self.endpoint}/__sim/faults", json=fault, timeout=10,
+                      proxies={"http": "", "https": ""}).raise_for_status()
 
     def stop(self) -> None:
         if self._process.is_alive():
@@ -811,9 +820,10 @@ def _environment(crm_url: str, simulator: SimulatorProcess, args: argparse.Names
         "OUTBOUNDBOT_MAX_QPS": str(max_qps),
         "DASHSCOPE_MAX_CONCURRENCY": str(args.llm_concurrency),
         "CALL_PIPELINE_STATE_DIR": os.path.join(workdir, "limits"),
-        # nothing should fail; if something does, the benchmark should say so, not back off for minutes
-        "CALL_PIPELINE_OP_RETRY_DELAY_SECONDS": os.environ.get("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1"),
     })
+    if not args.lasting_fault:
+        # nothing should fail; if something does, the benchmark should say so, not back off for minutes
+        os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "1")
     if args.archive:
         os.environ["CALL_PIPELINE_RECORDING_STORE"] = f"file://{os.path.join(workdir, 'recordings')}"
     for name, value in (("CALL_PIPELINE_EXECUTOR", args.executor),
@@ -861,6 +871,10 @@ def bound_seconds(stats: dict, qps_cap: int, llm_latency_s: float, llm_concurren
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--sensor-hour" in argv:
+        from call_pipeline.bench_sensor import main as sensor_hour
+
+        return sensor_hour(argv)
     args = build_parser().parse_args(argv)
     shares = _shares(args)
     if args.tasks < 1:
@@ -940,6 +954,12 @@ def main(argv: list[str] | None = None) -> int:
                 many_figures = run_many(args, task_ids, crm_url, workdir, home, executor)
                 runs = many_figures.runs
             else:
+                if args.lasting_fault:
+                    simulator.inject_fault({"action": args.lasting_fault, "status": 503,
+                                            "code": "ServiceUnavailable", "times": None})
+                    args.max_runs = 1
+                    print(f"lasting fault: {args.lasting_fault} answers 503 for good; op retries "
+                          f"{SETTINGS.op_max_retries}, first delay {SETTINGS.op_retry_delay_seconds} s", flush=True)
                 with dg.DagsterInstance.get() as instance, \
                         celery_workers(args.workers if executor == "celery" else 0, args.worker_concurrency,
                                        home) as workers:

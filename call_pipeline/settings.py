@@ -106,11 +106,12 @@ class PipelineSettings(BaseModel):
         "CALL_PIPELINE_PAGES_PER_BATCH", 10, ge=1,
         description="Pages whose jobs one mapped chain (steps 2-5) works on together")
 
-    # Op retries, after the SDKs' own per-request retries. A first delay of 8 s waits 8, 24 and
-    # 56 s: a fault that lasts fails the run within about two minutes, one of seconds is absorbed.
+    # Op retries, after the SDKs' own per-request retries. A first delay of 5 s waits 5, 15 and 35 s:
+    # a fault that lasts fails the run in about two minutes (with the SDKs' retries; README
+    # "What happens when things fail"), one of seconds is absorbed.
     op_max_retries: int = env_field("CALL_PIPELINE_OP_MAX_RETRIES", 3, ge=0,
                                     description="Retries of an op that calls a cloud")
-    op_retry_delay_seconds: int = env_field("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 8, ge=0,
+    op_retry_delay_seconds: int = env_field("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 5, ge=0,
                                             description="The first op retry's delay (seconds), doubling")
 
     # The executor of sync_call_task: multiprocess is the one measured fastest on one machine.
