@@ -11,7 +11,8 @@ from failure. Such an input loads as None here instead; the ops pass None along 
 was not run", and the op after `.collect()` does those batches itself (steps/catch_up.py). Every
 other input loads exactly as with Dagster's own IO manager. On Celery workers, which share no
 disk, the step outputs go to an S3-compatible bucket instead (CALL_PIPELINE_IO_STORE), with the
-same rule.
+same rule: `call_pipeline/s3_io_manager.py`, imported only then (dagster-aws takes 0.6 s to import,
+in every process that loads the definitions).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dagster as dg
 from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
-from dagster_aws.s3 import S3PickleIOManager
 
 
 def never_produced(context: dg.InputContext) -> bool:
@@ -51,11 +51,3 @@ class ReexecutionSafeFilesystemIOManager(dg.FilesystemIOManager):
     def create_io_manager(self, context: dg.InitResourceContext) -> ReexecutionSafePickledIOManager:
         base_dir = self.base_dir or context.instance.storage_directory()
         return ReexecutionSafePickledIOManager(base_dir=base_dir)
-
-
-class ReexecutionSafeS3PickleIOManager(S3PickleIOManager):
-    """dagster-aws's `S3PickleIOManager` (for steps on machines that share no disk: Celery
-    workers), with the same None for inputs that no run of the lineage produced."""
-
-    def load_input(self, context: dg.InputContext):
-        return None if never_produced(context) else super().load_input(context)

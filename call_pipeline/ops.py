@@ -9,8 +9,10 @@ import re
 import dagster as dg
 from pydantic import Field
 
+from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepCounts, StepReport
+from call_pipeline.domain.job_groups import parse_job_group
 from call_pipeline.domain.summary import render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
@@ -74,6 +76,8 @@ def _not_run(context: dg.OpExecutionContext) -> None:
 
 
 TASK_NAME_TAG = "call_pipeline/task_name"
+# The job group's progress ("jobs/completed") the run started from; see _tag_progress.
+PROGRESS_TAG = "call_pipeline/progress"
 CRM_ASSET_KEY = dg.AssetKey(["crm", "leads_task_list"])
 
 
@@ -83,6 +87,22 @@ def _tag_task_name(context: dg.OpExecutionContext, task: repo.TaskRow) -> None:
     copy their parent's tags."""
     if context.run.tags.get(TASK_NAME_TAG) != task.task_name[:200]:
         context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: task.task_name[:200]})
+
+
+def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) -> None:
+    """The job group's progress as this run saw it, before its first page: the sensor runs the
+    task again when the group has moved on since its last completed run. Sensor runs are tagged
+    when requested; any other run (a backfill, the Launchpad) here, with one DescribeJobGroup call.
+    Without it (the call failed) the sensor runs the task once more, which is harmless."""
+    if PROGRESS_TAG in context.run.tags:
+        return
+    try:
+        progress = parse_job_group(client.describe_job_group(task.job_group_id))
+    except OutboundBotError as exc:
+        context.log.warning(f"task {task.id}: DescribeJobGroup failed, the run's progress is not recorded: {exc}")
+        return
+    if progress is not None:
+        context.instance.add_run_tags(context.run_id, {PROGRESS_TAG: progress.tag})
 
 
 def _raise_if_failed(report: StepReport, what: str) -> None:
@@ -102,11 +122,11 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     if task is None:
         context.log.warning(f"task {task_id}: no such call task in the CRM; nothing to do")
         return
+    _tag_task_name(context, task)
     late_jobs_run = context.run.tags.get(LATE_JOBS_TAG) == "true"
     if task.task_type == TASK_FOLLOW_UP_DONE and late_jobs_run:
         context.log.info(f"task {task_id} ({task.task_name}) is at 4 and its job group has new jobs or work "
                          "left: matching and completing them (the task stays at 4)")
-        _tag_task_name(context, task)
         yield dg.Output(task)
         return
     if task.task_type not in repo.ACTIVE_TASK_TYPES:
@@ -115,7 +135,6 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     if not (task.job_group_id or "").strip():
         context.log.warning(f"task {task_id}: no job_group_id; nothing to do")
         return
-    _tag_task_name(context, task)
     context.log.info(f"task {task_id} ({task.task_name}): job group {task.job_group_id}, task_type {task.task_type}")
     yield dg.Output(task)
 
@@ -127,6 +146,7 @@ def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, task: r
     """Fans out over the job group's pages: one ListJobsByGroup call for TotalCount, then one
     mapped chain per batch of `pages_per_batch` pages. `plan` lists every batch, so that the op
     after `.collect()` can tell which ones no step of the run's lineage completed."""
+    _tag_progress(context, outboundbot.get_client(), task)
     plan = plan_batches(outboundbot.get_client(), task, config.page_size, config.pages_per_batch)
     pages = sum(request.page_count for request in plan)
     context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(plan)} "

@@ -10,7 +10,6 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 from sqlalchemy import Engine
 
@@ -19,7 +18,7 @@ from call_pipeline.clients.limits import concurrency_limit, rate_limiter
 from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
-from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager, ReexecutionSafeS3PickleIOManager
+from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.settings import SETTINGS, env_field, from_env
 
 _clients: dict[tuple, object] = {}
@@ -149,6 +148,10 @@ def io_manager_from_settings() -> dg.ConfigurableIOManagerFactory | dg.Configura
     parsed = urlparse(SETTINGS.io_store)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"CALL_PIPELINE_IO_STORE must be s3://bucket/prefix, got {SETTINGS.io_store!r}")
+    from dagster_aws.s3 import S3Resource
+
+    from call_pipeline.s3_io_manager import ReexecutionSafeS3PickleIOManager
+
     return ReexecutionSafeS3PickleIOManager(
         s3_resource=S3Resource(endpoint_url=SETTINGS.io_s3_endpoint), s3_bucket=parsed.netloc,
         s3_prefix=parsed.path.strip("/") or "dagster")

@@ -13,7 +13,7 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.domain.alerts import Alert, alert_payload, scrub
 from call_pipeline.domain.job_groups import GroupProgress, parse_job_groups_page, tasks_with_late_jobs
 from call_pipeline.jobs import sync_call_task
-from call_pipeline.ops import LATE_JOBS_TAG, TASK_NAME_TAG
+from call_pipeline.ops import LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
@@ -34,11 +34,8 @@ def job_group_progress(outboundbot: OutboundBotResource) -> dict:
         page += 1
 
 
-PROGRESS_TAG = "call_pipeline/progress"
-
-
 def progress_tag(progress: GroupProgress | None) -> str:
-    return f"{progress.total_jobs}/{progress.total_completed}" if progress else "unknown"
+    return progress.tag if progress else "unknown"
 
 
 def last_completed_run(instance: dg.DagsterInstance, task_id: int) -> dg.RunRecord | None:

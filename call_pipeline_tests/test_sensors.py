@@ -200,7 +200,8 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
     exactly those 10 runs (before: a run per task per interval, whatever happened)."""
     from dagster._core.events import DagsterEvent, DagsterEventType
 
-    from call_pipeline.sensors import PROGRESS_TAG, job_group_progress, progress_tag
+    from call_pipeline.ops import PROGRESS_TAG
+    from call_pipeline.sensors import job_group_progress, progress_tag
     from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
     from call_pipeline_tests.test_sync_job import create_task_leads
@@ -232,3 +233,39 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
     result = evaluate(instance, mariadb_url, simulator)
     assert sorted(int(r.partition_key) for r in result.run_requests) == sorted(moving)
     assert simulator.state.stats()["requests"]["ListJobGroups"] == calls_before + 1  # 100 groups: one page
+
+
+def test_a_run_the_sensor_did_not_launch_records_the_progress_it_saw(mariadb_url, instance, simulator):
+    """A backfill or Launchpad run carries no progress tag from the sensor: it records the group's
+    progress itself (DescribeJobGroup), so the sensor does not launch a run for nothing after it."""
+    from call_pipeline.ops import PROGRESS_TAG, TASK_NAME_TAG
+    from call_pipeline.simulator.scenarios import build_job_group
+    from call_pipeline_tests.pipeline_harness import new_reference, run_sync
+    from call_pipeline_tests.test_sync_job import create_task_leads
+
+    task_id = create_task(mariadb_url, name="周末试驾邀约", job_group_id="jg-backfill", leads=[])
+    leads = [{"leads_id": n, "leads_phone": f"1350000{n:04d}", "reference_id": new_reference(task_id, n)}
+             for n in (1, 2, 3)]
+    create_task_leads(mariadb_url, task_id, leads)
+    group = build_job_group("jg-backfill", leads, task_id=task_id, seed=4, status_mix={"Succeeded": 1.0})
+    group["jobs"][0]["Status"] = "Executing"  # one call still going: the task stays at 2
+    simulator.state.add_job_group(group)
+    result = run_sync(mariadb_url, simulator, task_id, instance)  # no tags, as from a backfill
+    assert result.success
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags[PROGRESS_TAG] == "3/2" and tags[TASK_NAME_TAG] == "周末试驾邀约"
+    assert str(task_id) not in {r.partition_key for r in evaluate(instance, mariadb_url, simulator).run_requests}
+    # and when the group moves on, the sensor sees it
+    simulator.state.set_job_status(group["jobs"][0]["JobId"], "Succeeded")
+    requested = {r.partition_key: r.run_key for r in evaluate(instance, mariadb_url, simulator).run_requests}
+    assert requested[str(task_id)].startswith(f"task-{task_id}-progress-3/3-")
+
+
+def test_a_run_for_a_task_with_nothing_to_do_still_carries_its_name(mariadb_url, instance, simulator):
+    from call_pipeline.ops import TASK_NAME_TAG
+    from call_pipeline_tests.pipeline_harness import run_sync
+
+    task_id = create_task(mariadb_url, name="已完成的任务", task_type=4, job_group_id="jg-done")
+    result = run_sync(mariadb_url, simulator, task_id, instance)  # a backfill over a concluded task
+    assert result.success
+    assert instance.get_run_by_id(result.run_id).tags[TASK_NAME_TAG] == "已完成的任务"

@@ -15,7 +15,6 @@ import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-import dashscope
 import requests
 
 from call_pipeline.clients.limits import SharedSemaphore
@@ -79,6 +78,11 @@ class LlmClient:
         return self._text_of(response)
 
     def _send(self, messages: list[dict[str, str]]):
+        # Imported here: the SDK takes 0.6 s to import, and most processes that load the
+        # definitions (the daemon, the run process, the code server) never call it. Step processes
+        # fork from a server that has it preloaded (executors.PRELOADED_MODULES).
+        import dashscope
+
         common: dict[str, Any] = {
             "api_key": self.settings.api_key,
             "request_timeout": self.settings.request_timeout_s,

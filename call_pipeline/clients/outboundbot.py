@@ -192,6 +192,10 @@ class OutboundBotClient:
                                    body.get("RequestId"))
         return url
 
+    def describe_job_group(self, job_group_id: str) -> dict[str, Any]:
+        request = ob.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
+        return self._call("DescribeJobGroup", self._client.describe_job_group, request)
+
     def list_job_groups(self, page_number: int, page_size: int = 100) -> dict[str, Any]:
         request = ob.ListJobGroupsRequest(instance_id=self.instance_id, page_number=page_number, page_size=page_size)
         return self._call("ListJobGroups", self._client.list_job_groups, request)

@@ -1,5 +1,5 @@
-"""The progress of job groups, from ListJobGroups answers: how many jobs each group has and how
-many are done, to tell cheaply which tasks have new work."""
+"""The progress of job groups, from ListJobGroups and DescribeJobGroup answers: how many jobs each
+group has and how many are done, to tell cheaply which tasks have new work."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from call_pipeline.domain._values import clean_text
 class GroupProgress:
     total_jobs: int
     total_completed: int
+
+    @property
+    def tag(self) -> str:
+        """How a run records the progress it saw (the sensor compares it with the group's now)."""
+        return f"{self.total_jobs}/{self.total_completed}"
+
+
+def _progress_of(row: dict) -> GroupProgress:
+    p = row.get("Progress") if isinstance(row.get("Progress"), dict) else {}
+    return GroupProgress(_count(p.get("TotalJobs", row.get("TotalCallNum"))), _count(p.get("TotalCompleted")))
 
 
 def _count(raw: object) -> int:
@@ -33,10 +43,14 @@ def parse_job_groups_page(body: dict) -> tuple[dict[str, GroupProgress], int]:
         group_id = clean_text(row.get("JobGroupId"))
         if not group_id:
             continue
-        p = row.get("Progress") if isinstance(row.get("Progress"), dict) else {}
-        progress[group_id] = GroupProgress(_count(p.get("TotalJobs", row.get("TotalCallNum"))),
-                                           _count(p.get("TotalCompleted")))
+        progress[group_id] = _progress_of(row)
     return progress, _count(groups.get("TotalCount"))
+
+
+def parse_job_group(body: dict) -> GroupProgress | None:
+    """The progress in a DescribeJobGroup answer; None when it has no job group."""
+    group = (body or {}).get("JobGroup")
+    return _progress_of(group) if isinstance(group, dict) else None
 
 
 def tasks_with_late_jobs(groups: dict[str, GroupProgress], tasks: dict[int, str],

@@ -18,3 +18,13 @@ def test_parses_each_groups_progress_and_skips_what_it_cannot_read():
 def test_a_task_has_late_jobs_when_its_group_has_more_jobs_than_it_matched():
     groups = {"jg-1": GroupProgress(10, 10), "jg-2": GroupProgress(5, 5)}
     assert tasks_with_late_jobs(groups, {1: "jg-1", 2: "jg-2", 3: "jg-gone"}, {1: 9, 2: 5}) == {1: 10}
+
+
+def test_describe_job_group_gives_the_groups_progress_and_its_tag():
+    from call_pipeline.domain.job_groups import parse_job_group
+
+    body = {"JobGroup": {"JobGroupId": "jg", "Progress": {"TotalJobs": 120, "TotalCompleted": "84"}}}
+    progress = parse_job_group(body)
+    assert progress == GroupProgress(120, 84) and progress.tag == "120/84"
+    assert parse_job_group({"JobGroup": {"JobGroupId": "jg"}}) == GroupProgress(0, 0)
+    assert parse_job_group({}) is None and parse_job_group({"JobGroup": "broken"}) is None
