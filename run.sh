@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (Python 3.11) on first use, then
 #   ./run.sh demo   - runs sync_call_task end to end on the embedded default (SQLite CRM + simulator)
-#   ./run.sh test   - runs the test suite (needs MariaDB on 127.0.0.1:3306, root, empty password)
+#   ./run.sh test   - runs the test suite (needs MariaDB on 127.0.0.1:3306, root, empty password,
+#                     Redis and RabbitMQ; installs Debian's chromium for the browser test if missing)
 #   ./run.sh ui     - starts the simulator and `dagster dev` on the demo CRM (sensor + schedule live)
 #   ./run.sh bench  - the performance benchmark (see README)
 set -euo pipefail
@@ -30,7 +31,8 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo)  setup; exec .venv/bin/call-pipeline demo "$@" ;;
-  test)  setup; exec .venv/bin/python -m pytest "$@" ;;
+  # the browser test drives Debian's chromium: installed here when missing (needs apt-get)
+  test)  setup; ./scripts/install-browser.sh; exec .venv/bin/python -m pytest "$@" ;;
   ui)    setup; exec .venv/bin/call-pipeline ui "$@" ;;
   bench) setup; exec .venv/bin/call-pipeline bench "$@" ;;
   setup) setup ;;

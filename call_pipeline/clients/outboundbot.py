@@ -1,6 +1,6 @@
 """The one wrapper around Alibaba Cloud OutboundBot (API 2019-12-26), on the real SDK.
 
-What it absorbs from the SDK (see shared/reference/aliyun-apis.md):
+What it absorbs from the SDK (each checked against the SDK by call_pipeline_tests/clients/test_outboundbot_client.py):
 - Retries: the SDK's own `Config(retry_options=...)` retries throttling, 5xx and network errors
   with backoff (its `RuntimeOptions.autoretry` is ignored, and it retries nothing by default).
 - Every request that goes out, retries included, passes the shared rate limiter: the SDK retries
