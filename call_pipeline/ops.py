@@ -92,8 +92,9 @@ def _tag_task_name(context: dg.OpExecutionContext, task: repo.TaskRow) -> None:
 def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) -> None:
     """The job group's progress as this run saw it, before its first page: the sensor runs the
     task again when the group has moved on since its last completed run. Sensor runs are tagged
-    when requested; any other run (a backfill, the Launchpad) here, with one DescribeJobGroup call.
-    Without it (the call failed) the sensor runs the task once more, which is harmless."""
+    when requested; any other run (a backfill, the Launchpad) here, with one DescribeJobGroup call
+    (in `load_task`, which has no op retries: one read per run). Without it (the call failed) the
+    sensor runs the task once more, which is harmless."""
     if PROGRESS_TAG in context.run.tags:
         return
     try:
@@ -112,7 +113,7 @@ def _raise_if_failed(report: StepReport, what: str) -> None:
 
 
 @dg.op(out=dg.Out(repo.TaskRow, is_required=False), tags=SYNC_QUEUE)
-def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
+def load_task(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: OutboundBotResource):
     """Step 1 for this run's task. Runs launched by hand or by GraphQL are not validated against
     the partition set, so the task is checked here; one that no longer qualifies ends the run
     cleanly (every later step is skipped) with a log line saying why."""
@@ -127,6 +128,7 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
     if task.task_type == TASK_FOLLOW_UP_DONE and late_jobs_run:
         context.log.info(f"task {task_id} ({task.task_name}) is at 4 and its job group has new jobs or work "
                          "left: matching and completing them (the task stays at 4)")
+        _tag_progress(context, outboundbot.get_client(), task)
         yield dg.Output(task)
         return
     if task.task_type not in repo.ACTIVE_TASK_TYPES:
@@ -136,6 +138,7 @@ def load_task(context: dg.OpExecutionContext, crm: CrmDatabase):
         context.log.warning(f"task {task_id}: no job_group_id; nothing to do")
         return
     context.log.info(f"task {task_id} ({task.task_name}): job group {task.job_group_id}, task_type {task.task_type}")
+    _tag_progress(context, outboundbot.get_client(), task)
     yield dg.Output(task)
 
 
@@ -146,7 +149,6 @@ def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, task: r
     """Fans out over the job group's pages: one ListJobsByGroup call for TotalCount, then one
     mapped chain per batch of `pages_per_batch` pages. `plan` lists every batch, so that the op
     after `.collect()` can tell which ones no step of the run's lineage completed."""
-    _tag_progress(context, outboundbot.get_client(), task)
     plan = plan_batches(outboundbot.get_client(), task, config.page_size, config.pages_per_batch)
     pages = sum(request.page_count for request in plan)
     context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(plan)} "
