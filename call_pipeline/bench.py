@@ -374,6 +374,8 @@ def _step_figures(figures: RunFigures, entries, launched_at: float) -> RunFigure
         kind = event.event_type_value
         if event.step_key and kind in ("STEP_WORKER_STARTING", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE"):
             figures.timeline.append((entry.timestamp - launched_at, kind, event.step_key))
+        elif kind in ("PIPELINE_START", "PIPELINE_SUCCESS", "PIPELINE_FAILURE"):
+            figures.timeline.append((entry.timestamp - launched_at, kind, "(the run)"))
         if kind == "STEP_START":
             starts.append(entry.timestamp)
         elif kind == "STEP_SUCCESS":
@@ -415,7 +417,9 @@ def launch_run(instance, task_id: int, run_config: dict, workers: list[int]) -> 
     finished = instance.get_run_by_id(run.run_id)
     figures = RunFigures(run.run_id, finished.status.value == "SUCCESS", wall, peak_rss=memory.peak_rss,
                          peak_pss=memory.peak_pss, peak_processes=memory.peak_processes)
-    return _step_figures(figures, instance.all_logs(run.run_id), launched_at)
+    figures = _step_figures(figures, instance.all_logs(run.run_id), launched_at)
+    figures.timeline.append((wall, "PROCESS_EXIT", "(the run's process)"))
+    return figures
 
 
 @contextlib.contextmanager

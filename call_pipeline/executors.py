@@ -16,7 +16,7 @@ from call_pipeline.settings import SETTINGS, ExecutorName, PipelineSettings, env
 
 # Forked step processes start from a server that has these imported already (about half the
 # start-up of a step process that imports Dagster and the project itself).
-PRELOADED_MODULES = ["call_pipeline.definitions", "dashscope"]
+PRELOADED_MODULES = ["call_pipeline.definitions", "dashscope", "call_pipeline.forkserver_preload"]
 QUEUE_TAG = "dagster-celery/queue"
 
 
