@@ -58,7 +58,8 @@ from call_pipeline_tests.forkserver_probe import imported
 context = multiprocessing.get_context("forkserver")
 context.set_forkserver_preload(sys.argv[1:])
 queue = context.Queue()
-child = context.Process(target=imported, args=(queue, ["dagster._core.storage.sqlite_storage", "dagster._daemon", "upath"]))
+modules = ["dagster._core.storage.sqlite_storage", "dagster._daemon", "upath"]
+child = context.Process(target=imported, args=(queue, modules))
 child.start()
 print(queue.get(timeout=120))
 child.join(timeout=60)
