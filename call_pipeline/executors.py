@@ -14,9 +14,13 @@ import dagster as dg
 
 from call_pipeline.settings import SETTINGS, ExecutorName, PipelineSettings, env_name
 
-# Forked step processes start from a server that has these imported already (about half the
-# start-up of a step process that imports Dagster and the project itself).
-PRELOADED_MODULES = ["call_pipeline.definitions", "dashscope", "call_pipeline.forkserver_preload"]
+# Forked step processes start from a server that has these imported already: Dagster, the
+# project, the SDKs and pandas (which the project imports only where it uses them, so that the
+# run process, the daemon and the webserver do without), and the instance's storage
+# (forkserver_preload.py). A step then starts in about 0.3 s instead of 0.9 s.
+PRELOADED_MODULES = ["call_pipeline.definitions", "pandas", "alibabacloud_outboundbot20191226.client",
+                     "alibabacloud_outboundbot20191226.models", "alibabacloud_tea_openapi.models", "darabonba.core",
+                     "dashscope", "call_pipeline.forkserver_preload"]
 QUEUE_TAG = "dagster-celery/queue"
 
 

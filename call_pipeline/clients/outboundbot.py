@@ -11,6 +11,11 @@ What it absorbs from the SDK (each checked against the SDK by call_pipeline_test
 - HTTP 200 with `Success: false` is an error (the SDK does not raise on it).
 - An answer the SDK's models cannot parse comes back with `body=None`; the raw answer is used.
 - `ListJobs` takes at most 99 job ids; the wrapper refuses more, and `split_for_list_jobs` splits.
+
+The SDK (0.4 s to import) is imported when the first client is built, not with this module:
+the processes that load the definitions without calling OutboundBot (the run process, the
+daemon, the webserver) start that much sooner; the step processes' forkserver preloads it
+(executors.PRELOADED_MODULES).
 """
 
 from __future__ import annotations
@@ -21,11 +26,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import requests
-from alibabacloud_outboundbot20191226 import models as ob
-from alibabacloud_outboundbot20191226.client import Client
-from alibabacloud_tea_openapi import models as open_api_models
-from darabonba.core import DaraCore
-from darabonba.policy.retry import RetryCondition, RetryOptions
 from requests.adapters import HTTPAdapter
 from requests.utils import should_bypass_proxies
 from Tea.exceptions import TeaException, UnretryableException
@@ -33,6 +33,8 @@ from Tea.exceptions import TeaException, UnretryableException
 from call_pipeline.clients.limits import SharedRateLimiter
 
 if TYPE_CHECKING:  # the resource is the client's configuration
+    from darabonba.policy.retry import RetryOptions
+
     from call_pipeline.resources import OutboundBotResource
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ def split_for_list_jobs(job_ids: Sequence[str]) -> list[list[str]]:
 
 
 def build_retry_options(max_attempts: int, backoff_ms: int, max_backoff_ms: int) -> RetryOptions:
+    from darabonba.policy.retry import RetryCondition, RetryOptions
+
     return RetryOptions({
         "retryable": True,
         "retryCondition": [RetryCondition({
@@ -102,7 +106,7 @@ class _GatedAdapter(HTTPAdapter):
 
 _gates: dict[str, _GatedAdapter] = {}
 _gates_lock = threading.Lock()
-_original_get_session = DaraCore._get_session
+_original_get_session = None  # DaraCore's own, kept when the patch is installed
 
 
 def _get_session_with_gates(*args, **kwargs):
@@ -114,11 +118,15 @@ def _get_session_with_gates(*args, **kwargs):
 
 
 def _install_gate(protocol: str, endpoint: str, adapter: _GatedAdapter) -> None:
+    global _original_get_session
+    from darabonba.core import DaraCore
+
     prefix = f"{protocol.lower()}://{endpoint.rstrip('/')}"
     with _gates_lock:
         _gates[prefix] = adapter
         # Patched once per process; the SDK's sessions are process-wide and cached by host.
         if DaraCore._get_session is not _get_session_with_gates:
+            _original_get_session = DaraCore._get_session
             DaraCore._get_session = staticmethod(_get_session_with_gates)
 
 
@@ -131,8 +139,13 @@ def _bypasses_proxy(protocol: str, endpoint: str) -> bool:
 
 class OutboundBotClient:
     def __init__(self, settings: OutboundBotResource, limiter: SharedRateLimiter | None = None) -> None:
+        from alibabacloud_outboundbot20191226 import models
+        from alibabacloud_outboundbot20191226.client import Client
+        from alibabacloud_tea_openapi import models as open_api_models
+
         self.settings = settings
         self.instance_id = settings.instance_id
+        self._models = models
         config = open_api_models.Config(
             access_key_id=settings.access_key_id,
             access_key_secret=settings.access_key_secret,
@@ -167,7 +180,7 @@ class OutboundBotClient:
         return body
 
     def list_jobs_by_group(self, job_group_id: str, page_number: int, page_size: int) -> dict[str, Any]:
-        request = ob.ListJobsByGroupRequest(
+        request = self._models.ListJobsByGroupRequest(
             instance_id=self.instance_id, job_group_id=job_group_id,
             page_number=page_number, page_size=page_size,
         )
@@ -178,12 +191,12 @@ class OutboundBotClient:
             raise ValueError(f"ListJobs takes at most {LIST_JOBS_MAX_IDS} job ids, got {len(job_ids)}")
         if not job_ids:
             return {"Jobs": []}
-        request = ob.ListJobsRequest(instance_id=self.instance_id, job_id=list(job_ids))
+        request = self._models.ListJobsRequest(instance_id=self.instance_id, job_id=list(job_ids))
         return self._call("ListJobs", self._client.list_jobs, request)
 
     def download_recording(self, call_task_id: str) -> str:
         """The recording's SignatureUrl for a call attempt (the task id, not the job id)."""
-        request = ob.DownloadRecordingRequest(instance_id=self.instance_id, task_id=call_task_id)
+        request = self._models.DownloadRecordingRequest(instance_id=self.instance_id, task_id=call_task_id)
         body = self._call("DownloadRecording", self._client.download_recording, request)
         url = (body.get("DownloadParams") or {}).get("SignatureUrl")
         if not url:
@@ -193,11 +206,12 @@ class OutboundBotClient:
         return url
 
     def describe_job_group(self, job_group_id: str) -> dict[str, Any]:
-        request = ob.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
+        request = self._models.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
         return self._call("DescribeJobGroup", self._client.describe_job_group, request)
 
     def list_job_groups(self, page_number: int, page_size: int = 100) -> dict[str, Any]:
-        request = ob.ListJobGroupsRequest(instance_id=self.instance_id, page_number=page_number, page_size=page_size)
+        request = self._models.ListJobGroupsRequest(instance_id=self.instance_id, page_number=page_number,
+                                                    page_size=page_size)
         return self._call("ListJobGroups", self._client.list_job_groups, request)
 
 

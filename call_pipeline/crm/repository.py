@@ -12,9 +12,12 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, not_, or_, select, update
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
 from call_pipeline.domain.call_results import (
@@ -190,6 +193,8 @@ def fetch_leads_for_matching(
     job of the page matches by reference (new tasks), and far smaller than every free lead of a
     large task, read again for each page. The leads that already hold one of `job_ids` come in
     the same read, so matching sees which of the page's jobs are taken (strategy 4)."""
+    import pandas as pd  # here, not with the module: see domain/matching.py
+
     concerned = [_is_blank(_L.c.call_job_id)] if free_leads else []
     if job_ids:
         concerned.append(_L.c.call_job_id.in_(sorted(set(job_ids))))

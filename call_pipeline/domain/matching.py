@@ -2,6 +2,11 @@
 
 Matching is done in memory, one page of jobs against all the task's leads, so the caller can write
 each page's matches in one bulk update (contract: "Matching").
+
+pandas (0.4 s to import) is imported by the functions that build frames, not with the module:
+the processes that load the definitions without matching (the run process, the daemon, the
+webserver) start that much sooner; the step processes' forkserver preloads it
+(executors.PRELOADED_MODULES).
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from call_pipeline.domain._values import clean_text
 from call_pipeline.domain.phones import mask_phone, normalize_phone
@@ -142,6 +149,8 @@ class _Candidate:
 
 def _prepare_leads(leads: pd.DataFrame, task_id: int) -> pd.DataFrame:
     """One clean row per lead, sorted by id: the order in which duplicates are paired."""
+    import pandas as pd
+
     missing = [c for c in LEAD_COLUMNS if c not in leads.columns]
     if missing and not leads.empty:
         raise ValueError(f"leads frame lacks column(s) {', '.join(missing)}")
@@ -215,6 +224,8 @@ def match_jobs_to_leads(jobs: list[JobContacts], leads: pd.DataFrame, task_id: i
     already has a job is reported as a conflict and never falls through to phone matching, because
     an explicit reference is proof of identity and a shared phone number is only a guess.
     """
+    import pandas as pd
+
     frame = _prepare_leads(leads, task_id)
     result = MatchResult()
     job_of_lead: dict[int, str] = {
