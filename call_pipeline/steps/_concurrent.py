@@ -31,12 +31,26 @@ def call_and_write(
     the calling thread, in lists of up to `batch_size` (or what came within `max_wait_s` of the
     oldest unwritten result). `call` reports a unit's failure in its result; an exception from
     `call` or `write` cancels the calls not yet started and is raised once the others ended."""
-    todo = list(units)
-    if not todo:
+    todo = iter(units)
+    first = next(todo, _END)
+    if first is _END:
         return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo))), thread_name_prefix=name)
+    workers = max(1, threads)
+    # Two units queued per thread keep every thread busy while this one writes; submitting all
+    # at once would make each `wait` walk every pending future (quadratic in the batch's size).
+    in_flight = 2 * workers
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
     try:
-        pending: set[Future] = {pool.submit(call, unit) for unit in todo}
+        pending: set[Future] = {pool.submit(call, first)}
+
+        def top_up() -> None:
+            while len(pending) < in_flight:
+                unit = next(todo, _END)
+                if unit is _END:
+                    return
+                pending.add(pool.submit(call, unit))
+
+        top_up()
         ready: list[Result] = []
         oldest = 0.0
         while pending:
@@ -46,6 +60,7 @@ def call_and_write(
                 if not ready:
                     oldest = time.monotonic()
                 ready.append(future.result())
+            top_up()
             if ready and (len(ready) >= batch_size or not pending or time.monotonic() - oldest >= max_wait_s):
                 batch, ready = ready[:batch_size], ready[batch_size:]
                 write(batch)
@@ -55,3 +70,6 @@ def call_and_write(
             write(batch)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
