@@ -80,3 +80,34 @@ def test_concurrency_limit_holds_across_threads(simulator, tmp_path):
         thread.join()
     assert simulator.state.stats()["max_llm_in_flight"] <= 3
     assert time.monotonic() - started >= 0.3  # 9 calls, 3 at a time, 0.1 s each
+
+
+def _without_proxy_variables(monkeypatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_proxy_variables_are_honoured_as_requests_would(simulator, tmp_path, monkeypatch):
+    """The client reads them once, for its URL: a proxy that does not exist is used (the call
+    fails as a network error, retried), unless NO_PROXY excludes the host."""
+    _without_proxy_variables(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path, max_attempts=2).complete(MESSAGES)
+    assert info.value.code == "NetworkError" and info.value.retryable
+    assert simulator.state.stats()["dashscope_requests"] == 0
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert '"is_interested"' in make_client(simulator, tmp_path).complete(MESSAGES)
+
+
+def test_calls_reuse_the_clients_connections(simulator, tmp_path, monkeypatch):
+    _without_proxy_variables(monkeypatch)
+    client = make_client(simulator, tmp_path)
+    for _ in range(5):
+        client.complete(MESSAGES)
+    session = client._http_session(simulator.dashscope_base_url)
+    assert session.trust_env is False  # the environment is not read again per call
+    pools = session.get_adapter(simulator.dashscope_base_url).poolmanager.pools
+    assert len(pools) == 1  # one host, one pool, its connections kept alive
