@@ -129,6 +129,11 @@ class ProcessTreeMemory:
         self.peak_rss = self.peak_pss = 0
         self.peak_processes = 0
         self.seen: dict[int, float] = {}  # pid -> create time, of every process sampled
+        # The forkserver's CPU with the step processes it forked and reaped (theirs accrue to it
+        # as they end), at the last sample: the run's process does not reap the forkserver, so
+        # the run's own rusage misses them.
+        self.forkserver_cpu: dict[int, float] = {}
+        self._forkservers: dict[int, bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
@@ -152,6 +157,13 @@ class ProcessTreeMemory:
         for process in processes:
             with contextlib.suppress(psutil.Error):
                 self.seen.setdefault(process.pid, process.create_time())
+                if process.pid not in self._forkservers:
+                    # the server itself, not the step processes forked from it (same command line)
+                    self._forkservers[process.pid] = (process.ppid() in self.pids
+                                                      and "multiprocessing.forkserver" in " ".join(process.cmdline()))
+                if self._forkservers[process.pid]:
+                    t = process.cpu_times()
+                    self.forkserver_cpu[process.pid] = t.user + t.system + t.children_user + t.children_system
                 info = process.memory_full_info()
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
@@ -356,6 +368,9 @@ class RunFigures:
     # tears its interpreter down (about 0.9 s with Dagster and the project loaded); the run's slot
     # and its task are free at the end event, so `wall` ends there
     process_exit_s: float | None = None
+    # CPU (user + system) of the run's process and every process under it, once all have exited
+    # and been reaped: a steadier figure than the wall time on a shared machine
+    cpu_s: float | None = None
     peak_rss: int = 0
     peak_pss: int = 0
     peak_processes: int = 0
@@ -419,14 +434,19 @@ def launch_run(instance, task_id: int, run_config: dict, workers: list[int]) -> 
                           instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
     launched_at = time.time()
     started = time.perf_counter()
+    reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen([sys.executable, "-m", "dagster", "api", "execute_run", serialize_value(args)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with ProcessTreeMemory([process.pid, *workers]) as memory:
         process.wait()
     wall = time.perf_counter() - started
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (reaped.ru_utime - reaped_before.ru_utime) + (reaped.ru_stime - reaped_before.ru_stime)
+    cpu += sum(memory.forkserver_cpu.values())
     finished = instance.get_run_by_id(run.run_id)
     figures = RunFigures(run.run_id, finished.status.value == "SUCCESS", wall, peak_rss=memory.peak_rss,
-                         peak_pss=memory.peak_pss, peak_processes=memory.peak_processes, process_exit_s=wall)
+                         peak_pss=memory.peak_pss, peak_processes=memory.peak_processes, process_exit_s=wall,
+                         cpu_s=cpu)
     figures = _step_figures(figures, instance.all_logs(run.run_id), launched_at)
     figures.timeline.append((wall, "PROCESS_EXIT", "(the run's process)"))
     return figures
@@ -1098,6 +1118,7 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
             "peak_pss_mib": round(max(r.peak_pss for r in runs) / mib, 1),
             "peak_rss_sum_mib": round(max(r.peak_rss for r in runs) / mib, 1),
             "peak_processes": max(r.peak_processes for r in runs),
+            "cpu_s": round(sum(r.cpu_s or 0.0 for r in runs), 1),
         })
     else:
         figures.update({
@@ -1185,6 +1206,8 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
         print(f"peak memory of the run's processes ({figures['peak_processes']} at most): "
               f"{figures['peak_pss_mib']:.0f} MiB (PSS, shared pages once), {figures['peak_rss_sum_mib']:.0f} MiB "
               f"(RSS summed); simulator process {stats['peak_rss_mib']:.0f} MiB")
+        print(f"CPU of the run's processes (user + system, every step process included): {figures['cpu_s']:.1f} s"
+              + (f", {figures['cpu_s'] * 1000 / leads:.2f} ms a lead" if leads else ""))
     else:
         workers = ", the Celery workers" if figures.get("executor") == "celery" else ""
         print(f"peak memory of the whole process tree (the daemon, its code server, the runs and their step "
