@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -192,24 +193,33 @@ def format_table(rows: list[dict]) -> str:
 
 _JOB_ID = re.compile(r"\bjob ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
 _TASK_PREFIX = re.compile(r"^task \d+(?: pages [\d-]+)?:? ?")
+# what is left of a line that names several jobs (steps/call_results.named_jobs) once they are taken out
+_JOB_LIST_LEFT = re.compile(r"[:,\s]*(?:and (\d+) more job\(s\))?\s*$")
 
 
 def describe_warnings(messages: list[str], lead_of_job: dict[str, int], limit: int = 8) -> list[str]:
     """A run's warnings, for people: each job named by its lead, the same warning of several leads
     on one line, most frequent first."""
     leads_by_text: dict[str, list[str]] = {}
+    unnamed: Counter = Counter()  # leads of the jobs a line counted without naming them
     for message in messages:
         leads = [str(lead_of_job.get(job, f"of job {job[:8]}")) for job in _JOB_ID.findall(message)]
-        text = _TASK_PREFIX.sub("", _JOB_ID.sub("", message)).strip(" :")
+        rest = _JOB_ID.sub("", message)
+        more = _JOB_LIST_LEFT.search(rest)
+        text = _TASK_PREFIX.sub("", _JOB_LIST_LEFT.sub("", rest)).strip(" :")
         leads_by_text.setdefault(text, []).extend(leads or [""])
+        if more and more.group(1):
+            unnamed[text] += int(more.group(1))
     lines = []
-    for text, leads in sorted(leads_by_text.items(), key=lambda item: -len(item[1])):
+    for text, leads in sorted(leads_by_text.items(), key=lambda item: -(len(item[1]) + unnamed[item[0]])):
         named = [lead for lead in leads if lead]
         if not named:
             lines.append(text)
             continue
-        shown = ", ".join(named[:limit]) + (f" and {len(named) - limit} more" if len(named) > limit else "")
-        lines.append(f"{'lead' if len(named) == 1 else f'{len(named)} leads'} {shown}: {text}")
+        total = len(named) + unnamed[text]
+        shown = ", ".join(named[:limit]) + (f" and {total - min(limit, len(named))} more"
+                                            if total > min(limit, len(named)) else "")
+        lines.append(f"{'lead' if total == 1 else f'{total} leads'} {shown}: {text}")
     return lines
 
 

@@ -16,8 +16,8 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 
 def test_warnings_name_leads_and_gather_the_same_warning():
-    messages = [f"task 2 job {JOB_B}: job has no call attempts", f"task 2 job {JOB_C}: job has no call attempts",
-                f"task 2 job {JOB_A}: conversation is a str, not a list; not stored",
+    messages = [f"task 2: job has no call attempts: job {JOB_B}, job {JOB_C}",
+                f"task 2: conversation is a str, not a list; not stored: job {JOB_A}",
                 "job aaaaaaaa-0000-0000-0000-000000000000: the model's answer was invalid",
                 "task 2: 2 lead(s) matched no job and are marked Failed for now"]
     lines = describe_warnings(messages, {JOB_A: 20011, JOB_B: 20010, JOB_C: 20038})
@@ -26,6 +26,12 @@ def test_warnings_name_leads_and_gather_the_same_warning():
     # a job the CRM does not know keeps a short id, so the warning is never dropped
     assert "lead of job aaaaaaaa: the model's answer was invalid" in lines
     assert "2 lead(s) matched no job and are marked Failed for now" in lines
+
+
+def test_a_line_that_counts_more_jobs_than_it_names_counts_their_leads():
+    lines = describe_warnings([f"task 2: job has no call attempts: job {JOB_B}, job {JOB_C} and 30 more job(s)"],
+                              {JOB_B: 20010, JOB_C: 20038})
+    assert lines == ["32 leads 20010, 20038 and 30 more: job has no call attempts"]
 
 
 def test_the_demo_tables_add_up_and_its_warnings_follow_them(tmp_path):

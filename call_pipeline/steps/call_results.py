@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Jobs' results written per transaction, at most (plus one ListJobs answer): more at once would
 # hold too many transcripts in memory.
 STORED_TOGETHER = 500
+# Jobs named in one log line; the rest are counted.
+NAMED_PER_LINE = 20
 
 
 def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
@@ -33,6 +35,9 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
     report.counts.jobs_queried = len(needed)
     calls = split_for_list_jobs(needed)
     pending: list[CallResult] = []
+    # The same problem of many jobs (say 300 cancelled jobs never dialled) is one line naming
+    # them, not 300 events in the run's log.
+    jobs_with: dict[str, list[str]] = {}
     for number, ids in enumerate(calls, start=1):
         try:
             body = client.list_jobs(ids)
@@ -47,8 +52,10 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
                 # A job still waiting to be dialled has no call attempts yet: expected, not a problem.
                 waiting = result.call_status in NON_TERMINAL_JOB_STATUSES
                 for problem in result.problems:
-                    (logger.debug if waiting else logger.warning)("task %s job %s: %s", task_id, result.job_id,
-                                                                  problem)
+                    if waiting:
+                        logger.debug("task %s job %s: %s", task_id, result.job_id, problem)
+                    else:
+                        jobs_with.setdefault(problem, []).append(result.job_id)
             if parsed.missing_job_ids:
                 report.counts.jobs_not_returned += len(parsed.missing_job_ids)
                 logger.warning("task %s: ListJobs did not return %d job(s) (queried again next run): %s", task_id,
@@ -57,7 +64,15 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
         if pending and (len(pending) >= STORED_TOGETHER or number == len(calls)):
             _store(engine, task_id, pending, now, report, logger)
             pending = []
+    for problem, jobs in jobs_with.items():
+        logger.warning("task %s: %s: %s", task_id, problem, named_jobs(jobs))
     return report
+
+
+def named_jobs(job_ids: Sequence[str], limit: int = NAMED_PER_LINE) -> str:
+    """"job A, job B and 3 more job(s)": each id after "job ", as every other log line names a job."""
+    named = ", ".join(f"job {job_id}" for job_id in job_ids[:limit])
+    return named + (f" and {len(job_ids) - limit} more job(s)" if len(job_ids) > limit else "")
 
 
 def _store(engine: Engine, task_id: int, results: list[CallResult], now: datetime, report: StepReport,
