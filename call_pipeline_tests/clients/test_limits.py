@@ -97,3 +97,69 @@ def test_a_very_high_rate_keeps_one_slot_per_request(tmp_path):
         assert limiter._try_send() == 0.0
     index = int.from_bytes(limiter.path.read_bytes()[:4], "little")
     assert index == 100  # the ring moved one slot per send
+
+
+class _Counted:
+    """Counts the calls of a limiter's own method (the real one runs)."""
+
+    def __init__(self, target, name: str) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+        original = getattr(target, name)
+
+        def counted(*args, **kwargs):
+            with self._lock:
+                self.calls += 1
+            return original(*args, **kwargs)
+
+        setattr(target, name, counted)
+
+
+def test_threads_waiting_for_a_slot_take_turns_instead_of_each_polling(tmp_path):
+    semaphore = SharedSemaphore("turns", 1, tmp_path)
+    tries = _Counted(semaphore, "_try_slots")
+    waiters, held_s = 40, 1.0
+    semaphore._local = threading.BoundedSemaphore(waiters + 1)  # let every thread reach the files
+
+    def holder(ready: threading.Event) -> None:
+        with semaphore.hold():
+            ready.set()
+            time.sleep(held_s)
+
+    ready = threading.Event()
+    first = threading.Thread(target=holder, args=(ready,))
+    first.start()
+    ready.wait()
+    done = []
+
+    def wait_then_release() -> None:
+        with semaphore.hold():
+            done.append(1)
+
+    threads = [threading.Thread(target=wait_then_release) for _ in range(waiters)]
+    for thread in threads:
+        thread.start()
+    first.join()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(done) == waiters
+    # Polling alone would be 40 threads x 200 tries a second over the held second (8,000): one
+    # waiter polls at a time (about 200 a second) and each other thread tries once or twice.
+    assert tries.calls < 1_500, tries.calls
+
+
+def test_threads_waiting_for_the_rate_take_turns_instead_of_each_polling(tmp_path):
+    limiter = SharedRateLimiter("turns", 20.0, tmp_path)
+    tries = _Counted(limiter, "_try_send")
+    waiters = 60  # the first 20 go at once, the next 40 within about two seconds
+
+    threads = [threading.Thread(target=limiter.acquire) for _ in range(waiters)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - started >= 1.0  # the rate held
+    # Each of the 40 that waited would retry every 50 ms on its own (about 1,600 tries): in
+    # turns, one retries at a time.
+    assert tries.calls < 600, tries.calls
