@@ -1206,8 +1206,12 @@ def report(args, figures: dict, runs: list[RunFigures], outcome: dict, stats: di
         print(f"peak memory of the run's processes ({figures['peak_processes']} at most): "
               f"{figures['peak_pss_mib']:.0f} MiB (PSS, shared pages once), {figures['peak_rss_sum_mib']:.0f} MiB "
               f"(RSS summed); simulator process {stats['peak_rss_mib']:.0f} MiB")
-        print(f"CPU of the run's processes (user + system, every step process included): {figures['cpu_s']:.1f} s"
-              + (f", {figures['cpu_s'] * 1000 / leads:.2f} ms a lead" if leads else ""))
+        if figures.get("executor") == "celery":
+            print(f"CPU of the run's own process (user + system; the Celery workers' is not counted): "
+                  f"{figures['cpu_s']:.1f} s")
+        else:
+            print(f"CPU of the run's processes (user + system, every step process included): {figures['cpu_s']:.1f} s"
+                  + (f", {figures['cpu_s'] * 1000 / leads:.2f} ms a lead" if leads else ""))
     else:
         workers = ", the Celery workers" if figures.get("executor") == "celery" else ""
         print(f"peak memory of the whole process tree (the daemon, its code server, the runs and their step "
