@@ -10,16 +10,25 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError
 
-from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError, split_for_list_jobs
+from call_pipeline.clients.outboundbot import (
+    LIST_JOBS_MAX_IDS,
+    OutboundBotClient,
+    OutboundBotError,
+    split_for_list_jobs,
+)
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, CallResult, parse_list_jobs_body
 from call_pipeline.domain.counts import StepReport
+from call_pipeline.steps._concurrent import call_and_write
 
 log = logging.getLogger(__name__)
 
 # Jobs' results written per transaction, at most (plus one ListJobs answer): more at once would
 # hold too many transcripts in memory.
 STORED_TOGETHER = 500
+# ListJobs calls of a batch in flight at once: one after the other, a batch of 1,000 jobs waited
+# for 11 round trips before its recordings and follow-ups could start.
+LIST_JOBS_IN_FLIGHT = 4
 # Jobs named in one log line; the rest are counted.
 NAMED_PER_LINE = 20
 
@@ -34,17 +43,23 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
         needed = repo.fetch_job_ids_needing_results(conn, task_id, job_ids)
     report.counts.jobs_queried = len(needed)
     calls = split_for_list_jobs(needed)
-    pending: list[CallResult] = []
     # The same problem of many jobs (say 300 cancelled jobs never dialled) is one line naming
     # them, not 300 events in the run's log.
     jobs_with: dict[str, list[str]] = {}
-    for number, ids in enumerate(calls, start=1):
+
+    def fetch(ids: list[str]):
         try:
-            body = client.list_jobs(ids)
+            return ids, client.list_jobs(ids), None
         except OutboundBotError as exc:
-            report.fail(f"ListJobs for {len(ids)} job(s) starting {ids[0]}: {exc}")
-            logger.error("task %s: ListJobs for %d job(s) failed: %s", task_id, len(ids), exc)
-        else:
+            return ids, None, exc
+
+    def store(answers: list) -> None:
+        results: list[CallResult] = []
+        for ids, body, exc in answers:
+            if exc is not None:
+                report.fail(f"ListJobs for {len(ids)} job(s) starting {ids[0]}: {exc}")
+                logger.error("task %s: ListJobs for %d job(s) failed: %s", task_id, len(ids), exc)
+                continue
             parsed = parse_list_jobs_body(body, ids, zone)
             for problem in parsed.problems:
                 logger.warning("task %s: %s", task_id, problem)
@@ -60,10 +75,15 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
                 report.counts.jobs_not_returned += len(parsed.missing_job_ids)
                 logger.warning("task %s: ListJobs did not return %d job(s) (queried again next run): %s", task_id,
                                len(parsed.missing_job_ids), ", ".join(parsed.missing_job_ids[:10]))
-            pending.extend(parsed.results)
-        if pending and (len(pending) >= STORED_TOGETHER or number == len(calls)):
-            _store(engine, task_id, pending, now, report, logger)
-            pending = []
+            results.extend(parsed.results)
+        if results:
+            _store(engine, task_id, results, now, report, logger)
+
+    # A few calls in flight (the shared rate limit bounds them), their answers stored on this
+    # thread as they come, up to STORED_TOGETHER jobs a transaction.
+    call_and_write(calls, fetch, store, threads=LIST_JOBS_IN_FLIGHT,
+                   batch_size=max(1, STORED_TOGETHER // LIST_JOBS_MAX_IDS), max_wait_s=1.0,
+                   name="call-pipeline-list-jobs")
     for problem, jobs in jobs_with.items():
         logger.warning("task %s: %s: %s", task_id, problem, named_jobs(jobs))
     return report
