@@ -23,8 +23,8 @@ from call_pipeline.steps._concurrent import call_and_write
 
 log = logging.getLogger(__name__)
 
-# Jobs' results written per transaction, at most (plus one ListJobs answer): more at once would
-# hold too many transcripts in memory.
+# Jobs' results written per transaction, at most (in whole ListJobs answers of up to 99 jobs):
+# more at once would hold too many transcripts in memory.
 STORED_TOGETHER = 500
 # ListJobs calls of a batch in flight at once: one after the other, a batch of 1,000 jobs waited
 # for 11 round trips before its recordings and follow-ups could start.
@@ -36,7 +36,8 @@ NAMED_PER_LINE = 20
 def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
                         zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None) -> StepReport:
     """ListJobs for the batch's jobs (`job_ids`; None: the whole task) that still need a result,
-    in calls of as many ids as ListJobs takes. A failed call fails its jobs only."""
+    in calls of as many ids as ListJobs takes, LIST_JOBS_IN_FLIGHT at a time. A failed call fails
+    its jobs only."""
     logger = logger or log
     report = StepReport()
     with engine.connect() as conn:
