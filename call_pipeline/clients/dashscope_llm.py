@@ -49,9 +49,9 @@ class LlmClient:
 
     def _http_session(self, base_url: str) -> requests.Session:
         """The client's own session for the SDK (its `session=`): requests would read the proxy
-        variables from the whole environment again on every call (half a millisecond of CPU each,
-        a third of a call), so they are read once here, for the DashScope URL, with the same
-        rules (HTTP(S)_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE)."""
+        variables from the whole environment again on every call (about 0.2 ms of a call's 1.7 ms
+        of CPU, measured against the simulator), so they are read once here, for the DashScope
+        URL, with the same rules (HTTP(S)_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE)."""
         if self._session is None:
             session = requests.Session()
             session.proxies = requests.utils.get_environ_proxies(base_url)
