@@ -100,10 +100,11 @@ class PipelineSettings(BaseModel):
         description="Cron of the schedule that advances every task's state")
 
     # Paging: ListJobsByGroup pages of 100 jobs; pages per mapped chain chosen by measurement
-    # (README "Performance": fewer, larger batches cost fewer statements and steps).
+    # (README "Performance": each step process starts cold, so fewer, larger batches cost less
+    # CPU; 20 against 10 took a third less CPU and kept the runs with latency as fast).
     page_size: int = env_field("CALL_PIPELINE_PAGE_SIZE", 100, ge=1, description="ListJobsByGroup page size")
     pages_per_batch: int = env_field(
-        "CALL_PIPELINE_PAGES_PER_BATCH", 10, ge=1,
+        "CALL_PIPELINE_PAGES_PER_BATCH", 20, ge=1,
         description="Pages whose jobs one mapped chain (steps 2-5) works on together")
 
     # Op retries, after the SDKs' own per-request retries. A first delay of 5 s waits 5, 15 and 35 s:
