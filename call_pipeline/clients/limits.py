@@ -170,7 +170,7 @@ def _turnstile(path: Path) -> Iterator[None]:
     """One waiter at a time, across threads and processes: the one holding the turnstile polls
     the limit, the others sleep in the kernel (a blocking flock) until it is their turn. Without
     it every waiting thread polled on its own: with 30 threads of two steps waiting for 16 LLM
-    slots, that was most of the CPU of a run that mostly waits."""
+    slots, that was a third of the CPU of a run that mostly waits (README "Performance")."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -33,7 +33,7 @@ def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: Page
         return number, parse_jobs_page(client.list_jobs_by_group(task.job_group_id or "", number, request.page_size))
 
     call_and_write(range(request.page_number, request.page_number + request.page_count), fetch, pages.update,
-                   threads=PAGES_IN_FLIGHT, batch_size=request.page_count, max_wait_s=3600.0,
+                   threads=PAGES_IN_FLIGHT, batch_size=request.page_count, max_wait_s=0.0,
                    name="call-pipeline-pages")
     jobs = []
     for number in sorted(pages):  # matched in the group's order, whichever page came first
