@@ -110,7 +110,10 @@ _original_get_session = None  # DaraCore's own, kept when the patch is installed
 
 
 def _get_session_with_gates(*args, **kwargs):
-    session = _original_get_session(*args, **kwargs)
+    # Under the lock: the SDK caches one session per host but builds it (with an SSL context,
+    # ~50 ms of CPU) unlocked, so threads that start together each built one.
+    with _gates_lock:
+        session = _original_get_session(*args, **kwargs)
     for prefix, adapter in list(_gates.items()):
         if session.adapters.get(prefix) is not adapter:
             session.mount(prefix, adapter)

@@ -1,7 +1,9 @@
 """The OutboundBot wrapper through the real SDK against the simulator: paging, the 99-id limit,
 recordings, and every injected fault (retried, then a clear error)."""
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -168,3 +170,30 @@ def test_every_request_passes_the_rate_limiter_retries_included(simulator, tmp_p
     # 4 requests (2 failed attempts, then 2 successes) at 2 per second: the last two wait a second
     assert simulator.state.stats()["requests"]["ListJobsByGroup"] == 4
     assert time.monotonic() - started >= 1.0
+
+
+def test_threads_that_start_together_build_one_session(simulator, tmp_path, group, monkeypatch):
+    from darabonba.core import DaraCore
+
+    client = make_client(simulator, tmp_path)
+    for key in [key for key in DaraCore._sessions if f":{simulator.port}:" in key]:
+        del DaraCore._sessions[key]
+    built = []
+    original = DaraCore.get_adapter
+
+    def counting_get_adapter(*args, **kwargs):
+        built.append(args)
+        time.sleep(0.05)  # as long as building its SSL context takes: the other threads arrive meanwhile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(DaraCore, "get_adapter", staticmethod(counting_get_adapter))
+    start = threading.Barrier(8)
+
+    def call() -> int:
+        start.wait()
+        return client.list_jobs_by_group(group, 1, 5)["Jobs"]["TotalCount"]
+
+    with ThreadPoolExecutor(8) as pool:
+        totals = list(pool.map(lambda _: call(), range(8)))
+    assert totals == [250] * 8
+    assert len(built) == 1
