@@ -7,7 +7,11 @@ returns when it is written, so every executor gives the same result.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
+from collections.abc import Sequence
 from typing import get_args
 
 import dagster as dg
@@ -22,6 +26,35 @@ PRELOADED_MODULES = ["call_pipeline.definitions", "pandas", "alibabacloud_outbou
                      "alibabacloud_outboundbot20191226.models", "alibabacloud_tea_openapi.models", "darabonba.core",
                      "dashscope", "call_pipeline.forkserver_preload"]
 QUEUE_TAG = "dagster-celery/queue"
+# Dagster's multiprocess executor puts this module first in the forkserver's preload list.
+_EXECUTOR_MODULE = "dagster._core.executor.multiprocess"
+SYNC_JOB_NAME = "sync_call_task"
+
+
+def runs_sync_job(argv: Sequence[str]) -> bool:
+    """Whether `argv` is a run worker's (`dagster api execute_run <ExecuteRunArgs>`, as the
+    default run launcher and the daemon start it) for `sync_call_task`."""
+    args = list(argv)
+    try:
+        payload = json.loads(args[args.index("execute_run") + 1])
+        return payload["pipeline_origin"]["pipeline_name"] == SYNC_JOB_NAME
+    except (ValueError, IndexError, KeyError, TypeError):
+        return False
+
+
+def start_forkserver_early(argv: Sequence[str]) -> bool:
+    """In the run worker of a `sync_call_task` run on the multiprocess executor, start the
+    forkserver now, while the worker is still loading the project, so that its imports (2.5 s
+    measured, on every run's critical path: Dagster starts it at the first step) run beside the
+    worker's on the machine's other core. Dagster's executor then finds it running with the
+    same preload list and uses it; the forkserver ends with the worker, as it would have.
+    Multiprocessing has no option for this, hence the hand-written start."""
+    if SETTINGS.executor != "multiprocess" or not runs_sync_job(argv):
+        return False
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([_EXECUTOR_MODULE, *PRELOADED_MODULES])
+    multiprocessing.forkserver.ensure_running()
+    return True
 
 
 def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:

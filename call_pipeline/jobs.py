@@ -11,8 +11,6 @@ from call_pipeline.ops import (
     fetch_call_results,
     fetch_recordings,
     list_job_pages,
-    load_task,
-    mark_unmatched_leads,
     match_job_page,
 )
 from call_pipeline.partitions import call_tasks_partitions
@@ -29,17 +27,15 @@ RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FA
     "map jobs to leads, fetch call results and recordings, write AI follow-ups, advance the task.",
 )
 def sync_call_task():
-    task = load_task()
     # One fan-out over the job group's pages; every later step is chained on it with .map(),
     # so a page's results, recordings and follow-ups start as soon as that page is matched.
-    plan, pages = list_job_pages(task)
+    task, plan, pages = list_job_pages()
     batches = pages.map(match_job_page).map(fetch_call_results)
     # Steps 4 and 5 of a batch, mapped side by side: the executor runs them at once, with each
     # other and with later batches.
     recordings = batches.map(fetch_recordings)
     follow_ups = batches.map(create_follow_ups)
-    totals = mark_unmatched_leads(task, plan, batches.collect(), recordings.collect(), follow_ups.collect())
-    advance_task_state(task, totals)
+    advance_task_state(task, plan, batches.collect(), recordings.collect(), follow_ups.collect())
 
 
 @dg.job(executor_def=dg.in_process_executor,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from call_pipeline import forkserver_preload
-from call_pipeline.executors import PRELOADED_MODULES, multiprocess_config
+from call_pipeline.executors import PRELOADED_MODULES, multiprocess_config, runs_sync_job
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +83,65 @@ def test_a_forked_step_process_starts_with_the_storage_imported(tmp_path):
 def test_without_the_preload_a_forked_step_process_would_import_them_itself(tmp_path):
     """The probe itself imports none of them (so the test above can fail)."""
     assert _forked_child_holds(tmp_path, ["call_pipeline.definitions"]) == "[False, False, False]"
+
+
+def _execute_run_argv(job_name: str) -> list[str]:
+    """A run worker's command line, as the default run launcher builds it."""
+    from dagster import serialize_value
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
+    from dagster._grpc.types import ExecuteRunArgs
+
+    origin = JobPythonOrigin(job_name, RepositoryPythonOrigin(
+        sys.executable, ModuleCodePointer("call_pipeline.definitions", "defs", str(PROJECT))))
+    args = ExecuteRunArgs(job_origin=origin, run_id="r1", instance_ref=None, set_exit_code_on_failure=True)
+    return ["dagster/__main__.py", "api", "execute_run", serialize_value(args)]
+
+
+def test_the_run_worker_of_the_sync_job_is_told_apart():
+    assert runs_sync_job(_execute_run_argv("sync_call_task"))
+    assert not runs_sync_job(_execute_run_argv("advance_task_states"))
+    assert not runs_sync_job(["dagster/__main__.py", "api", "execute_run"])
+    assert not runs_sync_job(["dagster/__main__.py", "api", "execute_run", "{not json"])
+    assert not runs_sync_job(["dagster-webserver", "-m", "call_pipeline.definitions"])
+
+
+# A run worker imports the project (sys.argv set as the launcher sets it): is its forkserver
+# running before any step, and does a process it forks hold the project and the storage?
+_WORKER_SCRIPT = """
+import json, multiprocessing, sys
+sys.argv = json.loads(sys.argv[1])
+import call_pipeline.definitions
+import multiprocessing.forkserver
+from call_pipeline_tests.forkserver_probe import imported
+if multiprocessing.forkserver._forkserver._forkserver_pid is None:
+    print("no forkserver")
+    raise SystemExit
+context = multiprocessing.get_context("forkserver")
+queue = context.Queue()
+child = context.Process(target=imported, args=(queue, ["call_pipeline.definitions",
+                                                       "dagster._core.storage.sqlite_storage"]))
+child.start()
+print(queue.get(timeout=120))
+child.join(timeout=60)
+"""
+
+
+def _run_worker(tmp_path, argv: list[str], executor: str = "multiprocess") -> str:
+    import json
+
+    env = {**os.environ, "DAGSTER_HOME": _home(tmp_path, PROJECT / "dagster.yaml"), "CALL_PIPELINE_EXECUTOR": executor}
+    done = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT, json.dumps(argv)], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_sync_run_worker_starts_its_forkserver_as_it_imports_the_project(tmp_path):
+    assert _run_worker(tmp_path, _execute_run_argv("sync_call_task")) == "[True, True]"
+
+
+def test_other_processes_leave_the_forkserver_to_dagster(tmp_path):
+    assert _run_worker(tmp_path, _execute_run_argv("advance_task_states")) == "no forkserver"
+    assert _run_worker(tmp_path, ["dagster-webserver", "-m", "call_pipeline.definitions"]) == "no forkserver"
+    assert _run_worker(tmp_path, _execute_run_argv("sync_call_task"), executor="in_process") == "no forkserver"

@@ -246,7 +246,7 @@ def test_a_task_that_does_not_qualify_ends_the_run_cleanly(mariadb_url, simulato
                           leads=[{"leads_id": 1, "leads_phone": "13700000001"}])
     result = run_sync(mariadb_url, simulator, task_id, instance)
     assert result.success
-    assert _ran(result) == {"load_task"}
+    assert _ran(result) == {"list_job_pages"}
     assert snapshot(mariadb_url, task_id).task_type == task_type
     assert simulator.state.stats()["outboundbot_requests"] == 0
 

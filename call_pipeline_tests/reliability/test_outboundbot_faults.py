@@ -82,8 +82,8 @@ def test_throttling_burst(mariadb_url, simulator, instance, env, clean_run, acti
 
 
 # A run launched without the sensor's progress tag reads the group's progress first (DescribeJobGroup,
-# best effort: its 3 SDK attempts take 3 of the burst and its failure only warns); then the first
-# page call has SDK x op retries (3 x 2 here) to absorb the rest.
+# in list_job_pages' first attempt only; best effort: its 3 SDK attempts take 3 of the burst and its
+# failure only warns); then the first page call has SDK x op retries (3 x 2 here) to absorb the rest.
 @pytest.mark.parametrize(("status", "burst"), [(500, 4), pytest.param(503, 10, marks=pytest.mark.slow)])
 def test_server_error_burst_on_every_action(mariadb_url, simulator, instance, env, clean_run, status, burst):
     scenario, clean = prepare(mariadb_url, simulator, clean_run)
