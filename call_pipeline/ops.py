@@ -53,7 +53,8 @@ class PagingConfig(dg.Config):
     page_size: int = Field(default=SETTINGS.page_size, ge=1,
                            description="ListJobsByGroup page size (CALL_PIPELINE_PAGE_SIZE).")
     pages_per_batch: int = Field(default=SETTINGS.pages_per_batch, ge=1,
-                                 description="Pages whose jobs one mapped chain (steps 2-5) works on together "
+                                 description="Pages whose jobs one mapped chain (steps 2-5) works on together; "
+                                             "the first batch is a quarter of it, at least one page "
                                              "(CALL_PIPELINE_PAGES_PER_BATCH).")
 
 

@@ -19,7 +19,7 @@ from call_pipeline.simulator.scenarios import build_job_group_from_crm
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 
 LEADS = 250
-PAGING = {"page_size": 50, "pages_per_batch": 2}  # five pages in three batches: 2 + 2 + 1
+PAGING = {"page_size": 50, "pages_per_batch": 2}  # five pages in three batches: a lead page, then 2 + 2
 BATCHES = 3
 
 
@@ -70,7 +70,7 @@ def test_a_runs_database_work_is_a_few_statements_per_page(mariadb_url, simulato
         result = run_sync(mariadb_url, simulator, task_id, instance, paging=PAGING)
     assert result.success
     mapped = {e.step_key for e in result.all_events if e.is_step_success and e.step_key.startswith("match_job_page")}
-    assert mapped == {"match_job_page[pages_1_2]", "match_job_page[pages_3_4]", "match_job_page[page_5]"}
+    assert mapped == {"match_job_page[page_1]", "match_job_page[pages_2_3]", "match_job_page[pages_4_5]"}
 
     crm = snapshot(mariadb_url, task_id)
     assert crm.task_type == 4

@@ -1,0 +1,39 @@
+"""The batches a run maps over."""
+
+import pytest
+
+from call_pipeline.steps.paging import batch_pages
+
+
+def covered(batches: list[tuple[int, int]]) -> list[int]:
+    return [page for first, count in batches for page in range(first, first + count)]
+
+
+def test_a_quarter_sized_lead_batch_then_full_ones():
+    assert batch_pages(100, 20) == [(1, 5), (6, 20), (26, 20), (46, 20), (66, 20), (86, 15)]
+    assert batch_pages(20, 20) == [(1, 5), (6, 15)]
+    assert batch_pages(7, 10) == [(1, 2), (3, 5)]
+
+
+def test_small_batches_lead_with_one_page():
+    assert batch_pages(5, 2) == [(1, 1), (2, 2), (4, 2)]
+    assert batch_pages(3, 1) == [(1, 1), (2, 1), (3, 1)]
+
+
+def test_fewer_pages_than_the_lead_batch():
+    assert batch_pages(3, 20) == [(1, 3)]
+    assert batch_pages(1, 20) == [(1, 1)]
+    assert batch_pages(0, 20) == []
+
+
+@pytest.mark.parametrize("pages", [1, 2, 5, 6, 19, 20, 21, 99, 100, 101, 1000])
+@pytest.mark.parametrize("per_batch", [1, 2, 3, 4, 10, 20, 50])
+def test_every_page_in_exactly_one_batch_in_order(pages, per_batch):
+    batches = batch_pages(pages, per_batch)
+    assert covered(batches) == list(range(1, pages + 1))
+    assert all(1 <= count <= per_batch for _, count in batches)
+
+
+def test_a_batch_has_at_least_one_page():
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_pages(10, 0)
