@@ -5,3 +5,8 @@ import sys
 
 def imported(queue, modules: list[str]) -> None:
     queue.put([name in sys.modules for name in modules])
+
+
+def ssl_context_built(queue) -> None:
+    database = sys.modules.get("call_pipeline.crm.database")
+    queue.put(database is not None and database.preferred_ssl_context.cache_info().currsize == 1)

@@ -145,3 +145,32 @@ def test_other_processes_leave_the_forkserver_to_dagster(tmp_path):
     assert _run_worker(tmp_path, _execute_run_argv("advance_task_states")) == "no forkserver"
     assert _run_worker(tmp_path, ["dagster-webserver", "-m", "call_pipeline.definitions"]) == "no forkserver"
     assert _run_worker(tmp_path, _execute_run_argv("sync_call_task"), executor="in_process") == "no forkserver"
+
+
+_SSL_SCRIPT = """
+import multiprocessing, sys
+from call_pipeline_tests.forkserver_probe import ssl_context_built
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload(sys.argv[1:])
+queue = context.Queue()
+child = context.Process(target=ssl_context_built, args=(queue,))
+child.start()
+print(queue.get(timeout=120))
+child.join(timeout=60)
+"""
+
+
+def _forked_child_has_the_ssl_context(tmp_path, preload: list[str]) -> str:
+    env = {**os.environ, "DAGSTER_HOME": _home(tmp_path, PROJECT / "dagster.yaml")}
+    done = subprocess.run([sys.executable, "-c", _SSL_SCRIPT, *preload], cwd=PROJECT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_forked_step_process_finds_the_crm_ssl_context_built(tmp_path):
+    assert _forked_child_has_the_ssl_context(tmp_path, PRELOADED_MODULES) == "True"
+
+
+def test_without_the_preload_the_ssl_context_is_left_to_each_step_process(tmp_path):
+    assert _forked_child_has_the_ssl_context(tmp_path, ["call_pipeline.definitions"]) == "False"

@@ -38,9 +38,10 @@ def _enable_sqlite_concurrency(engine: Engine) -> None:
 
 
 @functools.cache
-def _preferred_ssl_context() -> ssl.SSLContext:
-    # What PyMySQL builds for its PREFERRED mode (no SSL option given: TLS if the server offers
-    # it, no certificate check), made once per process.
+def preferred_ssl_context() -> ssl.SSLContext:
+    """What PyMySQL builds for its PREFERRED mode (no SSL option given: TLS if the server offers
+    it, no certificate check), made once per process (or once in the forkserver, for the step
+    processes it forks)."""
     context = ssl.create_default_context()
     context.verify_flags &= ~ssl.VERIFY_X509_STRICT
     context.check_hostname = False
@@ -59,7 +60,7 @@ def _pymysql_connection_class() -> type:
 
         def _create_ssl_ctx(self, sslp):  # noqa: ANN001, ANN202 - PyMySQL's signature
             if isinstance(sslp, dict) and not sslp:
-                return _preferred_ssl_context()
+                return preferred_ssl_context()
             return super()._create_ssl_ctx(sslp)
 
     return SharedSslContextConnection
