@@ -54,7 +54,7 @@ class PagingConfig(dg.Config):
                            description="ListJobsByGroup page size (CALL_PIPELINE_PAGE_SIZE).")
     pages_per_batch: int = Field(default=SETTINGS.pages_per_batch, ge=1,
                                  description="Pages whose jobs one mapped chain (steps 2-5) works on together; "
-                                             "the first batch is a quarter of it, at least one page "
+                                             "the first batch is an eighth of it, at least one page "
                                              "(CALL_PIPELINE_PAGES_PER_BATCH).")
 
 

@@ -105,8 +105,8 @@ class PipelineSettings(BaseModel):
     page_size: int = env_field("CALL_PIPELINE_PAGE_SIZE", 100, ge=1, description="ListJobsByGroup page size")
     pages_per_batch: int = env_field(
         "CALL_PIPELINE_PAGES_PER_BATCH", 20, ge=1,
-        description="Pages whose jobs one mapped chain (steps 2-5) works on together (the first batch: a "
-                    "quarter of it, at least one page)")
+        description="Pages whose jobs one mapped chain (steps 2-5) works on together (the first batch: an "
+                    "eighth of it, at least one page)")
 
     # Op retries, after the SDKs' own per-request retries. A first delay of 5 s waits 5, 15 and 35 s:
     # a fault that lasts fails the run in about two minutes (with the SDKs' retries; README

@@ -15,14 +15,14 @@ def count_job_pages(client: OutboundBotClient, job_group_id: str, page_size: int
 
 
 # The first batch is this share of the others (at least one page): its recordings and LLM calls
-# start after a quarter of the matching and results work, while the next batch is matched beside
-# it and ready before the first one's calls end. 2,000 leads at 300 ms per LLM call: 1.24-1.26 x
-# the bound instead of 1.27-1.32 with one batch of 20 pages (README, Performance).
-LEAD_BATCH_SHARE = 4
+# start after an eighth of the matching and results work, while the next batch is matched beside
+# it and ready before the first one's calls end (measured against a quarter and against none:
+# README, Performance).
+LEAD_BATCH_SHARE = 8
 
 
 def batch_pages(pages: int, pages_per_batch: int) -> list[tuple[int, int]]:
-    """(first page, page count) of each batch: a lead batch of `pages_per_batch // 4` pages (at
+    """(first page, page count) of each batch: a lead batch of `pages_per_batch // 8` pages (at
     least one), then batches of up to `pages_per_batch` consecutive pages."""
     if pages_per_batch < 1:
         raise ValueError(f"pages_per_batch must be at least 1, got {pages_per_batch}")

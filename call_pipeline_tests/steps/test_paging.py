@@ -9,10 +9,11 @@ def covered(batches: list[tuple[int, int]]) -> list[int]:
     return [page for first, count in batches for page in range(first, first + count)]
 
 
-def test_a_quarter_sized_lead_batch_then_full_ones():
-    assert batch_pages(100, 20) == [(1, 5), (6, 20), (26, 20), (46, 20), (66, 20), (86, 15)]
-    assert batch_pages(20, 20) == [(1, 5), (6, 15)]
-    assert batch_pages(7, 10) == [(1, 2), (3, 5)]
+def test_an_eighth_sized_lead_batch_then_full_ones():
+    assert batch_pages(100, 20) == [(1, 2), (3, 20), (23, 20), (43, 20), (63, 20), (83, 18)]
+    assert batch_pages(20, 20) == [(1, 2), (3, 18)]
+    assert batch_pages(100, 40) == [(1, 5), (6, 40), (46, 40), (86, 15)]
+    assert batch_pages(7, 10) == [(1, 1), (2, 6)]
 
 
 def test_small_batches_lead_with_one_page():
@@ -21,7 +22,7 @@ def test_small_batches_lead_with_one_page():
 
 
 def test_fewer_pages_than_the_lead_batch():
-    assert batch_pages(3, 20) == [(1, 3)]
+    assert batch_pages(3, 40) == [(1, 3)]
     assert batch_pages(1, 20) == [(1, 1)]
     assert batch_pages(0, 20) == []
 
