@@ -54,22 +54,22 @@ def test_a_module_that_cannot_be_imported_is_reported(monkeypatch, caplog):
 # but the standard library, so what the forked child holds came from the preload.
 _SCRIPT = """
 import multiprocessing, sys
-from call_pipeline_tests.forkserver_probe import imported
+from call_pipeline_tests import forkserver_probe
 context = multiprocessing.get_context("forkserver")
-context.set_forkserver_preload(sys.argv[1:])
+context.set_forkserver_preload(sys.argv[2:])
 queue = context.Queue()
-modules = ["dagster._core.storage.sqlite_storage", "dagster._daemon", "upath"]
-child = context.Process(target=imported, args=(queue, modules))
+child = context.Process(target=getattr(forkserver_probe, sys.argv[1]), args=(queue,))
 child.start()
 print(queue.get(timeout=120))
 child.join(timeout=60)
 """
 
 
-def _forked_child_holds(tmp_path, preload: list[str]) -> str:
+def _forked_child(tmp_path, preload: list[str], probe: str = "storage_imported") -> str:
+    """What `probe` (in forkserver_probe) finds in a child forked from a forkserver with `preload`."""
     env = {**os.environ, "DAGSTER_HOME": _home(tmp_path, PROJECT / "dagster.yaml")}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, *preload], cwd=PROJECT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, probe, *preload], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -77,12 +77,12 @@ def _forked_child_holds(tmp_path, preload: list[str]) -> str:
 def test_a_forked_step_process_starts_with_the_storage_imported(tmp_path):
     """The executor's own preload list: the step processes find the instance's storage imported."""
     assert multiprocess_config(2, 1)["start_method"]["forkserver"]["preload_modules"] == PRELOADED_MODULES
-    assert _forked_child_holds(tmp_path, PRELOADED_MODULES) == "[True, True, True]"
+    assert _forked_child(tmp_path, PRELOADED_MODULES) == "[True, True, True]"
 
 
 def test_without_the_preload_a_forked_step_process_would_import_them_itself(tmp_path):
     """The probe itself imports none of them (so the test above can fail)."""
-    assert _forked_child_holds(tmp_path, ["call_pipeline.definitions"]) == "[False, False, False]"
+    assert _forked_child(tmp_path, ["call_pipeline.definitions"]) == "[False, False, False]"
 
 
 def _execute_run_argv(job_name: str) -> list[str]:
@@ -147,30 +147,9 @@ def test_other_processes_leave_the_forkserver_to_dagster(tmp_path):
     assert _run_worker(tmp_path, _execute_run_argv("sync_call_task"), executor="in_process") == "no forkserver"
 
 
-_SSL_SCRIPT = """
-import multiprocessing, sys
-from call_pipeline_tests.forkserver_probe import ssl_context_built
-context = multiprocessing.get_context("forkserver")
-context.set_forkserver_preload(sys.argv[1:])
-queue = context.Queue()
-child = context.Process(target=ssl_context_built, args=(queue,))
-child.start()
-print(queue.get(timeout=120))
-child.join(timeout=60)
-"""
-
-
-def _forked_child_has_the_ssl_context(tmp_path, preload: list[str]) -> str:
-    env = {**os.environ, "DAGSTER_HOME": _home(tmp_path, PROJECT / "dagster.yaml")}
-    done = subprocess.run([sys.executable, "-c", _SSL_SCRIPT, *preload], cwd=PROJECT, env=env, capture_output=True,
-                          text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_a_forked_step_process_finds_the_crm_ssl_context_built(tmp_path):
-    assert _forked_child_has_the_ssl_context(tmp_path, PRELOADED_MODULES) == "True"
+    assert _forked_child(tmp_path, PRELOADED_MODULES, "ssl_context_built") == "True"
 
 
 def test_without_the_preload_the_ssl_context_is_left_to_each_step_process(tmp_path):
-    assert _forked_child_has_the_ssl_context(tmp_path, ["call_pipeline.definitions"]) == "False"
+    assert _forked_child(tmp_path, ["call_pipeline.definitions"], "ssl_context_built") == "False"
