@@ -99,6 +99,10 @@ def _execute_run_argv(job_name: str) -> list[str]:
 
 
 def test_the_run_worker_of_the_sync_job_is_told_apart():
+    from call_pipeline.executors import SYNC_JOB_NAME
+    from call_pipeline.jobs import sync_call_task
+
+    assert sync_call_task.name == SYNC_JOB_NAME
     assert runs_sync_job(_execute_run_argv("sync_call_task"))
     assert not runs_sync_job(_execute_run_argv("advance_task_states"))
     assert not runs_sync_job(["dagster/__main__.py", "api", "execute_run"])
