@@ -79,6 +79,9 @@ def _not_run(context: dg.OpExecutionContext) -> None:
 TASK_NAME_TAG = "call_pipeline/task_name"
 # The job group's progress ("jobs/completed") the run started from; see _tag_progress.
 PROGRESS_TAG = "call_pipeline/progress"
+# The job group's Status (Executing, Paused, ...) the run started from, for its summary and the
+# task's history; set with PROGRESS_TAG, from the same answer.
+GROUP_STATUS_TAG = "call_pipeline/group_status"
 CRM_ASSET_KEY = dg.AssetKey(["crm", "leads_task_list"])
 
 
@@ -105,7 +108,8 @@ def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) ->
         context.log.warning(f"task {task.id}: DescribeJobGroup failed, the run's progress is not recorded: {exc}")
         return
     if progress is not None:
-        context.instance.add_run_tags(context.run_id, {PROGRESS_TAG: progress.tag})
+        status = {GROUP_STATUS_TAG: progress.status} if progress.status else {}
+        context.instance.add_run_tags(context.run_id, {PROGRESS_TAG: progress.tag, **status})
 
 
 def _raise_if_failed(report: StepReport, what: str) -> None:
@@ -263,12 +267,17 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan:
     before, after = evaluate_task_state(crm.engine, task.id, crm.now())
     with crm.engine.connect() as conn:
         statuses = repo.count_statuses(conn, task.id)
+    # Tagged by the sensor or by _tag_progress in this run's first op (read from storage: this op may
+    # run in the process that started the run, whose copy of the run predates that tag).
+    run = context.instance.get_run_by_id(context.run_id)
+    group_status = (run.tags if run else context.run.tags).get(GROUP_STATUS_TAG) or "unknown"
     summary = render_run_summary({**totals.summary_stats(), "statuses": statuses, "task_type_before": before,
-                                  "task_type_after": after, "task_id": task.id})
+                                  "task_type_after": after, "task_id": task.id, "job_group_status": group_status})
     context.add_output_metadata({
         "summary": dg.MetadataValue.md(summary),
         "task_type_before": before,
         "task_type_after": after,
+        "job_group_status": group_status,
     })
     _tag_task_name(context, task)
     by_status = {"leads_" + re.sub(r"\W+", "_", k.lower()).strip("_"): v for k, v in statuses.items()}
@@ -277,7 +286,8 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan:
     context.log_event(dg.AssetMaterialization(
         asset_key=CRM_ASSET_KEY, partition=str(task.id), description=f"{task.task_name}: synced",
         metadata={**totals.as_metadata(), **by_status, "leads": sum(statuses.values()),
-                  "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary)}))
+                  "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary),
+                  "job_group_status": group_status}))
     context.log.info(f"task {task.id}: task_type {before} -> {after}")
     return after if after is not None else -1
 

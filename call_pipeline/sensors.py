@@ -1,19 +1,32 @@
 """The sensor that keeps every active call task in sync."""
 
 
+import json
 import os
 import time
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import requests
 
 from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
-from call_pipeline.domain.alerts import Alert, alert_payload, scrub
-from call_pipeline.domain.job_groups import GroupProgress, parse_job_groups_page, tasks_with_late_jobs
+from call_pipeline.domain.alerts import Alert, StoppedGroupAlert, alert_payload, scrub, stopped_group_payload
+from call_pipeline.domain.job_groups import (
+    GroupProgress,
+    StoppedGroup,
+    list_start_time,
+    next_page_is_cheaper,
+    pages_left,
+    parse_job_group,
+    parse_job_groups_page,
+    tasks_with_late_jobs,
+    track_stopped_group,
+)
 from call_pipeline.jobs import sync_call_task
-from call_pipeline.ops import LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG
+from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
@@ -22,16 +35,61 @@ from call_pipeline.settings import SETTINGS, PipelineSettings, secret_variables
 JOB_GROUPS_PAGE_SIZE = 100
 
 
-def job_group_progress(outboundbot: OutboundBotResource) -> dict:
-    """Every job group's progress, in one paged ListJobGroups call (pages of 100)."""
-    client = outboundbot.get_client()
-    progress, page = {}, 1
-    while True:
-        groups, total = parse_job_groups_page(client.list_job_groups(page, JOB_GROUPS_PAGE_SIZE))
-        progress.update(groups)
-        if not groups or page * JOB_GROUPS_PAGE_SIZE >= total:
-            return progress
+def read_watched_groups(client, watched: set[str], created_ms: dict[str, int],
+                        log) -> dict[str, GroupProgress]:
+    """The progress and status of the `watched` job groups, in as few calls as the numbers allow
+    (SPEC §12): ListJobGroups filtered by creation time (StartTime: the oldest watched group's
+    CreationTime, known from an earlier answer in `created_ms`) page by page while the pages left
+    are fewer than the groups still missing, then one DescribeJobGroup per group still missing
+    (new groups, and those the listing did not reach). Unfiltered, ListJobGroups pages over every
+    group the instance ever had, each tick. A call that fails is logged and leaves its groups
+    unknown this tick; the others are still read."""
+    found: dict[str, GroupProgress] = {}
+    start = list_start_time(created_ms, watched)
+    listable = sum(1 for group_id in watched if group_id in created_ms)
+    left, page = None, 0
+    while start is not None and next_page_is_cheaper(left, len(watched - found.keys()), listable):
         page += 1
+        try:
+            groups, total = parse_job_groups_page(
+                client.list_job_groups(page, JOB_GROUPS_PAGE_SIZE, start_time_ms=start))
+        except OutboundBotError as exc:
+            log.warning(f"ListJobGroups failed (page {page}); the groups it did not reach are described: {exc}")
+            break
+        found.update({group_id: progress for group_id, progress in groups.items() if group_id in watched})
+        left = pages_left(total, JOB_GROUPS_PAGE_SIZE, page) if groups else 0
+    for group_id in sorted(watched - found.keys()):
+        try:
+            progress = parse_job_group(client.describe_job_group(group_id))
+        except OutboundBotError as exc:
+            log.warning(f"DescribeJobGroup {group_id} failed, its progress is unknown this tick: {exc}")
+            continue
+        if progress is not None:
+            found[group_id] = progress
+    return found
+
+
+def load_cursor(cursor: str | None) -> dict:
+    """A sensor's memory between ticks: the watched groups' creation times ("created") and, for
+    call_task_sensor, the tasks whose group it saw stopped ("stopped"). A cursor it cannot read
+    (an operator reset it) starts empty: the next tick describes each group once."""
+    try:
+        state = json.loads(cursor) if cursor else {}
+    except ValueError:
+        state = {}
+    return state if isinstance(state, dict) else {}
+
+
+def learned_creation_times(previous: dict, watched: set[str], groups: dict[str, GroupProgress]) -> dict[str, int]:
+    """The creation times to remember: the watched groups' only (a group no task watches any
+    more is forgotten), from this tick's answers or an earlier one's."""
+    created = {}
+    for group_id in watched:
+        progress = groups.get(group_id)
+        value = progress.created_ms if progress is not None and progress.created_ms else previous.get(group_id)
+        if isinstance(value, int):
+            created[group_id] = value
+    return created
 
 
 def progress_tag(progress: GroupProgress | None) -> str:
@@ -62,15 +120,66 @@ def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | No
     return None
 
 
+def check_stopped_groups(context: dg.SensorEvaluationContext, tasks: list[repo.TaskRow],
+                         groups: dict[str, GroupProgress], remembered: dict, now: float) -> dict:
+    """Alerts for the tasks whose job group has been Paused, Draft or Initializing for longer than
+    CALL_PIPELINE_STALLED_GROUP_SECONDS, at most once a day per task; returns what the cursor
+    keeps ({task id: [status, first seen stopped, last alert]}, the stopped groups only).
+
+    It runs here, in the sensor that already reads every active task's group each tick, and not
+    in the runs: a stopped group brings no new work, so its task may get no run for hours, and
+    the alert must come all the same; the status costs no call of its own here. A post that
+    fails is not remembered as sent, so the next tick tries again."""
+    kept = {}
+    for task in tasks:
+        raw = remembered.get(str(task.id))
+        previous = StoppedGroup(str(raw[0]), float(raw[1]), None if raw[2] is None else float(raw[2])) \
+            if isinstance(raw, list) and len(raw) == 3 else None
+        group = groups.get(task.job_group_id or "")
+        status = (group.status or None) if group is not None else None
+        stopped, due = track_stopped_group(previous, status, now, SETTINGS.stalled_group_seconds)
+        if stopped is not None and due and _post_stopped_group_alert(context, task, stopped, now):
+            stopped = replace(stopped, alerted_at=now)
+        if stopped is not None:
+            kept[str(task.id)] = [stopped.status, stopped.since, stopped.alerted_at]
+    return kept
+
+
+def _post_stopped_group_alert(context: dg.SensorEvaluationContext, task: repo.TaskRow, stopped: StoppedGroup,
+                              now: float) -> bool:
+    """True once the operator has been told (posted, or logged when no webhook is set)."""
+    since = datetime.fromtimestamp(stopped.since, UTC).isoformat(timespec="seconds")
+    message = (f"task {task.id} ({task.task_name}): job group {task.job_group_id} has been {stopped.status} "
+               f"since {since} (longer than {SETTINGS.stalled_group_seconds} s); the task stays at 2 until it "
+               "calls again")
+    if not SETTINGS.alert_webhook_url:
+        context.log.warning(message + " (no CALL_PIPELINE_ALERT_WEBHOOK_URL: logged only)")
+        return True
+    alert = StoppedGroupAlert(
+        task_id=str(task.id), task_name=task.task_name, job_group_id=task.job_group_id or "", status=stopped.status,
+        stopped_since=since, stopped_hours=round((now - stopped.since) / 3600, 1),
+        task_url=f"{SETTINGS.ui_base_url}/assets/crm/leads_task_list?view=partitions&partition={task.id}")
+    try:
+        status = post_json(SETTINGS.alert_webhook_url, stopped_group_payload(alert, SETTINGS.alert_format))
+    except requests.RequestException as exc:
+        context.log.warning(f"{message}; the alert could not be posted, tried again next tick: "
+                            f"{type(exc).__name__}")
+        return False
+    context.log.warning(f"{message}; alert posted: HTTP {status}")
+    return True
+
+
 @dg.sensor(
     job=sync_call_task,
     minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds a partition per active call task (task_type 2 or 3 with a job group) and requests a "
-    "run when there is work: its job group's progress (one paged ListJobGroups call per tick for all tasks) "
-    "changed since its last completed run, the CRM still holds work for it (a unit that failed), or "
+    "run when there is work: its job group's progress (ListJobGroups filtered by creation time, or "
+    "DescribeJobGroup per task, whichever is fewer calls) changed since its last completed run, the CRM "
+    "still holds work for it (a unit that failed), or "
     "CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS passed; never while it has a queued or running run or a "
-    "failed run that Dagster will retry.",
+    "failed run that Dagster will retry. A task whose group is Paused, Draft or Initializing for longer than "
+    "CALL_PIPELINE_STALLED_GROUP_SECONDS raises an alert, at most once a day per task.",
 )
 def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
                      outboundbot: OutboundBotResource) -> dg.SensorResult:
@@ -80,25 +189,26 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
     new_keys = [str(task.id) for task in tasks if str(task.id) not in known]
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
-    groups: dict = {}
-    if tasks:
-        try:
-            groups = job_group_progress(outboundbot)
-        except OutboundBotError as exc:
-            context.log.warning(f"ListJobGroups failed, progress unknown this tick: {exc}")
+    memory = load_cursor(context.cursor)
+    watched = {task.job_group_id for task in tasks if task.job_group_id}
+    groups = read_watched_groups(outboundbot.get_client(), watched, memory.get("created") or {}, context.log)
     now = time.time()
+    stopped = check_stopped_groups(context, tasks, groups, memory.get("stopped") or {}, now)
     run_requests, quiet = [], []
     for task in tasks:
         if str(task.id) in busy:
             continue
-        progress = progress_tag(groups.get(task.job_group_id or ""))
+        group = groups.get(task.job_group_id or "")
+        progress = progress_tag(group)
         run_key = why_run(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
                           now)
         if run_key is None:
             quiet.append(str(task.id))
             continue
-        run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key,
-                                          tags={TASK_NAME_TAG: task.task_name[:200], PROGRESS_TAG: progress}))
+        tags = {TASK_NAME_TAG: task.task_name[:200], PROGRESS_TAG: progress}
+        if group is not None and group.status:
+            tags[GROUP_STATUS_TAG] = group.status
+        run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key, tags=tags))
     skipped = sorted(busy & {str(task.id) for task in tasks})
     if skipped:
         context.log.info("tasks with a queued or running run (or a retry coming), not relaunched: "
@@ -108,6 +218,8 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps({"created": learned_creation_times(memory.get("created") or {}, watched, groups),
+                           "stopped": stopped}, sort_keys=True),
     )
 
 
@@ -116,7 +228,8 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Checks the tasks concluded (at 4) within CALL_PIPELINE_RECONCILE_DAYS for jobs that came "
-    "late: one paged ListJobGroups call for all of them, each group's TotalJobs against the task's matched "
+    "late: their groups read with ListJobGroups filtered by creation time or DescribeJobGroup per task "
+    "(whichever is fewer calls), each group's TotalJobs against the task's matched "
     "leads. A task whose group grew, or whose late leads still need work, gets a run; it stays at 4.",
 )
 def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
@@ -127,10 +240,9 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         work = repo.count_lead_work(conn, [task.id for task in tasks])
     if not tasks:
         return dg.SkipReason(f"no task concluded in the last {SETTINGS.reconcile_days} day(s)")
-    try:
-        progress = job_group_progress(outboundbot)
-    except OutboundBotError as exc:
-        return dg.SkipReason(f"ListJobGroups failed, checked again next tick: {exc}")
+    memory = load_cursor(context.cursor)
+    watched = {task.job_group_id for task in tasks if task.job_group_id}
+    progress = read_watched_groups(outboundbot.get_client(), watched, memory.get("created") or {}, context.log)
     late = tasks_with_late_jobs(progress, {t.id: t.job_group_id or "" for t in tasks},
                                 {task_id: counts.matched for task_id, counts in work.items()})
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
@@ -154,6 +266,8 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps({"created": learned_creation_times(memory.get("created") or {}, watched, progress)},
+                          sort_keys=True),
     )
 
 

@@ -155,6 +155,10 @@ class PipelineSettings(BaseModel):
                                           description="json, dingtalk, wecom, feishu or slack")
     ui_base_url: str = env_field("CALL_PIPELINE_UI_BASE_URL", "http://127.0.0.1:3000",
                                  description="The Dagster UI's address, for the run links of alerts")
+    stalled_group_seconds: int = env_field(
+        "CALL_PIPELINE_STALLED_GROUP_SECONDS", 86400, gt=0,
+        description="A task's job group Paused, Draft or Initializing for longer than this raises an alert, "
+                    "at most once a day per task (seconds)")
 
     @field_validator("alert_format", mode="before")
     @classmethod

@@ -212,9 +212,12 @@ class OutboundBotClient:
         request = self._models.DescribeJobGroupRequest(instance_id=self.instance_id, job_group_id=job_group_id)
         return self._call("DescribeJobGroup", self._client.describe_job_group, request)
 
-    def list_job_groups(self, page_number: int, page_size: int = 100) -> dict[str, Any]:
+    def list_job_groups(self, page_number: int, page_size: int = 100,
+                        start_time_ms: int | None = None) -> dict[str, Any]:
+        """One page of the instance's job groups; with `start_time_ms`, only those created since
+        (the API's creation-time filter, StartTime in ms)."""
         request = self._models.ListJobGroupsRequest(instance_id=self.instance_id, page_number=page_number,
-                                                    page_size=page_size)
+                                                    page_size=page_size, start_time=start_time_ms)
         return self._call("ListJobGroups", self._client.list_job_groups, request)
 
 

@@ -49,3 +49,41 @@ def alert_payload(alert: Alert, fmt: str) -> dict:
     if fmt == "slack":
         return {"text": "\n".join([f"*{title}*", *lines])}
     raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")
+
+
+@dataclass(frozen=True)
+class StoppedGroupAlert:
+    """A task whose job group has stood still (Paused, Draft, Initializing) for too long: nothing
+    the pipeline does makes it call again, someone must resume or start it in the cloud."""
+    task_id: str
+    task_name: str
+    job_group_id: str
+    status: str
+    stopped_since: str  # when the pipeline first saw it stopped (ISO 8601, UTC)
+    stopped_hours: float
+    task_url: str
+    kind: str = "job_group_stopped"
+
+
+def stopped_group_payload(alert: StoppedGroupAlert, fmt: str) -> dict:
+    """The webhook body for `fmt` (json: the alert's fields as they are)."""
+    if fmt == "json":
+        return asdict(alert)
+    title = (f"call_pipeline: task {alert.task_id} ({alert.task_name}): job group {alert.status} "
+             f"for {alert.stopped_hours:g} h")
+    lines = [f"job group: {alert.job_group_id}", f"status: {alert.status}",
+             f"stopped since: {alert.stopped_since}", "the task stays at 2 until the group calls again",
+             f"task: {alert.task_url}"]
+    return _chat_body(title, lines, fmt)
+
+
+def _chat_body(title: str, lines: list[str], fmt: str) -> dict:
+    if fmt == "dingtalk":
+        return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
+    if fmt == "wecom":
+        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{title}**", *lines])}}
+    if fmt == "feishu":
+        return {"msg_type": "text", "content": {"text": "\n".join([title, *lines])}}
+    if fmt == "slack":
+        return {"text": "\n".join([f"*{title}*", *lines])}
+    raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")

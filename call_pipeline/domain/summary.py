@@ -59,8 +59,8 @@ def render_run_summary(stats: dict) -> str:
     recordings_invalid_task_id, follow_ups_by_verdict ({0|1|2: leads}, or flat "follow_ups:0" keys),
     follow_ups_by_source ({"llm"|"no_conversation"|"ai_fallback": leads}, or flat "source:llm"
     keys), ai_fallbacks (defaults to the "ai_fallback" source count), task_type_before,
-    task_type_after. Both spellings are read because the ops total their per-page counters into
-    one flat dict.
+    task_type_after, job_group_status (the group's Status the run started from). Both spellings are
+    read because the ops total their per-page counters into one flat dict.
     """
     matched = stats.get("match_counts") or stats
     statuses = stats.get("statuses") or {}
@@ -88,6 +88,7 @@ def render_run_summary(stats: dict) -> str:
     before, after = stats.get("task_type_before"), stats.get("task_type_after")
     rows.append(("task state before", _task_type(before)))
     rows.append(("task state after", _task_type(after)))
+    rows.append(("job group status", _cell(stats.get("job_group_status") or "—")))
 
     task_id = stats.get("task_id")
     title = "Run summary" if task_id is None else f"Run summary for task {_cell(task_id)}"

@@ -235,6 +235,24 @@ class SimulatorState:
         self._index_tasks(job)
         return 1
 
+    # The job group statuses of the SDK's ListJobGroups/DescribeJobGroup models.
+    JOB_GROUP_STATUSES = ("Draft", "Scheduling", "Executing", "Completed", "Paused", "Failed", "Cancelled",
+                          "Initializing")
+
+    def set_job_group_status(self, job_group_id: str, status: str | None) -> str:
+        """Pins the group's Status (a campaign paused, or left in Draft, in the console); None
+        unpins it, so that it follows its jobs again. Returns the status the API now shows."""
+        if status is not None and status not in self.JOB_GROUP_STATUSES:
+            raise ValueError(f"job group status must be one of {', '.join(self.JOB_GROUP_STATUSES)}, got {status!r}")
+        with self.lock:
+            if job_group_id not in self.groups:
+                raise KeyError(f"unknown job group {job_group_id!r}")
+            if status is None:
+                self.groups[job_group_id].pop("Status", None)
+            else:
+                self.groups[job_group_id]["Status"] = status
+            return status or ""
+
     def set_job_status(self, job_id: str, status: str, *, failure_reason: str | None = None,
                        tasks: list[dict] | None = None, conversation: Any = None) -> dict:
         """Sets a job's Status (and optionally FailureReason, Tasks, or the last task's Conversation).
