@@ -39,16 +39,15 @@ def read_watched_groups(client, watched: set[str], created_ms: dict[str, int],
                         log) -> dict[str, GroupProgress]:
     """The progress and status of the `watched` job groups, in as few calls as the numbers allow
     (SPEC §12): ListJobGroups filtered by creation time (StartTime: the oldest watched group's
-    CreationTime, known from an earlier answer in `created_ms`) page by page while the pages left
-    are fewer than the groups still missing, then one DescribeJobGroup per group still missing
-    (new groups, and those the listing did not reach). Unfiltered, ListJobGroups pages over every
-    group the instance ever had, each tick. A call that fails is logged and leaves its groups
-    unknown this tick; the others are still read."""
+    CreationTime, learnt from an earlier answer, `created_ms`; unfiltered while none is known)
+    page by page while the pages left are fewer than the groups still missing, then one
+    DescribeJobGroup per group still missing (those the listing did not reach). Unfiltered at
+    every tick, ListJobGroups paged over every group the instance ever had. A call that fails is
+    logged and leaves its groups unknown this tick; the others are still read."""
     found: dict[str, GroupProgress] = {}
     start = list_start_time(created_ms, watched)
-    listable = sum(1 for group_id in watched if group_id in created_ms)
     left, page = None, 0
-    while start is not None and next_page_is_cheaper(left, len(watched - found.keys()), listable):
+    while next_page_is_cheaper(left, len(watched - found.keys())):
         page += 1
         try:
             groups, total = parse_job_groups_page(

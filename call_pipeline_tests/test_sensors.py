@@ -27,12 +27,14 @@ def instance():
         yield instance
 
 
-def evaluate(instance, crm_url, simulator):
+def evaluate(instance, crm_url, simulator, cursor=None):
+    """One tick; `cursor`: the previous tick's (what the daemon hands the next tick)."""
     from call_pipeline_tests.pipeline_harness import pipeline_resources
 
     resources = pipeline_resources(crm_url, simulator)
     resources = {"crm": resources["crm"], "outboundbot": resources["outboundbot"]}
-    context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
+    context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
+                                      cursor=cursor)
     return call_task_sensor.evaluate_tick(context)
 
 
@@ -128,7 +130,7 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
 
 
 def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(mariadb_url, simulator, instance):
-    """The late-jobs sensor sees (one ListJobGroups call) that a concluded task's group grew and
+    """The late-jobs sensor sees (one call) that a concluded task's group grew and
     requests a run; the run matches the new job and completes its lead; the task stays at 4."""
     from call_pipeline.ops import LATE_JOBS_TAG
     from call_pipeline.sensors import late_jobs_sensor
@@ -148,16 +150,22 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     resources = pipeline_resources(mariadb_url, simulator)
     resources = {"crm": resources["crm"], "outboundbot": resources["outboundbot"]}
 
+    cursor = None
+
     def tick():
-        context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
-        return late_jobs_sensor.evaluate_tick(context)
+        nonlocal cursor
+        context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
+                                          cursor=cursor)
+        result = late_jobs_sensor.evaluate_tick(context)
+        cursor = result.cursor or cursor
+        return result
 
     assert tick().run_requests == []  # nothing new: no run
-    calls_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
+    calls_before = simulator.state.stats()["outboundbot_requests"]
     late = build_job_group("jg-late-2", leads[19:], task_id=task_id, seed=6, status_mix={"Succeeded": 1.0})
     simulator.state.add_jobs("jg-late", late["jobs"])
     result = tick()
-    assert simulator.state.stats()["requests"]["ListJobGroups"] == calls_before + 1
+    assert simulator.state.stats()["outboundbot_requests"] == calls_before + 1  # one DescribeJobGroup
     assert [r.partition_key for r in result.run_requests] == [str(task_id)]
     request = result.run_requests[0]
     assert request.tags[LATE_JOBS_TAG] == "true" and request.tags["call_pipeline/task_name"]
@@ -196,12 +204,12 @@ def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance
 
 def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_url, instance, simulator):
     """One tick over 100 active tasks, each synced by a completed run that saw its group's
-    progress: after 10 groups move on, the tick makes one ListJobGroups call and requests
+    progress: after 10 groups move on, the tick makes one call (ListJobGroups) and requests
     exactly those 10 runs (before: a run per task per interval, whatever happened)."""
     from dagster._core.events import DagsterEvent, DagsterEventType
 
     from call_pipeline.ops import PROGRESS_TAG
-    from call_pipeline.sensors import job_group_progress, progress_tag
+    from call_pipeline.sensors import progress_tag, read_watched_groups
     from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
     from call_pipeline_tests.test_sync_job import create_task_leads
@@ -218,21 +226,23 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
         simulator.state.add_job_group(group)
         tasks[task_id] = group_id
     instance.add_dynamic_partitions("call_tasks", [str(t) for t in tasks])
-    seen = job_group_progress(pipeline_resources(mariadb_url, simulator)["outboundbot"])
+    seen = read_watched_groups(pipeline_resources(mariadb_url, simulator)["outboundbot"].get_client(),
+                               set(tasks.values()), {}, None)
     for task_id, group_id in tasks.items():
         run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED, tags={
             "dagster/partition": str(task_id), PROGRESS_TAG: progress_tag(seen[group_id])})
         instance.report_dagster_event(DagsterEvent(DagsterEventType.RUN_SUCCESS.value, job_name=job.name),
                                       run_id=run.run_id)
-    assert evaluate(instance, mariadb_url, simulator).run_requests == []  # nothing moved
+    quiet = evaluate(instance, mariadb_url, simulator)
+    assert quiet.run_requests == []  # nothing moved
 
     moving = list(tasks)[:10]
     for task_id in moving:
         simulator.state.set_job_status(simulator.state.jobs_of_group(tasks[task_id])[0]["JobId"], "Succeeded")
-    calls_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
-    result = evaluate(instance, mariadb_url, simulator)
+    calls_before = simulator.state.stats()["outboundbot_requests"]
+    result = evaluate(instance, mariadb_url, simulator, cursor=quiet.cursor)
     assert sorted(int(r.partition_key) for r in result.run_requests) == sorted(moving)
-    assert simulator.state.stats()["requests"]["ListJobGroups"] == calls_before + 1  # 100 groups: one page
+    assert simulator.state.stats()["outboundbot_requests"] == calls_before + 1  # 100 groups: one page
 
 
 def test_a_run_the_sensor_did_not_launch_records_the_progress_it_saw(mariadb_url, instance, simulator):

@@ -84,19 +84,20 @@ CREATION_FILTER_MARGIN_MS = 60_000
 
 def list_start_time(created_ms: dict[str, int], watched: set[str]) -> int | None:
     """The StartTime of a ListJobGroups call that returns every watched group whose CreationTime
-    is known; None when none is known (only DescribeJobGroup can read them)."""
+    is known; None when none is known (the listing is then unfiltered: the first tick of a new
+    sensor, which learns the creation times from it)."""
     known = [created_ms[g] for g in watched if g in created_ms]
     return max(min(known) - CREATION_FILTER_MARGIN_MS, 0) if known else None
 
 
-def next_page_is_cheaper(pages_left: int | None, missing: int, listable: int) -> bool:
-    """Whether the next ListJobGroups page (filtered by creation time) costs fewer calls than one
-    DescribeJobGroup per watched group still missing. `pages_left` is None before the first page
-    (its TotalCount unknown yet): asking it pays off when it can replace two describes or more,
-    i.e. at least two missing groups are expected in the filtered listing (`listable`: missing
-    groups whose creation time is known). Afterwards, the pages left against the groups missing."""
+def next_page_is_cheaper(pages_left: int | None, missing: int) -> bool:
+    """Whether the next ListJobGroups page costs fewer calls than one DescribeJobGroup per watched
+    group still missing. `pages_left` is None before the first page (its TotalCount unknown yet):
+    asking it pays off when it can stand for two describes or more. Afterwards, the pages left
+    against the groups still missing. So a tick costs at most one call more than a describe per
+    watched group, and no more than the listing when that is cheaper."""
     if pages_left is None:
-        return listable >= 2
+        return missing >= 2
     return 0 < pages_left < missing
 
 

@@ -49,7 +49,7 @@ def test_the_creation_filter_starts_a_minute_before_the_oldest_watched_group():
 
     created = {"jg-old": 1_000_000, "jg-new": 2_000_000, "jg-unwatched": 10}
     assert list_start_time(created, {"jg-old", "jg-new", "jg-unknown"}) == 1_000_000 - CREATION_FILTER_MARGIN_MS
-    assert list_start_time(created, {"jg-unknown"}) is None  # nothing known: only describes can read it
+    assert list_start_time(created, {"jg-unknown"}) is None  # nothing known: an unfiltered listing
     assert list_start_time({"jg": 5}, {"jg"}) == 0
 
 
@@ -57,13 +57,14 @@ def test_a_page_is_asked_only_when_it_costs_fewer_calls_than_the_describes_it_re
     from call_pipeline.domain.job_groups import next_page_is_cheaper, pages_left
 
     # before the first page: worth it when it can stand for two describes or more
-    assert next_page_is_cheaper(None, missing=100, listable=100)
-    assert not next_page_is_cheaper(None, missing=1, listable=1)
-    assert not next_page_is_cheaper(None, missing=5, listable=0)
+    assert next_page_is_cheaper(None, missing=100)
+    assert next_page_is_cheaper(None, missing=2)
+    assert not next_page_is_cheaper(None, missing=1)
     # afterwards: the pages left against the groups still missing
-    assert next_page_is_cheaper(3, missing=4, listable=4)
-    assert not next_page_is_cheaper(4, missing=4, listable=4)  # as many: describes are exact
-    assert not next_page_is_cheaper(0, missing=4, listable=4)
+    assert next_page_is_cheaper(3, missing=4)
+    assert not next_page_is_cheaper(4, missing=4)  # as many: describes are exact
+    assert not next_page_is_cheaper(50, missing=4)
+    assert not next_page_is_cheaper(0, missing=4)
     assert pages_left(5_100, 100, 1) == 50 and pages_left(100, 100, 1) == 0 and pages_left(0, 100, 1) == 0
 
 
