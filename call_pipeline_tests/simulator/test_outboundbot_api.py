@@ -167,6 +167,40 @@ def test_list_job_groups(sim, client):
     assert rows["jg-b"].progress.total_jobs == 7
 
 
+def test_list_job_groups_filters_by_creation_time_and_status_as_the_sdk_sends_them(sim, client):
+    for n, created in enumerate((1_000_000, 2_000_000, 3_000_000)):
+        sim.state.add_job_group({"JobGroupId": f"jg-{n}", "CreationTime": created, "jobs": []})
+
+    def listed(**kw):
+        body = client.list_job_groups(ob.ListJobGroupsRequest(instance_id=INSTANCE, page_number=1, page_size=10,
+                                                              **kw)).body
+        return sorted(g.job_group_id for g in body.job_groups.list), body.job_groups.total_count
+
+    assert listed(start_time=2_000_000) == (["jg-1", "jg-2"], 2)
+    assert listed(start_time=1_500_000, end_time=2_500_000) == (["jg-1"], 1)
+    assert listed(job_group_status_filter="Scheduling,Paused") == (["jg-0", "jg-1", "jg-2"], 3)  # no jobs yet
+    assert listed(search_text="jg-2") == (["jg-2"], 1)
+
+
+def test_a_group_paused_by_the_control_endpoint_says_so_in_both_answers_until_unpinned(sim, client):
+    _load(sim, 5, gid="jg-a")
+    _load(sim, 5, gid="jg-b")
+    resp = requests.post(f"{sim.url}/__sim/job_group_status", json={"job_group_id": "jg-a", "status": "Paused"})
+    assert resp.json() == {"ok": True, "status": "Paused"}
+    described = client.describe_job_group(ob.DescribeJobGroupRequest(instance_id=INSTANCE, job_group_id="jg-a"))
+    assert described.body.job_group.status == "Paused" and described.body.job_group.progress.status == "Paused"
+    body = client.list_job_groups(ob.ListJobGroupsRequest(instance_id=INSTANCE, page_number=1, page_size=10,
+                                                          job_group_status_filter="Paused,Draft")).body
+    assert [(g.job_group_id, g.status) for g in body.job_groups.list] == [("jg-a", "Paused")]
+    requests.post(f"{sim.url}/__sim/job_group_status", json={"job_group_id": "jg-a", "status": None})
+    described = client.describe_job_group(ob.DescribeJobGroupRequest(instance_id=INSTANCE, job_group_id="jg-a"))
+    assert described.body.job_group.status != "Paused"  # follows its jobs again
+    assert requests.post(f"{sim.url}/__sim/job_group_status",
+                         json={"job_group_id": "jg-a", "status": "Halted"}).status_code == 400
+    assert requests.post(f"{sim.url}/__sim/job_group_status",
+                         json={"job_group_id": "jg-zz", "status": "Paused"}).status_code == 400
+
+
 def test_unknown_action_is_404_json(sim):
     resp = requests.post(f"{sim.url}/?InstanceId=i", headers={"x-acs-action": "NoSuchAction"})
     assert resp.status_code == 404
