@@ -221,3 +221,44 @@ def test_a_failed_alert_post_is_tried_again_at_the_next_tick(mariadb_url, instan
     assert [a["task_id"] for a in received] == [str(task_id)]
     tick()
     assert len(received) == 1
+
+
+def test_the_run_summary_and_the_tasks_history_show_the_groups_status(mariadb_url, instance, simulator):
+    """A run the sensor did not launch reads the status in the DescribeJobGroup call it makes for
+    its progress anyway (no call of its own); a sensor run takes the status the sensor saw. A
+    paused group's task stays at 2."""
+    from call_pipeline.ops import GROUP_STATUS_TAG, PROGRESS_TAG
+    from call_pipeline_tests.pipeline_harness import run_sync, snapshot
+    from call_pipeline_tests.test_sync_job import create_task_leads
+
+    task_id = create_task(mariadb_url, job_group_id="jg-held", leads=[])
+    leads = [{"leads_id": n, "leads_phone": f"1360000{n:04d}", "reference_id": new_reference(task_id, n)}
+             for n in (1, 2, 3)]
+    create_task_leads(mariadb_url, task_id, leads)
+    group = build_job_group("jg-held", leads, task_id=task_id, seed=3, status_mix={"Succeeded": 1.0})
+    group["jobs"][2]["Status"] = "Paused"  # the campaign was paused before its last call
+    simulator.state.add_job_group({**group, "Status": "Paused"})
+
+    def history():
+        event = instance.get_latest_materialization_event(dg.AssetKey(["crm", "leads_task_list"]))
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    describes = simulator.state.stats()["requests"].get("DescribeJobGroup", 0)
+    result = run_sync(mariadb_url, simulator, task_id, instance)  # as from a backfill: no tags
+    assert result.success
+    assert simulator.state.stats()["requests"]["DescribeJobGroup"] == describes + 1  # the progress's own call
+    assert instance.get_run_by_id(result.run_id).tags[GROUP_STATUS_TAG] == "Paused"
+    metadata = history()
+    assert metadata["job_group_status"] == "Paused" and "| job group status | Paused |" in metadata["summary"]
+    assert snapshot(mariadb_url, task_id).task_type == 2
+
+    simulator.state.set_job_group_status("jg-held", None)
+    simulator.state.set_job_status(group["jobs"][2]["JobId"], "Succeeded")
+    describes = simulator.state.stats()["requests"]["DescribeJobGroup"]
+    result = run_sync(mariadb_url, simulator, task_id, instance,
+                      tags={PROGRESS_TAG: "3/3", GROUP_STATUS_TAG: "Completed"})  # as the sensor asks
+    assert result.success
+    assert simulator.state.stats()["requests"]["DescribeJobGroup"] == describes
+    metadata = history()
+    assert metadata["job_group_status"] == "Completed" and "| job group status | Completed |" in metadata["summary"]
+    assert snapshot(mariadb_url, task_id).task_type == 4

@@ -26,3 +26,21 @@ def test_every_format_carries_the_task_the_step_and_the_link(fmt):
 def test_an_unknown_format_is_a_clear_error():
     with pytest.raises(ValueError, match="CALL_PIPELINE_ALERT_FORMAT"):
         alert_payload(ALERT, "teams")
+
+
+@pytest.mark.parametrize("fmt", ALERT_FORMATS)
+def test_a_stopped_group_alert_names_the_task_its_group_and_since_when(fmt):
+    from call_pipeline.domain.alerts import StoppedGroupAlert, stopped_group_payload
+
+    alert = StoppedGroupAlert("42", "十一月试驾邀约", "jg-7", "Paused", "2026-11-30T02:00:00+00:00", 26.5,
+                              "http://ui/assets/crm/leads_task_list?view=partitions&partition=42")
+    payload = stopped_group_payload(alert, fmt)
+    flat = str(payload)
+    for value in ("42", "十一月试驾邀约", "jg-7", "Paused", "2026-11-30T02:00:00+00:00", "partition=42"):
+        assert value in flat
+    if fmt == "json":
+        assert payload["kind"] == "job_group_stopped" and payload["stopped_hours"] == 26.5
+    else:
+        assert "26.5 h" in flat
+    with pytest.raises(ValueError, match="CALL_PIPELINE_ALERT_FORMAT"):
+        stopped_group_payload(alert, "teams")

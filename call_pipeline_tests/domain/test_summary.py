@@ -108,3 +108,8 @@ def test_flat_totals_as_the_ops_collect_them():
     assert table["follow-ups: not interested (2)"] == "0"
     assert table["follow-ups from AI analysis"] == "4"
     assert table["AI fallbacks"] == "1"
+
+
+def test_the_summary_shows_the_job_groups_status():
+    assert rows(render_run_summary({"job_group_status": "Paused"}))["job group status"] == "Paused"
+    assert rows(render_run_summary({}))["job group status"] == "—"
