@@ -105,16 +105,19 @@ def measure(args: argparse.Namespace) -> dict:
         runs: Counter[str] = Counter()
         list_job_groups_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
         evaluation_s = 0.0
+        cursor = None
         for n in range(ticks + 1):
             if n and n % every_ticks == 0:
                 for task_id in list(groups)[:args.progressing]:
                     still = [j for j in simulator.state.jobs_of_group(groups[task_id]) if j["Status"] == "Executing"]
                     if still:
                         simulator.state.set_job_status(still[0]["JobId"], "Succeeded")
-            context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources)
+            context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
+                                              cursor=cursor)
             started = time.perf_counter()
             result = sensors.call_task_sensor.evaluate_tick(context)
             evaluation_s += time.perf_counter() - started
+            cursor = result.cursor or cursor  # as the daemon hands it to the next tick
             for request in result.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
             for request in result.run_requests or []:
