@@ -223,10 +223,12 @@ def test_a_failed_alert_post_is_tried_again_at_the_next_tick(mariadb_url, instan
     assert len(received) == 1
 
 
-def test_the_run_summary_and_the_tasks_history_show_the_groups_status(mariadb_url, instance, simulator):
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_the_run_summary_and_the_tasks_history_show_the_groups_status(mariadb_url, instance, simulator, executor):
     """A run the sensor did not launch reads the status in the DescribeJobGroup call it makes for
-    its progress anyway (no call of its own); a sensor run takes the status the sensor saw. A
-    paused group's task stays at 2."""
+    its progress anyway (no call of its own), in its first op, and its last op (another process on
+    the multiprocess executor) shows it; a sensor run takes the status the sensor saw. A paused
+    group's task stays at 2."""
     from call_pipeline.ops import GROUP_STATUS_TAG, PROGRESS_TAG
     from call_pipeline_tests.pipeline_harness import run_sync, snapshot
     from call_pipeline_tests.test_sync_job import create_task_leads
@@ -244,7 +246,7 @@ def test_the_run_summary_and_the_tasks_history_show_the_groups_status(mariadb_ur
         return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
     describes = simulator.state.stats()["requests"].get("DescribeJobGroup", 0)
-    result = run_sync(mariadb_url, simulator, task_id, instance)  # as from a backfill: no tags
+    result = run_sync(mariadb_url, simulator, task_id, instance, executor=executor)  # as from a backfill: no tags
     assert result.success
     assert simulator.state.stats()["requests"]["DescribeJobGroup"] == describes + 1  # the progress's own call
     assert instance.get_run_by_id(result.run_id).tags[GROUP_STATUS_TAG] == "Paused"
@@ -255,8 +257,9 @@ def test_the_run_summary_and_the_tasks_history_show_the_groups_status(mariadb_ur
     simulator.state.set_job_group_status("jg-held", None)
     simulator.state.set_job_status(group["jobs"][2]["JobId"], "Succeeded")
     describes = simulator.state.stats()["requests"]["DescribeJobGroup"]
+    # as the sensor asks (the harness passes a run's tags on in process only)
     result = run_sync(mariadb_url, simulator, task_id, instance,
-                      tags={PROGRESS_TAG: "3/3", GROUP_STATUS_TAG: "Completed"})  # as the sensor asks
+                      tags={PROGRESS_TAG: "3/3", GROUP_STATUS_TAG: "Completed"})
     assert result.success
     assert simulator.state.stats()["requests"]["DescribeJobGroup"] == describes
     metadata = history()
