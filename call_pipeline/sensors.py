@@ -41,9 +41,9 @@ def read_watched_groups(client, watched: set[str], created_ms: dict[str, int],
     (SPEC §12): ListJobGroups filtered by creation time (StartTime: the oldest watched group's
     CreationTime, learnt from an earlier answer, `created_ms`; unfiltered while none is known)
     page by page while the pages left are fewer than the groups still missing, then one
-    DescribeJobGroup per group still missing (those the listing did not reach). Unfiltered at
-    every tick, ListJobGroups paged over every group the instance ever had. A call that fails is
-    logged and leaves its groups unknown this tick; the others are still read."""
+    DescribeJobGroup per group still missing (those the listing did not reach). Unfiltered,
+    ListJobGroups pages over every group the instance ever had. A call that fails is logged and
+    leaves its groups unknown this tick; the others are still read."""
     found: dict[str, GroupProgress] = {}
     start = list_start_time(created_ms, watched)
     left, page = None, 0
@@ -71,7 +71,8 @@ def read_watched_groups(client, watched: set[str], created_ms: dict[str, int],
 def load_cursor(cursor: str | None) -> dict:
     """A sensor's memory between ticks: the watched groups' creation times ("created") and, for
     call_task_sensor, the tasks whose group it saw stopped ("stopped"). A cursor it cannot read
-    (an operator reset it) starts empty: the next tick describes each group once."""
+    (an operator reset it) starts empty: the next tick lists unfiltered (or describes), as a first
+    tick does, and learns the creation times again."""
     try:
         state = json.loads(cursor) if cursor else {}
     except ValueError:
