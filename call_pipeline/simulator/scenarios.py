@@ -53,6 +53,8 @@ Special cases (``special_cases={leads_id: "name" or ["name", ...]}``), each forc
 * ``legacy_reference``         ReferenceId ``task_{task_id}_lead_{leads_id}`` even when the lead has
                                a reference_id
 * ``phone:<format>``           phone format, one of ``PHONE_FORMATS``
+* ``answered_first``           ``Tasks`` lists the answered attempt first and an earlier unanswered
+                               one after it (the API promises no order of the attempts)
 """
 
 from __future__ import annotations
@@ -553,6 +555,22 @@ def _apply_specials(job: dict, specials: list[str], meta: dict) -> None:
         elif sp == "planed_time_absent":
             for t in tasks:
                 t.pop("PlanedTime", None)
+        elif sp == "answered_first" and last is not None:
+            if len(tasks) < 2:
+                tasks.insert(0, _unanswered_before(last))
+            tasks.reverse()
+
+
+def _unanswered_before(answered: dict) -> dict:
+    """An attempt half an hour before `answered` that nobody picked up (its TaskId derived from
+    the answered one's, so the group stays deterministic)."""
+    earlier = json.loads(json.dumps(answered))
+    earlier.update(TaskId=str(uuid.uuid5(uuid.NAMESPACE_OID, f"earlier:{answered.get('TaskId')}")),
+                   Status="NoAnswer", Conversation=[], Duration=0, EndReason="", HangUpDirection="")
+    for key in ("PlanedTime", "ActualTime", "EndTime"):
+        if isinstance(earlier.get(key), int):
+            earlier[key] -= 1_800_000
+    return earlier
 
 
 def build_demo_job_group(job_group_id: str, n_jobs: int, *, task_id: Any = 0, seed: int = 0,

@@ -76,8 +76,16 @@ def tasks_of(job: dict) -> list[dict]:
 
 
 def last_task(job: dict) -> dict | None:
+    """The job's latest attempt: by ActualTime, then PlanedTime, then position (``Tasks`` may list
+    them in any order, as the real API may)."""
     tasks = tasks_of(job)
-    return tasks[-1] if tasks else None
+
+    def when(item: tuple[int, dict]) -> tuple:
+        index, task = item
+        return tuple(t if isinstance(t, (int, float)) and not isinstance(t, bool) else 0
+                     for t in (task.get("ActualTime"), task.get("PlanedTime"))) + (index,)
+
+    return max(enumerate(tasks), key=when)[1] if tasks else None
 
 
 class SimulatorState:

@@ -1,0 +1,61 @@
+"""The real cloud's edges (SPEC §12) in `sync_call_task` runs against MariaDB and the simulator,
+through the real SDKs: the latest call attempt whatever the order of `Tasks`, a transcript that
+comes late, masked phone numbers."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from call_pipeline.simulator.scenarios import build_job_group
+from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.test_sync_job import create_task_leads
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def a_task(crm_url: str, simulator, group_id: str, n: int, specials: dict, *, seed: int = 7,
+           phones: dict | None = None, references: bool = True) -> tuple[int, dict]:
+    task_id = create_task(crm_url, job_group_id=group_id, leads=[])
+    leads = [{"leads_id": i, "leads_phone": (phones or {}).get(i, f"1350000{i:04d}"),
+              "reference_id": new_reference(task_id, i) if references else None} for i in range(1, n + 1)]
+    create_task_leads(crm_url, task_id, leads)
+    group = build_job_group(group_id, leads, task_id=task_id, seed=seed, special_cases=specials,
+                            status_mix={"Succeeded": 1.0})
+    simulator.state.add_job_group(group)
+    return task_id, group
+
+
+def job_of(group: dict, leads_id: int) -> dict:
+    return next(job for job in group["jobs"] if job["_sim"]["leads_id"] == leads_id)
+
+
+# ---- the latest call attempt ----------------------------------------------------------------
+
+
+def test_the_answered_attempt_listed_first_is_the_one_stored(mariadb_url, simulator, instance):
+    task_id, group = a_task(mariadb_url, simulator, "jg-latest", 6, {1: "answered_first", 2: "answered_first"})
+    result = run_sync(mariadb_url, simulator, task_id, instance)
+    assert result.success
+    crm = snapshot(mariadb_url, task_id)
+    for leads_id in (1, 2):
+        served = job_of(group, leads_id)["Tasks"]
+        answered, unanswered = served[0], served[-1]
+        assert len(served) == 2 and answered["Conversation"] and not unanswered["Conversation"]
+        assert answered["ActualTime"] > unanswered["ActualTime"]
+        lead = crm.leads[leads_id]
+        assert lead["call_task_id"] == answered["TaskId"]
+        assert lead["calling_number"] == answered["CallingNumber"]
+        stored = json.loads(lead["call_conversation"])
+        assert [e["Script"] for e in stored] == [e["Script"] for e in answered["Conversation"]]
+        assert f"/__recordings/{answered['TaskId']}." in lead["recording_url"]
+        # the follow-up is the model's reading of the answered call, not "no conversation"
+        follow_up = next(f for f in crm.follow_ups if f["id"] == lead["leads_follow_id"])
+        assert follow_up["leads_remark"] != "外呼已完成，但暂无通话内容；"
+        assert lead["is_interested"] == job_of(group, leads_id)["_sim"]["expected_is_interested"]
