@@ -243,6 +243,13 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
                             f"no job can match them; left as they are: leads {', '.join(map(str, some))}"
                             + (" …" if unidentified > len(some) else ""))
     totals.unmatched_leads_failed += marked
+    if totals.masked_phone_jobs:
+        # Once per run, whichever batches met them.
+        more = totals.masked_phone_jobs - len(totals.masked_phone_examples)
+        context.log.warning(f"task {task.id}: {totals.masked_phone_jobs} job(s) carry a masked phone number (such as "
+                            "138****8888) and no reference that matches a lead; a masked number matches nobody: "
+                            + ", ".join(f"job {j}" for j in totals.masked_phone_examples)
+                            + (f" and {more} more job(s)" if more > 0 else ""))
     return totals
 
 

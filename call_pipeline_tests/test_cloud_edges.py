@@ -59,3 +59,24 @@ def test_the_answered_attempt_listed_first_is_the_one_stored(mariadb_url, simula
         follow_up = next(f for f in crm.follow_ups if f["id"] == lead["leads_follow_id"])
         assert follow_up["leads_remark"] != "外呼已完成，但暂无通话内容；"
         assert lead["is_interested"] == job_of(group, leads_id)["_sim"]["expected_is_interested"]
+
+
+# ---- masked numbers -------------------------------------------------------------------------
+
+
+def test_masked_numbers_match_nobody_and_the_run_says_so_once(mariadb_url, simulator, instance):
+    # no references: phones are all there is to match by; leads 2 and 5 come masked, in two batches
+    masked = {2: ["no_reference", "phone:masked"], 5: ["no_reference", "phone:masked"]}
+    specials = {i: masked.get(i, ["no_reference", "phone:plain"]) for i in range(1, 7)}
+    task_id, group = a_task(mariadb_url, simulator, "jg-masked", 6, specials, references=False)
+    assert job_of(group, 2)["Contacts"][0]["PhoneNumber"] == "135****0002"
+    result = run_sync(mariadb_url, simulator, task_id, instance, paging={"page_size": 3, "pages_per_batch": 1})
+    assert result.success
+    crm = snapshot(mariadb_url, task_id)
+    for leads_id in (2, 5):
+        assert crm.leads[leads_id]["call_job_id"] is None and crm.leads[leads_id]["call_status"] == "Failed"
+    assert all(crm.leads[i]["call_job_id"] == job_of(group, i)["JobId"] for i in (1, 3, 4, 6))
+    lines = [e.message for e in instance.all_logs(result.run_id) if "masked phone" in (e.message or "")]
+    assert len(lines) == 1, lines
+    assert f"task {task_id}: 2 job(s) carry a masked phone number" in lines[0]
+    assert f"job {job_of(group, 2)['JobId']}" in lines[0] and f"job {job_of(group, 5)['JobId']}" in lines[0]

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 
 MATCH_STRATEGIES = ("reference_id", "legacy_reference_id", "phone")
+MASKED_PHONE_EXAMPLES = 5
 
 
 @dataclass
@@ -40,12 +41,15 @@ class StepCounts:
     batches: int = 0
     pages: int = 0
     batches_caught_up: int = 0
+    masked_phone_jobs: int = 0  # jobs whose phone came masked and that nothing else matched
+    masked_phone_examples: tuple[str, ...] = ()  # the first few of them (MASKED_PHONE_EXAMPLES)
 
     def __add__(self, other: StepCounts) -> StepCounts:
         total = StepCounts()
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             setattr(total, f.name, Counter(a) + Counter(b) if isinstance(a, Counter) else a + b)
+        total.masked_phone_examples = total.masked_phone_examples[:MASKED_PHONE_EXAMPLES]
         return total
 
     @classmethod
@@ -76,7 +80,7 @@ class StepCounts:
 
     def as_metadata(self) -> dict[str, int]:
         """Flat numeric figures, for Dagster metadata (the UI plots numbers per partition)."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if not isinstance(getattr(self, f.name), Counter)}
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), int)}
         flat["follow_ups_written"] = self.follow_ups_written
         flat.update({f"matched_by_{s}": self.matched_by.get(s, 0) for s in MATCH_STRATEGIES})
         return flat

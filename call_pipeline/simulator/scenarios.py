@@ -52,7 +52,7 @@ Special cases (``special_cases={leads_id: "name" or ["name", ...]}``), each forc
 * ``no_reference``             no ReferenceId on the contact (phone-only matching)
 * ``legacy_reference``         ReferenceId ``task_{task_id}_lead_{leads_id}`` even when the lead has
                                a reference_id
-* ``phone:<format>``           phone format, one of ``PHONE_FORMATS``
+* ``phone:<format>``           phone format, one of ``PHONE_FORMATS``, or ``masked`` (``138****8888``)
 * ``answered_first``           ``Tasks`` lists the answered attempt first and an earlier unanswered
                                one after it (the API promises no order of the attempts)
 """
@@ -192,6 +192,7 @@ def format_phone(phone: str | None, fmt: str) -> str:
         "spaced": spaced,
         "plus86": f"+86{d}",
         "86_dashed": f"86-{grouped}",
+        "masked": f"{d[:3]}****{d[-4:]}",  # as the API's own examples show a number
     }.get(fmt, d)
 
 
