@@ -53,6 +53,7 @@ Special cases (``special_cases={leads_id: "name" or ["name", ...]}``), each forc
 * ``legacy_reference``         ReferenceId ``task_{task_id}_lead_{leads_id}`` even when the lead has
                                a reference_id
 * ``phone:<format>``           phone format, one of ``PHONE_FORMATS``, or ``masked`` (``138****8888``)
+* ``recording:mp3``            the job's recordings are MP3 files (``.mp3`` URLs); WAV otherwise
 * ``answered_first``           ``Tasks`` lists the answered attempt first and an earlier unanswered
                                one after it (the API promises no order of the attempts)
 """
@@ -455,6 +456,7 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
     intent = _weighted(rng, intents)
     forced_status = None
     extra_lines: list[str] = []
+    meta_extra: dict[str, Any] = {}
     for sp in specials:
         if sp.startswith("status:"):
             forced_status = sp.split(":", 1)[1]
@@ -464,6 +466,8 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
             intent = "injection"
         elif sp.startswith("llm:"):
             extra_lines.append(f"[[{sp}]]")
+        elif sp.startswith("recording:"):
+            meta_extra["recording_format"] = sp.split(":", 1)[1]
     if intent not in INTENT_VERDICT:
         raise ValueError(f"unknown intent {intent!r}; choose from {INTENTS}")
     if forced_status:
@@ -503,7 +507,7 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
     if ref:
         job["ReferenceId"] = ref
     planed = factory.base_time_ms + index * 15_000 + rng.randint(0, 10_000)
-    meta: dict[str, Any] = {"leads_id": leads_id, "intent": intent, "specials": list(specials)}
+    meta: dict[str, Any] = {"leads_id": leads_id, "intent": intent, "specials": list(specials), **meta_extra}
 
     if status in ("Scheduling", "Executing", "Drafted"):
         final = _weighted(rng, terminal_mix)

@@ -160,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
             return SimResponse(status, dumps(payload))
         if path.startswith("/__recordings/"):
             name = path[len("/__recordings/"):]
-            return outboundbot.recording(state, name[:-4] if name.endswith(".wav") else name, query)
+            return outboundbot.recording(state, name[:-4] if name.endswith((".wav", ".mp3")) else name, query)
         endpoint = dashscope.endpoint_of(path)
         if endpoint is not None:
             return dashscope.handle(state, endpoint, self.headers, raw)

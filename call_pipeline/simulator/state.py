@@ -105,6 +105,7 @@ class SimulatorState:
         self.jobs: dict[str, dict] = {}
         self.task_to_job: dict[str, str] = {}
         self._plans: dict[str, dict] = {}
+        self._recording_formats: dict[str, str] = {}  # JobId -> "mp3" (the default is "wav")
         self._faults: list[Fault] = []
         self._fault_seq = 0
         self.outboundbot_latency_ms = 0.0
@@ -171,12 +172,15 @@ class SimulatorState:
             self.group_jobs[gid].append(job_id)
             if meta.get("outcome"):
                 self._plans[job_id] = meta["outcome"]
+            if meta.get("recording_format"):
+                self._recording_formats[job_id] = str(meta["recording_format"])
             self._index_tasks(job)
         return len(jobs)
 
     def _forget_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)
         self._plans.pop(job_id, None)
+        self._recording_formats.pop(job_id, None)
         if job:
             for t in tasks_of(job):
                 self.task_to_job.pop(str(t.get("TaskId")), None)
@@ -185,6 +189,11 @@ class SimulatorState:
         for t in tasks_of(job):
             if t.get("TaskId"):
                 self.task_to_job[str(t["TaskId"])] = str(job["JobId"])
+
+    def recording_format(self, task_id: str) -> str:
+        """The file format of a call attempt's recording: "wav", or its job's ``recording:mp3``."""
+        with self.lock:
+            return self._recording_formats.get(self.task_to_job.get(task_id, ""), "wav")
 
     def get_job(self, job_id: str) -> dict | None:
         with self.lock:
@@ -352,6 +361,7 @@ class SimulatorState:
             self.group_jobs.clear()
             self.jobs.clear()
             self._plans.clear()
+            self._recording_formats.clear()
             self.task_to_job.clear()
             self._faults.clear()
             self.outboundbot_latency_ms = self.dashscope_latency_ms = 0.0
