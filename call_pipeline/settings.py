@@ -148,6 +148,13 @@ class PipelineSettings(BaseModel):
     io_s3_endpoint: str | None = env_field("CALL_PIPELINE_IO_S3_ENDPOINT", None,
                                            description="The S3-compatible endpoint of CALL_PIPELINE_IO_STORE")
 
+    # A Succeeded call whose transcript has not come yet is read again for this long after the
+    # call ended before its "no conversation" follow-up is written (SPEC §12).
+    transcript_grace_seconds: int = env_field(
+        "CALL_PIPELINE_TRANSCRIPT_GRACE_SECONDS", 300, ge=0,
+        description="A Succeeded call without a transcript is read again until this long after it ended, "
+                    "before its no-conversation follow-up is written (seconds; 0: at once)")
+
     # The operator's view
     alert_webhook_url: str | None = env_field("CALL_PIPELINE_ALERT_WEBHOOK_URL", None, secret=True,
                                               description="Where failure alerts go; unset: no alerts")

@@ -5,10 +5,12 @@ comes late, masked phone numbers."""
 from __future__ import annotations
 
 import json
+import time
 
 import dagster as dg
 import pytest
 
+from call_pipeline.settings import SETTINGS
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_sync_job import create_task_leads
@@ -80,3 +82,61 @@ def test_masked_numbers_match_nobody_and_the_run_says_so_once(mariadb_url, simul
     assert len(lines) == 1, lines
     assert f"task {task_id}: 2 job(s) carry a masked phone number" in lines[0]
     assert f"job {job_of(group, 2)['JobId']}" in lines[0] and f"job {job_of(group, 5)['JobId']}" in lines[0]
+
+
+# ---- a transcript that comes late -----------------------------------------------------------
+
+NO_CONVERSATION = "外呼已完成，但暂无通话内容；"
+
+
+def test_a_late_transcript_is_waited_for_and_analysed_when_it_comes(mariadb_url, simulator, instance, monkeypatch):
+    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 300)
+    task_id, group = a_task(mariadb_url, simulator, "jg-late", 4, {1: "transcript_late:3600"})
+    late = job_of(group, 1)
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    crm = snapshot(mariadb_url, task_id)
+    lead = crm.leads[1]
+    # within the grace: stored as Succeeded, no follow-up yet, the task not concluded
+    assert lead["call_status"] == "Succeeded" and lead["call_conversation"] is None
+    assert lead["leads_follow_id"] is None and lead["is_interested"] is None
+    assert all(crm.leads[i]["leads_follow_id"] for i in (2, 3, 4))
+    assert crm.task_type == 3
+    llm_calls = simulator.state.stats()["dashscope_requests"]
+
+    # a run while it is still missing changes nothing, and asks ListJobs about that job only
+    simulator.state.reset_stats()
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    assert snapshot(mariadb_url, task_id).leads[1]["leads_follow_id"] is None
+    assert simulator.state.stats()["requests"].get("ListJobs") == 1
+
+    simulator.state.release_late_transcripts([late["JobId"]])
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    crm = snapshot(mariadb_url, task_id)
+    lead = crm.leads[1]
+    assert [e["Script"] for e in json.loads(lead["call_conversation"])] == [
+        e["Script"] for e in late["Tasks"][-1]["Conversation"]]
+    follow_up = next(f for f in crm.follow_ups if f["id"] == lead["leads_follow_id"])
+    assert follow_up["leads_remark"] != NO_CONVERSATION
+    assert lead["is_interested"] == late["_sim"]["expected_is_interested"]
+    assert simulator.state.stats()["dashscope_requests"] == 1 and llm_calls == 3
+    assert crm.task_type == 4
+
+
+def test_a_transcript_that_never_comes_gets_the_basic_record_after_the_grace(mariadb_url, simulator, instance,
+                                                                           monkeypatch):
+    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 300)
+    task_id, group = a_task(mariadb_url, simulator, "jg-never", 2, {1: "transcript_late:3600"})
+    loaded = time.time()
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    assert snapshot(mariadb_url, task_id).leads[1]["leads_follow_id"] is None
+
+    # the grace passes (a grace of 1 s, two seconds after the call ended as the job was loaded)
+    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 1)
+    time.sleep(max(0.0, loaded + 2 - time.time()))
+    assert run_sync(mariadb_url, simulator, task_id, instance).success
+    crm = snapshot(mariadb_url, task_id)
+    lead = crm.leads[1]
+    assert lead["call_conversation"] is None and lead["is_interested"] == 0
+    follow_up = next(f for f in crm.follow_ups if f["id"] == lead["leads_follow_id"])
+    assert follow_up["leads_remark"] == NO_CONVERSATION
+    assert crm.task_type == 4

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Table,
@@ -89,3 +90,20 @@ dcc_leads_follow = Table(
 )
 
 CRM_TABLES = (call_tasks, leads_task_list, dcc_leads_follow)
+
+# ---- the pipeline's own tables (not the CRM's): created beside them, and if missing on an existing
+# CRM (crm/database.ensure_pipeline_tables), never needed by the CRM itself.
+
+# When the call of a Succeeded lead without a transcript ended: step 3 writes it, steps 3 and 5
+# read it to wait CALL_PIPELINE_TRANSCRIPT_GRACE_SECONDS for a transcript that comes late.
+call_pipeline_call_ends = Table(
+    "call_pipeline_call_ends",
+    metadata,
+    Column("lead_row_id", BigInteger, nullable=False),  # leads_task_list.id
+    Column("task_id", BigInteger, nullable=False),
+    Column("call_ended_time", _DATETIME, nullable=False),
+    PrimaryKeyConstraint("lead_row_id"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+PIPELINE_CALL_END_TABLES = (call_pipeline_call_ends,)

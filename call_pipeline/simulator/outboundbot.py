@@ -180,6 +180,7 @@ def _answer(state: SimulatorState, action: str, params: dict[str, str], base_url
     request_id = _request_id()
     try:
         with state.lock:
+            state.release_late_transcripts()
             payload = handler(state, params, base_url)
             body = {"RequestId": request_id, "Success": True, "Code": "OK", "Message": "",
                     "HttpStatusCode": 200, **payload}

@@ -54,6 +54,10 @@ Special cases (``special_cases={leads_id: "name" or ["name", ...]}``), each forc
                                a reference_id
 * ``phone:<format>``           phone format, one of ``PHONE_FORMATS``, or ``masked`` (``138****8888``)
 * ``recording:mp3``            the job's recordings are MP3 files (``.mp3`` URLs); WAV otherwise
+* ``transcript_late:<N>``      the answered attempt's Conversation appears N seconds after the job
+                               turns Succeeded (at load, or when it gets there); until then it is
+                               ``[]``. Its times are moved so that the call ends as it turns Succeeded
+                               (``SimulatorState.release_late_transcripts`` brings it at once)
 * ``answered_first``           ``Tasks`` lists the answered attempt first and an earlier unanswered
                                one after it (the API promises no order of the attempts)
 """
@@ -468,6 +472,8 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
             extra_lines.append(f"[[{sp}]]")
         elif sp.startswith("recording:"):
             meta_extra["recording_format"] = sp.split(":", 1)[1]
+        elif sp.startswith("transcript_late:"):
+            meta_extra["transcript_after_s"] = float(sp.split(":", 1)[1])
     if intent not in INTENT_VERDICT:
         raise ValueError(f"unknown intent {intent!r}; choose from {INTENTS}")
     if forced_status:

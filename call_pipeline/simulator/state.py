@@ -106,6 +106,8 @@ class SimulatorState:
         self.task_to_job: dict[str, str] = {}
         self._plans: dict[str, dict] = {}
         self._recording_formats: dict[str, str] = {}  # JobId -> "mp3" (the default is "wav")
+        # JobId -> {"after": seconds, "due": epoch s or None, "held": the transcript kept back}
+        self._late_transcripts: dict[str, dict] = {}
         self._faults: list[Fault] = []
         self._fault_seq = 0
         self.outboundbot_latency_ms = 0.0
@@ -174,6 +176,10 @@ class SimulatorState:
                 self._plans[job_id] = meta["outcome"]
             if meta.get("recording_format"):
                 self._recording_formats[job_id] = str(meta["recording_format"])
+            if meta.get("transcript_after_s") is not None:
+                self._late_transcripts[job_id] = {"after": float(meta["transcript_after_s"]), "due": None,
+                                                  "held": None}
+                self._hold_transcript_locked(job)
             self._index_tasks(job)
         return len(jobs)
 
@@ -181,6 +187,7 @@ class SimulatorState:
         job = self.jobs.pop(job_id, None)
         self._plans.pop(job_id, None)
         self._recording_formats.pop(job_id, None)
+        self._late_transcripts.pop(job_id, None)
         if job:
             for t in tasks_of(job):
                 self.task_to_job.pop(str(t.get("TaskId")), None)
@@ -194,6 +201,46 @@ class SimulatorState:
         """The file format of a call attempt's recording: "wav", or its job's ``recording:mp3``."""
         with self.lock:
             return self._recording_formats.get(self.task_to_job.get(task_id, ""), "wav")
+
+    def _hold_transcript_locked(self, job: dict, now: float | None = None) -> None:
+        """A job with a late transcript that has just turned Succeeded: its latest attempt ends
+        now and shows no Conversation until its delay has passed."""
+        late = self._late_transcripts.get(str(job.get("JobId")))
+        if late is None or late["due"] is not None or job.get("Status") != "Succeeded":
+            return
+        attempt = last_task(job)
+        if attempt is None:
+            return
+        now = time.time() if now is None else now
+        duration = attempt.get("Duration") if isinstance(attempt.get("Duration"), int) else 0
+        if isinstance(attempt.get("ActualTime"), int):
+            shift = int(now * 1000) - duration * 1000 - attempt["ActualTime"]
+            for key in ("PlanedTime", "ActualTime", "EndTime"):
+                if isinstance(attempt.get(key), int):
+                    attempt[key] += shift
+            for entry in attempt.get("Conversation") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("Timestamp"), int):
+                    entry["Timestamp"] += shift
+        late["held"], attempt["Conversation"] = attempt.get("Conversation"), []
+        late["due"] = now + late["after"]
+
+    def release_late_transcripts(self, job_ids: list[str] | None = None, *, now: float | None = None) -> int:
+        """Puts back the held transcripts whose delay has passed (with `job_ids`: those jobs' at
+        once, whatever their delay); returns how many. The API modules call it before answering."""
+        with self.lock:
+            now = time.time() if now is None else now
+            released = 0
+            for job_id, late in list(self._late_transcripts.items()):
+                if late["due"] is None or (job_ids is None and late["due"] > now):
+                    continue
+                if job_ids is not None and job_id not in job_ids:
+                    continue
+                attempt = last_task(self.jobs[job_id])
+                if attempt is not None:
+                    attempt["Conversation"] = late["held"]
+                del self._late_transcripts[job_id]
+                released += 1
+            return released
 
     def get_job(self, job_id: str) -> dict | None:
         with self.lock:
@@ -247,6 +294,7 @@ class SimulatorState:
             job.update(Status=plan["Status"], FailureReason=plan.get("FailureReason", ""),
                        Tasks=copy.deepcopy(plan.get("Tasks", [])),
                        Summary=copy.deepcopy(plan.get("Summary", [])))
+            self._hold_transcript_locked(job)
         else:
             return 0
         self._index_tasks(job)
@@ -274,6 +322,7 @@ class SimulatorState:
                 job["FailureReason"] = failure_reason
             if tasks is not None:
                 job["Tasks"] = copy.deepcopy(tasks)
+            self._hold_transcript_locked(job)
             if conversation is not None:
                 last = last_task(job)
                 if last is None:
@@ -362,6 +411,7 @@ class SimulatorState:
             self.jobs.clear()
             self._plans.clear()
             self._recording_formats.clear()
+            self._late_transcripts.clear()
             self.task_to_job.clear()
             self._faults.clear()
             self.outboundbot_latency_ms = self.dashscope_latency_ms = 0.0
