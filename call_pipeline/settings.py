@@ -160,6 +160,10 @@ class PipelineSettings(BaseModel):
                                               description="Where failure alerts go; unset: no alerts")
     alert_format: AlertFormat = env_field("CALL_PIPELINE_ALERT_FORMAT", "json",
                                           description="json, dingtalk, wecom, feishu or slack")
+    hot_lead_webhook_url: str | None = env_field(
+        "CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL", None, secret=True,
+        description="Where each lead the AI marks interested is posted once, in CALL_PIPELINE_ALERT_FORMAT; "
+                    "unset: not posted")
     ui_base_url: str = env_field("CALL_PIPELINE_UI_BASE_URL", "http://127.0.0.1:3000",
                                  description="The Dagster UI's address, for the run links of alerts")
 

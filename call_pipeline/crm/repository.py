@@ -19,7 +19,13 @@ from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, no
 if TYPE_CHECKING:
     import pandas as pd
 
-from call_pipeline.crm.schema import call_pipeline_call_ends, call_tasks, dcc_leads_follow, leads_task_list
+from call_pipeline.crm.schema import (
+    call_pipeline_call_ends,
+    call_pipeline_hot_leads_posted,
+    call_tasks,
+    dcc_leads_follow,
+    leads_task_list,
+)
 from call_pipeline.domain.call_results import (
     CANCELLED,
     FAILED,
@@ -154,18 +160,23 @@ class LeadWork:
     work_left: int = 0
 
 
-def count_lead_work(conn: Connection, task_ids: Sequence[int]) -> dict[int, LeadWork]:
+def count_lead_work(conn: Connection, task_ids: Sequence[int], *, unposted_hot_leads: bool = False
+                    ) -> dict[int, LeadWork]:
     """Per task, in one statement. Work left: a job with no status yet, a terminal status with no
-    follow-up, a succeeded call with no recording."""
+    follow-up, a succeeded call with no recording; with `unposted_hot_leads` (a hot-lead webhook
+    is set), also an interested lead that no run has posted (call_pipeline_hot_leads_posted)."""
     if not task_ids:
         return {}
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
-    work = and_(has_job, or_(_is_blank(_L.c.call_status),
-                             and_(terminal, _L.c.leads_follow_id.is_(None)),
-                             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id),
-                                  _is_blank(_L.c.recording_url))))
+    kinds = [_is_blank(_L.c.call_status),
+             and_(terminal, _L.c.leads_follow_id.is_(None)),
+             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))]
+    if unposted_hot_leads:
+        kinds.append(and_(_L.c.is_interested == 1, _L.c.leads_follow_id.is_not(None),
+                          not_(_L.c.id.in_(select(_H.c.lead_row_id).where(_H.c.task_id.in_(list(task_ids)))))))
+    work = and_(has_job, or_(*kinds))
     stmt = (select(_L.c.task_id, _count_where(has_job), _count_where(calling), _count_where(work))
             .where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id))
     counts = {int(row[0]): LeadWork(*(int(n) for n in row[1:])) for row in conn.execute(stmt)}
@@ -548,6 +559,65 @@ def create_follow_ups_on(
         seen.add(lead.lead_row_id)
         results.append(fid)
     return results
+
+
+# ---- hot leads (steps/hot_leads.py) ------------------------------------------------------------
+
+_H = call_pipeline_hot_leads_posted
+
+
+@dataclass(frozen=True)
+class HotLeadRow:
+    lead_row_id: int
+    task_id: int
+    task_name: str
+    leads_id: int
+    leads_phone: str | None
+    leads_remark: str | None
+    next_follow_time: datetime | None
+
+
+def fetch_hot_leads_to_post(conn: Connection, task_id: int, job_ids: Iterable[str] | None = None,
+                            limit: int | None = None) -> list[HotLeadRow]:
+    """The task's leads the AI marked interested (`is_interested = 1`, with their follow-up) that
+    no run has claimed for a post yet."""
+    stmt = (
+        select(_L.c.id, _L.c.task_id, call_tasks.c.task_name, _L.c.leads_id, _L.c.leads_phone,
+               dcc_leads_follow.c.leads_remark, dcc_leads_follow.c.next_follow_time)
+        .select_from(_L.join(dcc_leads_follow, dcc_leads_follow.c.id == _L.c.leads_follow_id)
+                     .join(call_tasks, call_tasks.c.id == _L.c.task_id)
+                     .outerjoin(_H, _H.c.lead_row_id == _L.c.id))
+        .where(_L.c.task_id == task_id, _L.c.is_interested == 1, _H.c.lead_row_id.is_(None))
+        .order_by(_L.c.id)
+    )
+    if job_ids is not None:
+        stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [HotLeadRow(int(r.id), int(r.task_id), r.task_name, int(r.leads_id), r.leads_phone, r.leads_remark,
+                       r.next_follow_time) for r in conn.execute(stmt)]
+
+
+def claim_hot_lead(conn: Connection, lead_row_id: int, task_id: int, token: str, now: datetime) -> bool:
+    """Claims one lead for a post (its row, inserted unless there is one); False when another
+    run holds it. The primary key makes it one winner, whatever runs try at once."""
+    inserted = conn.execute(
+        _H.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("IGNORE", dialect="mariadb")
+        .prefix_with("OR IGNORE", dialect="sqlite"),
+        {"lead_row_id": lead_row_id, "task_id": task_id, "claim_token": token, "claimed_time": now},
+    ).rowcount
+    return bool(inserted)
+
+
+def mark_hot_lead_posted(conn: Connection, lead_row_id: int, token: str, now: datetime) -> None:
+    conn.execute(update(_H).where(_H.c.lead_row_id == lead_row_id, _H.c.claim_token == token)
+                 .values(posted_time=now))
+
+
+def release_hot_lead(conn: Connection, lead_row_id: int, token: str) -> None:
+    """A post that failed: its claim goes, so that a later run posts the lead."""
+    conn.execute(delete(_H).where(_H.c.lead_row_id == lead_row_id, _H.c.claim_token == token,
+                                  _H.c.posted_time.is_(None)))
 
 
 # ---- task state -------------------------------------------------------------------------------

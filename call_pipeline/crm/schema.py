@@ -107,3 +107,19 @@ call_pipeline_call_ends = Table(
 )
 
 PIPELINE_CALL_END_TABLES = (call_pipeline_call_ends,)
+
+# The hot leads posted to CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL, each claimed (its row inserted) before
+# its post and marked posted after it: a lead is never posted twice (steps/hot_leads.py).
+call_pipeline_hot_leads_posted = Table(
+    "call_pipeline_hot_leads_posted",
+    metadata,
+    Column("lead_row_id", BigInteger, nullable=False),  # leads_task_list.id
+    Column("task_id", BigInteger, nullable=False),
+    Column("claim_token", String(32), nullable=False),
+    Column("claimed_time", _DATETIME, nullable=False),
+    Column("posted_time", _DATETIME, nullable=True),  # NULL: claimed by a post under way (or cut short)
+    PrimaryKeyConstraint("lead_row_id"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+PIPELINE_HOT_LEAD_TABLES = (call_pipeline_hot_leads_posted,)

@@ -41,6 +41,8 @@ class StepCounts:
     batches: int = 0
     pages: int = 0
     batches_caught_up: int = 0
+    hot_leads_posted: int = 0
+    hot_leads_not_posted: int = 0  # posts that failed (tried again on a later run)
     masked_phone_jobs: int = 0  # jobs whose phone came masked and that nothing else matched
     masked_phone_examples: tuple[str, ...] = ()  # the first few of them (MASKED_PHONE_EXAMPLES)
 
@@ -76,6 +78,8 @@ class StepCounts:
             "recordings_invalid_task_id": self.recordings_invalid_task_id,
             "follow_ups_by_verdict": dict(self.follow_ups_by_verdict),
             "follow_ups_by_source": dict(self.follow_ups_by_source),
+            "hot_leads_posted": self.hot_leads_posted,
+            "hot_leads_not_posted": self.hot_leads_not_posted,
         }
 
     def as_metadata(self) -> dict[str, int]:
