@@ -384,9 +384,11 @@ def _store_late_transcripts(conn: Connection, task_id: int, by_job: dict[str, Ca
 
 def _record_call_ends(conn: Connection, task_id: int, by_job: dict[str, CallResult], now: datetime) -> None:
     """When each Succeeded call without a transcript ended (its attempt's times; `now` when they
-    say nothing), kept once per lead: the start of its wait for a transcript that comes late."""
+    say nothing), kept once per lead: the start of its wait for a transcript that comes late. A
+    job with no call attempt at all has no call to wait for."""
     ended = {job_id: r.call_ended or now for job_id, r in by_job.items()
-             if r.call_status == SUCCEEDED and not r.call_conversation}
+             if r.call_status == SUCCEEDED and not r.call_conversation
+             and (r.call_ended is not None or r.call_task_id is not None)}
     if not ended:
         return
     rows = conn.execute(

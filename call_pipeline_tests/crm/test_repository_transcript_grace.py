@@ -23,7 +23,7 @@ def result(job_id, status="Succeeded", conversation=None, ended=None) -> CallRes
 
 def test_steps_3_and_5_agree_with_the_pure_rule(crm_url):
     engine = create_crm_engine(crm_url)
-    jobs = ["recent", "old", "unknown_end", "has_transcript", "failed", "followed", "running"]
+    jobs = ["recent", "old", "unknown_end", "has_transcript", "failed", "followed", "running", "no_attempt"]
     with engine.begin() as conn:
         conn.execute(leads_task_list.insert(), [{"task_id": 1, "leads_id": i, "call_job_id": job}
                                                 for i, job in enumerate(jobs)])
@@ -37,9 +37,10 @@ def test_steps_3_and_5_agree_with_the_pure_rule(crm_url):
         result("failed", status="Failed", ended=NOW),
         result("followed", ended=NOW),
         result("running", status="Executing"),
+        CallResult("no_attempt", "Succeeded", None, None, None, None),  # no call: nothing to wait for
     ]
     with engine.begin() as conn:
-        assert repo.store_call_results(conn, 1, results, NOW - timedelta(seconds=10)) == 7
+        assert repo.store_call_results(conn, 1, results, NOW - timedelta(seconds=10)) == 8
     with engine.connect() as conn:
         ends = dict(conn.execute(sa.select(leads_task_list.c.call_job_id, call_pipeline_call_ends.c.call_ended_time)
                                  .join(call_pipeline_call_ends,
@@ -54,13 +55,13 @@ def test_steps_3_and_5_agree_with_the_pure_rule(crm_url):
                and transcript_pending(rows[job].call_status, rows[job].call_conversation, ends.get(job), NOW, GRACE)}
     assert pending == {"recent", "unknown_end"}
     assert asked == ["recent", "unknown_end", "running"]
-    assert set(follow) == {"old", "has_transcript", "failed"}
+    assert set(follow) == {"old", "has_transcript", "failed", "no_attempt"}
     assert follow["old"].call_ended == NOW - timedelta(seconds=GRACE)
     # without a grace, as before: no wait
     with engine.connect() as conn:
         assert repo.fetch_job_ids_needing_results(conn, 1) == ["running"]
         assert {lead.call_job_id for lead in repo.fetch_leads_needing_follow_up(conn, 1)} == {
-            "recent", "old", "unknown_end", "has_transcript", "failed"}
+            "recent", "old", "unknown_end", "has_transcript", "failed", "no_attempt"}
 
 
 def test_a_late_transcript_is_stored_on_the_succeeded_lead_and_its_end_kept_once(crm_url):
