@@ -22,6 +22,7 @@ from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
 from call_pipeline.steps.follow_ups import write_follow_ups
+from call_pipeline.steps.hot_leads import post_hot_leads
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline.steps.paging import plan_batches
 from call_pipeline.steps.recordings import save_recordings
@@ -221,6 +222,9 @@ def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, c
         return _not_run(context)
     report = write_follow_ups(crm.engine, dashscope.get_client(), batch.task_id, batch.job_ids, crm.now,
                               dashscope.max_concurrency, context.log)
+    # After the follow-ups' writes, before a failed unit fails the op: a post never fails it.
+    report.counts = report.counts + post_hot_leads(crm.engine, batch.task_id, batch.job_ids, crm.now,
+                                                   context.log).counts
     context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.follow_ups_written} follow-up(s) written")
     _raise_if_failed(report, f"task {batch.task_id} {batch.label}: follow-ups")
     return BatchResult(batch.page_number, report.counts)
@@ -247,6 +251,13 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
                             f"no job can match them; left as they are: leads {', '.join(map(str, some))}"
                             + (" …" if unidentified > len(some) else ""))
     totals.unmatched_leads_failed += marked
+    if totals.masked_phone_jobs:
+        # Once per run, whichever batches met them.
+        more = totals.masked_phone_jobs - len(totals.masked_phone_examples)
+        context.log.warning(f"task {task.id}: {totals.masked_phone_jobs} job(s) carry a masked phone number (such as "
+                            "138****8888) and no reference that matches a lead; a masked number matches nobody: "
+                            + ", ".join(f"job {j}" for j in totals.masked_phone_examples)
+                            + (f" and {more} more job(s)" if more > 0 else ""))
     return totals
 
 
@@ -264,6 +275,8 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan:
     totals = StepCounts.total([part.counts for part in (*batches, *recordings, *follow_ups) if part is not None])
     totals = _catch_up_and_mark_unmatched(context, task, plan, totals, recordings, follow_ups, crm, outboundbot,
                                           dashscope, recording_archive)
+    # The task's interested leads that a batch failed to post (or that a caught-up batch wrote).
+    totals = totals + post_hot_leads(crm.engine, task.id, None, crm.now, context.log).counts
     before, after = evaluate_task_state(crm.engine, task.id, crm.now())
     with crm.engine.connect() as conn:
         statuses = repo.count_statuses(conn, task.id)

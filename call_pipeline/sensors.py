@@ -13,6 +13,7 @@ import requests
 from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
+from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.alerts import Alert, StoppedGroupAlert, alert_payload, scrub, stopped_group_payload
 from call_pipeline.domain.job_groups import (
     GroupProgress,
@@ -185,7 +186,7 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
                      outboundbot: OutboundBotResource) -> dg.SensorResult:
     with crm.engine.connect() as conn:
         tasks = repo.fetch_active_tasks(conn)
-        work = repo.count_lead_work(conn, [task.id for task in tasks])
+        work = repo.count_lead_work(conn, [task.id for task in tasks], **_hot_lead_work(crm))
     known = set(context.instance.get_dynamic_partitions(call_tasks_partitions.name))
     new_keys = [str(task.id) for task in tasks if str(task.id) not in known]
     busy = partitions_with_active_runs(context.instance, sync_call_task.name)
@@ -237,7 +238,7 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     since = crm.now() - timedelta(days=SETTINGS.reconcile_days)
     with crm.engine.connect() as conn:
         tasks = repo.fetch_recently_concluded_tasks(conn, since)
-        work = repo.count_lead_work(conn, [task.id for task in tasks])
+        work = repo.count_lead_work(conn, [task.id for task in tasks], **_hot_lead_work(crm))
     if not tasks:
         return dg.SkipReason(f"no task concluded in the last {SETTINGS.reconcile_days} day(s)")
     memory = load_cursor(context.cursor)
@@ -269,6 +270,15 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         cursor=json.dumps({"created": learned_creation_times(memory.get("created") or {}, watched, progress)},
                           sort_keys=True),
     )
+
+
+def _hot_lead_work(crm: CrmDatabase) -> dict:
+    """With a hot-lead webhook, an interested lead not posted yet is work left: the run that
+    concluded a task may have failed to post it, and only a later run posts it."""
+    if not SETTINGS.hot_lead_webhook_url:
+        return {}
+    ensure_pipeline_tables(crm.engine)
+    return {"unposted_hot_leads": True}
 
 
 # What an alert must never show: every secret setting's value, and boto3's own secret key.

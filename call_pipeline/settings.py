@@ -148,11 +148,22 @@ class PipelineSettings(BaseModel):
     io_s3_endpoint: str | None = env_field("CALL_PIPELINE_IO_S3_ENDPOINT", None,
                                            description="The S3-compatible endpoint of CALL_PIPELINE_IO_STORE")
 
+    # A Succeeded call whose transcript has not come yet is read again for this long after the
+    # call ended before its "no conversation" follow-up is written (SPEC §12).
+    transcript_grace_seconds: int = env_field(
+        "CALL_PIPELINE_TRANSCRIPT_GRACE_SECONDS", 300, ge=0,
+        description="A Succeeded call without a transcript is read again until this long after it ended, "
+                    "before its no-conversation follow-up is written (seconds; 0: at once)")
+
     # The operator's view
     alert_webhook_url: str | None = env_field("CALL_PIPELINE_ALERT_WEBHOOK_URL", None, secret=True,
                                               description="Where failure alerts go; unset: no alerts")
     alert_format: AlertFormat = env_field("CALL_PIPELINE_ALERT_FORMAT", "json",
                                           description="json, dingtalk, wecom, feishu or slack")
+    hot_lead_webhook_url: str | None = env_field(
+        "CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL", None, secret=True,
+        description="Where each lead the AI marks interested is posted once, in CALL_PIPELINE_ALERT_FORMAT; "
+                    "unset: not posted")
     ui_base_url: str = env_field("CALL_PIPELINE_UI_BASE_URL", "http://127.0.0.1:3000",
                                  description="The Dagster UI's address, for the run links of alerts")
     stalled_group_seconds: int = env_field(

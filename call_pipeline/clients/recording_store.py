@@ -3,7 +3,8 @@ that the CRM's link outlives DownloadRecording's signed URL (it expires).
 
 `file:///path` (a folder) or `s3://bucket/prefix` (S3-compatible: Alibaba OSS, MinIO, AWS, on
 boto3; endpoint CALL_PIPELINE_RECORDING_S3_ENDPOINT, credentials from AWS_ACCESS_KEY_ID /
-AWS_SECRET_ACCESS_KEY). The key of a recording is `{task_id}/{call_task_id}.wav`.
+AWS_SECRET_ACCESS_KEY). The key of a recording is `{task_id}/{call_task_id}.wav`, or `.mp3`: the
+extension says what the file is, by its first bytes, whatever the signed URL's name says.
 
 The download is streamed from the signed URL into the store, never whole in memory, with a size
 cap, and refused unless its first bytes are audio (WAV or MP3): an expired or wrong URL answers
@@ -39,18 +40,33 @@ class ArchiveError(RuntimeError):
         self.expired = expired
 
 
-def recording_key(task_id: int, call_task_id: str) -> str:
+# The formats a recording is kept in: its key's extension, and the type S3 serves it with.
+CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+
+
+def recording_stem(task_id: int, call_task_id: str) -> str:
+    """The key of a call attempt's recording without its extension."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", call_task_id)
-    return f"{task_id}/{safe}.wav"
+    return f"{task_id}/{safe}"
+
+
+def recording_key(task_id: int, call_task_id: str, extension: str = "wav") -> str:
+    return f"{recording_stem(task_id, call_task_id)}.{extension}"
+
+
+def audio_format(head: bytes) -> str | None:
+    """"wav" (RIFF....WAVE), "mp3" (an ID3 tag, or an MPEG frame sync), or None: not audio."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
+        return "mp3"
+    return None
 
 
 def is_audio(head: bytes) -> bool:
-    """A WAV (RIFF....WAVE) or MP3 (ID3 tag, or an MPEG frame sync) header."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return True
-    if head[:3] == b"ID3":
-        return True
-    return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+    return audio_format(head) is not None
 
 
 def url_expired(url: str, now: float | None = None) -> bool:
@@ -62,7 +78,7 @@ def url_expired(url: str, now: float | None = None) -> bool:
 class RecordingStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
-    def put(self, key: str, stream: BinaryIO) -> None: ...
+    def put(self, key: str, stream: BinaryIO, content_type: str = "audio/wav") -> None: ...
 
     def url_of(self, key: str) -> str: ...
 
@@ -74,7 +90,7 @@ class FileStore:
     def exists(self, key: str) -> bool:
         return (self.root / key).is_file()
 
-    def put(self, key: str, stream: BinaryIO) -> None:
+    def put(self, key: str, stream: BinaryIO, content_type: str = "audio/wav") -> None:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         # written beside, then renamed: a reader never sees half a file, a failure leaves none
@@ -113,10 +129,10 @@ class S3Store:
                 return False
             raise
 
-    def put(self, key: str, stream: BinaryIO) -> None:
+    def put(self, key: str, stream: BinaryIO, content_type: str = "audio/wav") -> None:
         # upload_fileobj streams (multipart above its threshold), so the file is never whole in memory
         self._client.upload_fileobj(stream, self.bucket, self._key(key),
-                                    ExtraArgs={"ContentType": "audio/wav"})
+                                    ExtraArgs={"ContentType": content_type})
 
     def url_of(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -174,14 +190,20 @@ class RecordingArchive:
     def archived(self, key: str) -> bool:
         return self.store.exists(key)
 
-    def archive(self, signed_url: str, key: str) -> tuple[str, int]:
-        """Fetch `signed_url` into the store under `key`; (the CRM's URL, bytes stored)."""
-        if self.limit is None:
-            return self._archive(signed_url, key)
-        with self.limit.hold():
-            return self._archive(signed_url, key)
+    def archived_key(self, stem: str) -> str | None:
+        """The key under which the recording `stem` (see `recording_stem`) is stored, whichever
+        format it is in; None when it is not archived."""
+        return next((f"{stem}.{ext}" for ext in CONTENT_TYPES if self.store.exists(f"{stem}.{ext}")), None)
 
-    def _archive(self, signed_url: str, key: str) -> tuple[str, int]:
+    def archive(self, signed_url: str, stem: str) -> tuple[str, int]:
+        """Fetch `signed_url` into the store under `stem` plus the extension of the file's format
+        (its first bytes say which); (the CRM's URL, bytes stored)."""
+        if self.limit is None:
+            return self._archive(signed_url, stem)
+        with self.limit.hold():
+            return self._archive(signed_url, stem)
+
+    def _archive(self, signed_url: str, stem: str) -> tuple[str, int]:
         if url_expired(signed_url):
             raise ArchiveError("the signed URL expired before it was fetched", expired=True)
         try:
@@ -203,8 +225,10 @@ class RecordingArchive:
                 head += chunk
                 if len(head) >= HEADER_BYTES:
                     break
-            if not is_audio(head[:HEADER_BYTES]):
+            extension = audio_format(head[:HEADER_BYTES])
+            if extension is None:
                 raise ArchiveError(f"what came back is not audio (starts {head[:40]!r})")
+            key = f"{stem}.{extension}"
             stream = _CappedStream(head, iter(chunks), self.max_bytes)
-            self.store.put(key, io.BufferedReader(stream, CHUNK))
+            self.store.put(key, io.BufferedReader(stream, CHUNK), CONTENT_TYPES[extension])
         return self.crm_url(key), stream.size

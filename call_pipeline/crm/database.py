@@ -11,7 +11,9 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
-from call_pipeline.crm.schema import CRM_TABLES, metadata
+from call_pipeline.crm.schema import CRM_TABLES, PIPELINE_CALL_END_TABLES, PIPELINE_HOT_LEAD_TABLES, metadata
+
+_PIPELINE_TABLES = (*PIPELINE_CALL_END_TABLES, *PIPELINE_HOT_LEAD_TABLES)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
@@ -130,5 +132,22 @@ def create_crm_tables(engine: Engine, *, replace: bool = False) -> None:
             "(pass --replace to drop and recreate them, for a demo or test database only)"
         )
     if existing:
-        metadata.drop_all(engine, tables=list(CRM_TABLES))
-    metadata.create_all(engine, tables=list(CRM_TABLES))
+        metadata.drop_all(engine, tables=list(CRM_TABLES) + list(_PIPELINE_TABLES))
+    metadata.create_all(engine, tables=list(CRM_TABLES) + list(_PIPELINE_TABLES))
+    _ensured.add(str(engine.url))
+
+
+# The pipeline's own tables (crm/schema.py), beside the CRM's: created if missing, once per process
+# and database, by the steps that use them, before their first transaction.
+_ensured: set[str] = set()
+_ensured_lock = threading.Lock()
+
+
+def ensure_pipeline_tables(engine: Engine) -> None:
+    key = str(engine.url)
+    if key in _ensured:
+        return
+    with _ensured_lock:
+        if key not in _ensured:
+            metadata.create_all(engine, tables=list(_PIPELINE_TABLES), checkfirst=True)
+            _ensured.add(key)

@@ -11,7 +11,7 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, not_, or_, select, update
@@ -19,7 +19,13 @@ from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, no
 if TYPE_CHECKING:
     import pandas as pd
 
-from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_list
+from call_pipeline.crm.schema import (
+    call_pipeline_call_ends,
+    call_pipeline_hot_leads_posted,
+    call_tasks,
+    dcc_leads_follow,
+    leads_task_list,
+)
 from call_pipeline.domain.call_results import (
     CANCELLED,
     FAILED,
@@ -52,6 +58,7 @@ class LeadForFollowUp:
     call_job_id: str
     call_status: str | None
     call_conversation: str | None
+    call_ended: datetime | None = None  # for a Succeeded call without a transcript (call_pipeline_call_ends)
 
 
 @dataclass(frozen=True)
@@ -153,18 +160,23 @@ class LeadWork:
     work_left: int = 0
 
 
-def count_lead_work(conn: Connection, task_ids: Sequence[int]) -> dict[int, LeadWork]:
+def count_lead_work(conn: Connection, task_ids: Sequence[int], *, unposted_hot_leads: bool = False
+                    ) -> dict[int, LeadWork]:
     """Per task, in one statement. Work left: a job with no status yet, a terminal status with no
-    follow-up, a succeeded call with no recording."""
+    follow-up, a succeeded call with no recording; with `unposted_hot_leads` (a hot-lead webhook
+    is set), also an interested lead that no run has posted (call_pipeline_hot_leads_posted)."""
     if not task_ids:
         return {}
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
-    work = and_(has_job, or_(_is_blank(_L.c.call_status),
-                             and_(terminal, _L.c.leads_follow_id.is_(None)),
-                             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id),
-                                  _is_blank(_L.c.recording_url))))
+    kinds = [_is_blank(_L.c.call_status),
+             and_(terminal, _L.c.leads_follow_id.is_(None)),
+             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))]
+    if unposted_hot_leads:
+        kinds.append(and_(_L.c.is_interested == 1, _L.c.leads_follow_id.is_not(None),
+                          not_(_L.c.id.in_(select(_H.c.lead_row_id).where(_H.c.task_id.in_(list(task_ids)))))))
+    work = and_(has_job, or_(*kinds))
     stmt = (select(_L.c.task_id, _count_where(has_job), _count_where(calling), _count_where(work))
             .where(_L.c.task_id.in_(list(task_ids))).group_by(_L.c.task_id))
     counts = {int(row[0]): LeadWork(*(int(n) for n in row[1:])) for row in conn.execute(stmt)}
@@ -266,10 +278,32 @@ def _needs_result():
     return and_(_has_text(_L.c.call_job_id), _not_terminal())
 
 
+_E = call_pipeline_call_ends
+
+
+def _awaiting_transcript(now: datetime, grace_seconds: float):
+    """SQL for `domain.followups.transcript_pending` on the CRM's values: Succeeded, no transcript
+    and no follow-up yet, its call ended (call_pipeline_call_ends) less than the grace before `now`.
+    Never NULL, so that NOT of it is safe beside an outer join."""
+    return and_(_L.c.call_status == SUCCEEDED, _is_blank(_L.c.call_conversation), _L.c.leads_follow_id.is_(None),
+                _E.c.call_ended_time.is_not(None), _E.c.call_ended_time > now - timedelta(seconds=grace_seconds))
+
+
 def fetch_job_ids_needing_results(
-    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
+    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None, *, now: datetime | None = None,
+    transcript_grace_seconds: float = 0,
 ) -> list[str]:
-    """Job ids of the task's leads whose status is empty or not yet terminal."""
+    """Job ids of the task's leads whose status is empty or not yet terminal, and (with a grace)
+    of those whose transcript is still awaited."""
+    if now is not None and transcript_grace_seconds > 0:
+        stmt = (select(_L.c.call_job_id).select_from(_L.outerjoin(_E, _E.c.lead_row_id == _L.c.id))
+                .where(_L.c.task_id == task_id,
+                       or_(_needs_result(), and_(_has_text(_L.c.call_job_id),
+                                                 _awaiting_transcript(now, transcript_grace_seconds))))
+                .order_by(_L.c.id))
+        if job_ids is not None:
+            stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+        return [row.call_job_id for row in conn.execute(stmt)]
     stmt = select(_L.c.call_job_id).where(_L.c.task_id == task_id, _needs_result()).order_by(_L.c.id)
     if job_ids is not None:
         stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
@@ -316,7 +350,60 @@ def store_call_results(conn: Connection, task_id: int, results: Sequence[CallRes
             )
         )
         stored += int(conn.execute(stmt).rowcount or 0)
+    stored += _store_late_transcripts(conn, task_id, by_job, now)
+    _record_call_ends(conn, task_id, by_job, now)
     return stored
+
+
+def _store_late_transcripts(conn: Connection, task_id: int, by_job: dict[str, CallResult], now: datetime) -> int:
+    """A transcript that came after its Succeeded status was stored: written to a lead that has
+    none and no follow-up yet (the only update of a terminal lead)."""
+    late = {job_id: r for job_id, r in by_job.items() if r.call_status == SUCCEEDED and r.call_conversation}
+    stored = 0
+    jobs = list(late.items())
+    for start in range(0, len(jobs), RESULTS_PER_STATEMENT):
+        chunk = dict(jobs[start:start + RESULTS_PER_STATEMENT])
+
+        def per_job(attribute: str, type_, chunk=chunk):
+            return case({job_id: literal(getattr(r, attribute), type_) for job_id, r in chunk.items()},
+                        value=_L.c.call_job_id)
+
+        stmt = (
+            update(_L)
+            .where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(chunk)), _L.c.call_status == SUCCEEDED,
+                   _is_blank(_L.c.call_conversation), _L.c.leads_follow_id.is_(None))
+            .values(call_conversation=per_job("call_conversation", _L.c.call_conversation.type),
+                    planed_time=per_job("planed_time", _L.c.planed_time.type),
+                    call_task_id=per_job("call_task_id", _L.c.call_task_id.type),
+                    calling_number=per_job("calling_number", _L.c.calling_number.type),
+                    updated_time=now)
+        )
+        stored += int(conn.execute(stmt).rowcount or 0)
+    return stored
+
+
+def _record_call_ends(conn: Connection, task_id: int, by_job: dict[str, CallResult], now: datetime) -> None:
+    """When each Succeeded call without a transcript ended (its attempt's times; `now` when they
+    say nothing), kept once per lead: the start of its wait for a transcript that comes late. A
+    job with no call attempt at all has no call to wait for."""
+    ended = {job_id: r.call_ended or now for job_id, r in by_job.items()
+             if r.call_status == SUCCEEDED and not r.call_conversation
+             and (r.call_ended is not None or r.call_task_id is not None)}
+    if not ended:
+        return
+    rows = conn.execute(
+        select(_L.c.id, _L.c.call_job_id)
+        .where(_L.c.task_id == task_id, _L.c.call_job_id.in_(list(ended)), _L.c.leads_follow_id.is_(None))
+    ).all()
+    if not rows:
+        return
+    held = set(conn.execute(select(_E.c.lead_row_id).where(_E.c.lead_row_id.in_([r.id for r in rows]))).scalars())
+    new = [{"lead_row_id": int(r.id), "task_id": task_id, "call_ended_time": ended[r.call_job_id]}
+           for r in rows if r.id not in held]
+    if new:
+        # Another run may record the same lead meanwhile: its row is as good as this one.
+        conn.execute(_E.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("IGNORE", dialect="mariadb")
+                     .prefix_with("OR IGNORE", dialect="sqlite"), new)
 
 
 # ---- step 4: recordings -----------------------------------------------------------------------
@@ -357,8 +444,29 @@ def store_recording_urls(conn: Connection, urls: Sequence[tuple[int, str]], now:
 
 
 def fetch_leads_needing_follow_up(
-    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
+    conn: Connection, task_id: int, job_ids: Iterable[str] | None = None, *, now: datetime | None = None,
+    transcript_grace_seconds: float = 0,
 ) -> list[LeadForFollowUp]:
+    """With a grace: not the leads whose transcript is still awaited (`_awaiting_transcript`),
+    and each Succeeded lead comes with when its call ended."""
+    if now is not None and transcript_grace_seconds > 0:
+        stmt = (
+            select(_L.c.id, _L.c.leads_id, _L.c.call_job_id, _L.c.call_status, _L.c.call_conversation,
+                   _E.c.call_ended_time)
+            .select_from(_L.outerjoin(_E, _E.c.lead_row_id == _L.c.id))
+            .where(
+                _L.c.task_id == task_id,
+                _has_text(_L.c.call_job_id),
+                _L.c.leads_follow_id.is_(None),
+                _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)),
+                not_(_awaiting_transcript(now, transcript_grace_seconds)),
+            )
+            .order_by(_L.c.id)
+        )
+        if job_ids is not None:
+            stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+        return [LeadForFollowUp(int(r.id), int(r.leads_id), r.call_job_id, r.call_status, r.call_conversation,
+                                r.call_ended_time) for r in conn.execute(stmt)]
     stmt = (
         select(_L.c.id, _L.c.leads_id, _L.c.call_job_id, _L.c.call_status, _L.c.call_conversation)
         .where(
@@ -453,6 +561,65 @@ def create_follow_ups_on(
         seen.add(lead.lead_row_id)
         results.append(fid)
     return results
+
+
+# ---- hot leads (steps/hot_leads.py) ------------------------------------------------------------
+
+_H = call_pipeline_hot_leads_posted
+
+
+@dataclass(frozen=True)
+class HotLeadRow:
+    lead_row_id: int
+    task_id: int
+    task_name: str
+    leads_id: int
+    leads_phone: str | None
+    leads_remark: str | None
+    next_follow_time: datetime | None
+
+
+def fetch_hot_leads_to_post(conn: Connection, task_id: int, job_ids: Iterable[str] | None = None,
+                            limit: int | None = None) -> list[HotLeadRow]:
+    """The task's leads the AI marked interested (`is_interested = 1`, with their follow-up) that
+    no run has claimed for a post yet."""
+    stmt = (
+        select(_L.c.id, _L.c.task_id, call_tasks.c.task_name, _L.c.leads_id, _L.c.leads_phone,
+               dcc_leads_follow.c.leads_remark, dcc_leads_follow.c.next_follow_time)
+        .select_from(_L.join(dcc_leads_follow, dcc_leads_follow.c.id == _L.c.leads_follow_id)
+                     .join(call_tasks, call_tasks.c.id == _L.c.task_id)
+                     .outerjoin(_H, _H.c.lead_row_id == _L.c.id))
+        .where(_L.c.task_id == task_id, _L.c.is_interested == 1, _H.c.lead_row_id.is_(None))
+        .order_by(_L.c.id)
+    )
+    if job_ids is not None:
+        stmt = stmt.where(_L.c.call_job_id.in_(list(job_ids)))
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [HotLeadRow(int(r.id), int(r.task_id), r.task_name, int(r.leads_id), r.leads_phone, r.leads_remark,
+                       r.next_follow_time) for r in conn.execute(stmt)]
+
+
+def claim_hot_lead(conn: Connection, lead_row_id: int, task_id: int, token: str, now: datetime) -> bool:
+    """Claims one lead for a post (its row, inserted unless there is one); False when another
+    run holds it. The primary key makes it one winner, whatever runs try at once."""
+    inserted = conn.execute(
+        _H.insert().prefix_with("IGNORE", dialect="mysql").prefix_with("IGNORE", dialect="mariadb")
+        .prefix_with("OR IGNORE", dialect="sqlite"),
+        {"lead_row_id": lead_row_id, "task_id": task_id, "claim_token": token, "claimed_time": now},
+    ).rowcount
+    return bool(inserted)
+
+
+def mark_hot_lead_posted(conn: Connection, lead_row_id: int, token: str, now: datetime) -> None:
+    conn.execute(update(_H).where(_H.c.lead_row_id == lead_row_id, _H.c.claim_token == token)
+                 .values(posted_time=now))
+
+
+def release_hot_lead(conn: Connection, lead_row_id: int, token: str) -> None:
+    """A post that failed: its claim goes, so that a later run posts the lead."""
+    conn.execute(delete(_H).where(_H.c.lead_row_id == lead_row_id, _H.c.claim_token == token,
+                                  _H.c.posted_time.is_(None)))
 
 
 # ---- task state -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Table,
@@ -89,3 +90,36 @@ dcc_leads_follow = Table(
 )
 
 CRM_TABLES = (call_tasks, leads_task_list, dcc_leads_follow)
+
+# ---- the pipeline's own tables (not the CRM's): created beside them, and if missing on an existing
+# CRM (crm/database.ensure_pipeline_tables), never needed by the CRM itself.
+
+# When the call of a Succeeded lead without a transcript ended: step 3 writes it, steps 3 and 5
+# read it to wait CALL_PIPELINE_TRANSCRIPT_GRACE_SECONDS for a transcript that comes late.
+call_pipeline_call_ends = Table(
+    "call_pipeline_call_ends",
+    metadata,
+    Column("lead_row_id", BigInteger, nullable=False),  # leads_task_list.id
+    Column("task_id", BigInteger, nullable=False),
+    Column("call_ended_time", _DATETIME, nullable=False),
+    PrimaryKeyConstraint("lead_row_id"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+PIPELINE_CALL_END_TABLES = (call_pipeline_call_ends,)
+
+# The hot leads posted to CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL, each claimed (its row inserted) before
+# its post and marked posted after it: a lead is never posted twice (steps/hot_leads.py).
+call_pipeline_hot_leads_posted = Table(
+    "call_pipeline_hot_leads_posted",
+    metadata,
+    Column("lead_row_id", BigInteger, nullable=False),  # leads_task_list.id
+    Column("task_id", BigInteger, nullable=False),
+    Column("claim_token", String(32), nullable=False),
+    Column("claimed_time", _DATETIME, nullable=False),
+    Column("posted_time", _DATETIME, nullable=True),  # NULL: claimed by a post under way (or cut short)
+    PrimaryKeyConstraint("lead_row_id"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+PIPELINE_HOT_LEAD_TABLES = (call_pipeline_hot_leads_posted,)

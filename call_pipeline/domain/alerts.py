@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 
 from call_pipeline.domain.phones import mask_phone
 
@@ -24,6 +25,47 @@ class Alert:
     step: str
     error: str
     run_url: str
+
+
+@dataclass(frozen=True)
+class HotLead:
+    """A lead the AI marked interested, as the sales team's chat shows it (the phone masked)."""
+
+    task_id: int
+    task_name: str
+    lead_id: int
+    remark: str
+    next_follow_time: str | None  # "YYYY-MM-DD HH:MM:SS", in the CRM's zone
+    phone: str
+
+
+def hot_lead(task_id: int, task_name: str, lead_id: int, remark: str | None, next_follow_time: datetime | None,
+             phone: object) -> HotLead:
+    """The post of one interested lead: the phone masked, and every phone number the model may
+    have written into the remark masked too."""
+    return HotLead(task_id, task_name, lead_id, scrub(remark or ""),
+                   next_follow_time.strftime("%Y-%m-%d %H:%M:%S") if next_follow_time else None, mask_phone(phone))
+
+
+def hot_lead_payload(lead: HotLead, fmt: str) -> dict:
+    """The webhook body for `fmt` (json: the lead's fields as they are)."""
+    if fmt == "json":
+        return asdict(lead)
+    title = f"call_pipeline: interested lead {lead.lead_id} in task {lead.task_id} ({lead.task_name})"
+    lines = [f"phone: {lead.phone}", f"remark: {lead.remark}", f"next follow-up: {lead.next_follow_time or '—'}"]
+    return _chat_payload(title, lines, fmt)
+
+
+def _chat_payload(title: str, lines: list[str], fmt: str) -> dict:
+    if fmt == "dingtalk":
+        return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
+    if fmt == "wecom":
+        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{title}**", *lines])}}
+    if fmt == "feishu":
+        return {"msg_type": "text", "content": {"text": "\n".join([title, *lines])}}
+    if fmt == "slack":
+        return {"text": "\n".join([f"*{title}*", *lines])}
+    raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:

@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from call_pipeline.domain._values import clean_text
@@ -56,6 +56,56 @@ def epoch_to_crm_datetime(value: object, tz: str | ZoneInfo) -> datetime | None:
     return moment.replace(tzinfo=None)
 
 
+def epoch_seconds(value: object) -> float | None:
+    """An API epoch time (ms, or s by magnitude) as epoch seconds; None when absent, zero or not
+    a positive number."""
+    number = _epoch_number(value)
+    if number is None or number <= 0:
+        return None
+    return number if number < _SECONDS_BELOW else number / 1000.0
+
+
+def latest_attempt(tasks: object) -> tuple[int | None, list[str]]:
+    """The index in `tasks` of the latest call attempt: the latest `ActualTime`, then the latest
+    `PlanedTime`, then the later position (the API promises no order of `Tasks`). An attempt
+    without an `ActualTime` (absent, zero or not a time) counts as earlier than every attempt
+    with one; times in seconds and in milliseconds compare as the same moments. Entries that are
+    not objects are left out, with a problem. None when there is no attempt."""
+    problems: list[str] = []
+    if not isinstance(tasks, list) or not tasks:
+        return None, ["job has no call attempts"]
+    best: tuple | None = None
+    best_index: int | None = None
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            problems.append(f"call attempt #{index + 1} is a {type(task).__name__}, not an object; ignored")
+            continue
+        actual, planed = epoch_seconds(task.get("ActualTime")), epoch_seconds(task.get("PlanedTime"))
+        key = (actual is not None, actual or 0.0, planed is not None, planed or 0.0, index)
+        if best is None or key > best:
+            best, best_index = key, index
+    if best_index is None:
+        problems.append("job has no call attempt that is an object")
+    return best_index, problems
+
+
+# Longer than any call: a Duration beyond it is not a call's length in seconds.
+_MAX_CALL_SECONDS = 6 * 3600
+
+
+def call_ended_at(task: dict, tz: str | ZoneInfo) -> datetime | None:
+    """When the call attempt ended, naive in the CRM's zone: its `ActualTime` plus its `Duration`
+    (seconds) when both are there, else its `ActualTime`, else its `PlanedTime`. ListJobs' tasks
+    carry no `EndTime` (DescribeJob's do)."""
+    start = epoch_to_crm_datetime(task.get("ActualTime"), tz)
+    if start is None:
+        return epoch_to_crm_datetime(task.get("PlanedTime"), tz)
+    duration = _epoch_number(task.get("Duration"))
+    if duration is not None and 0 < duration <= _MAX_CALL_SECONDS:
+        return start + timedelta(seconds=int(duration))
+    return start
+
+
 @dataclass(frozen=True)
 class CallResult:
     job_id: str
@@ -65,6 +115,8 @@ class CallResult:
     call_task_id: str | None
     calling_number: str | None
     problems: tuple[str, ...] = ()
+    # When the attempt used ended (see call_ended_at): for a transcript that comes late.
+    call_ended: datetime | None = None
 
 
 @dataclass
@@ -96,19 +148,15 @@ def parse_list_jobs_job(job: dict, tz: str | ZoneInfo) -> CallResult:
     problems: list[str] = []
 
     tasks = job.get("Tasks")
-    last: dict = {}
-    if not isinstance(tasks, list) or not tasks:
-        problems.append("job has no call attempts")
-    elif not isinstance(tasks[-1], dict):
-        problems.append(f"last call attempt is a {type(tasks[-1]).__name__}, not an object")
-    else:
-        last = tasks[-1]
+    index, attempt_problems = latest_attempt(tasks)
+    problems.extend(attempt_problems)
+    last: dict = tasks[index] if index is not None else {}
 
     status = clean_text(job.get("Status"))
     if status is None:
         status = clean_text(last.get("Status"))
         if status is not None:
-            problems.append(f"job has no Status; used the last call attempt's status {status!r}")
+            problems.append(f"job has no Status; used the latest call attempt's status {status!r}")
     if status is None:
         problems.append("job has no status")
     elif status not in TERMINAL_JOB_STATUSES and status not in NON_TERMINAL_JOB_STATUSES:
@@ -127,6 +175,7 @@ def parse_list_jobs_job(job: dict, tz: str | ZoneInfo) -> CallResult:
         call_task_id=clean_text(last.get("TaskId")),
         calling_number=clean_text(last.get("CallingNumber")),
         problems=tuple(problems),
+        call_ended=call_ended_at(last, tz) if last else None,
     )
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 
 MATCH_STRATEGIES = ("reference_id", "legacy_reference_id", "phone")
+MASKED_PHONE_EXAMPLES = 5
 
 
 @dataclass
@@ -40,12 +41,17 @@ class StepCounts:
     batches: int = 0
     pages: int = 0
     batches_caught_up: int = 0
+    hot_leads_posted: int = 0
+    hot_leads_not_posted: int = 0  # posts that failed (tried again on a later run)
+    masked_phone_jobs: int = 0  # jobs whose phone came masked and that nothing else matched
+    masked_phone_examples: tuple[str, ...] = ()  # the first few of them (MASKED_PHONE_EXAMPLES)
 
     def __add__(self, other: StepCounts) -> StepCounts:
         total = StepCounts()
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             setattr(total, f.name, Counter(a) + Counter(b) if isinstance(a, Counter) else a + b)
+        total.masked_phone_examples = total.masked_phone_examples[:MASKED_PHONE_EXAMPLES]
         return total
 
     @classmethod
@@ -72,11 +78,13 @@ class StepCounts:
             "recordings_invalid_task_id": self.recordings_invalid_task_id,
             "follow_ups_by_verdict": dict(self.follow_ups_by_verdict),
             "follow_ups_by_source": dict(self.follow_ups_by_source),
+            "hot_leads_posted": self.hot_leads_posted,
+            "hot_leads_not_posted": self.hot_leads_not_posted,
         }
 
     def as_metadata(self) -> dict[str, int]:
         """Flat numeric figures, for Dagster metadata (the UI plots numbers per partition)."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if not isinstance(getattr(self, f.name), Counter)}
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), int)}
         flat["follow_ups_written"] = self.follow_ups_written
         flat.update({f"matched_by_{s}": self.matched_by.get(s, 0) for s in MATCH_STRATEGIES})
         return flat

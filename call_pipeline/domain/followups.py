@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from call_pipeline.domain._values import clean_text
-from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES
+from call_pipeline.domain.call_results import SUCCEEDED, TERMINAL_JOB_STATUSES
 
 AI_UNAVAILABLE_REMARK_PREFIX = "AI分析不可用"
 MAX_REMARK_LENGTH = 1000
@@ -46,9 +46,25 @@ def _conversation_entries(call_conversation: str | None) -> list | None:
     return entries if isinstance(entries, list) and entries else None
 
 
-def plan_follow_up(call_status: str | None, call_conversation: str | None) -> Literal["llm", "basic", "skip"]:
-    """Contract "Follow-up cases": A → "llm", B → "basic", C (no terminal status yet) → "skip"."""
+def transcript_pending(call_status: str | None, call_conversation: str | None, call_ended: datetime | None,
+                       now: datetime | None, grace_seconds: float) -> bool:
+    """Contract "A transcript that comes late": a Succeeded call without a transcript whose call
+    ended less than `grace_seconds` before `now` is read again before its basic record is
+    written. Without a known end (`call_ended` None) there is nothing to wait for."""
+    if clean_text(call_status) != SUCCEEDED or _conversation_entries(call_conversation) is not None:
+        return False
+    if call_ended is None or now is None or grace_seconds <= 0:
+        return False
+    return now - call_ended < timedelta(seconds=grace_seconds)
+
+
+def plan_follow_up(call_status: str | None, call_conversation: str | None, *, call_ended: datetime | None = None,
+                   now: datetime | None = None, grace_seconds: float = 0) -> Literal["llm", "basic", "skip"]:
+    """Contract "Follow-up cases": A → "llm", B → "basic", C (no terminal status yet, or a
+    transcript still awaited: see `transcript_pending`) → "skip"."""
     if clean_text(call_status) not in TERMINAL_JOB_STATUSES:
+        return "skip"
+    if transcript_pending(call_status, call_conversation, call_ended, now, grace_seconds):
         return "skip"
     return "llm" if _conversation_entries(call_conversation) is not None else "basic"
 

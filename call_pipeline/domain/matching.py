@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from call_pipeline.domain._values import clean_text
-from call_pipeline.domain.phones import mask_phone, normalize_phone
+from call_pipeline.domain.phones import is_masked_phone, mask_phone, phone_key
 
 STRATEGY_REFERENCE_ID = "reference_id"
 STRATEGY_LEGACY_REFERENCE_ID = "legacy_reference_id"
@@ -72,6 +72,8 @@ class MatchResult:
     already_matched_job_ids: list[str] = field(default_factory=list)
     unmatched_job_ids: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    # Jobs that no reference matched and whose phone came masked (`138****8888`): they match nobody.
+    masked_phone_job_ids: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         by_strategy = {STRATEGY_REFERENCE_ID: 0, STRATEGY_LEGACY_REFERENCE_ID: 0, STRATEGY_PHONE: 0}
@@ -145,6 +147,7 @@ class _Candidate:
     job_id: str
     references: tuple[str, ...]
     phones: tuple[str, ...]
+    masked_phone: bool = False
 
 
 def _prepare_leads(leads: pd.DataFrame, task_id: int) -> pd.DataFrame:
@@ -167,7 +170,7 @@ def _prepare_leads(leads: pd.DataFrame, task_id: int) -> pd.DataFrame:
         lambda lid: None if lid is None else legacy_reference_id(task_id, lid), na_action="ignore"
     )
     phones = frame["leads_phone"].dropna()
-    normalized = {raw: normalize_phone(raw) for raw in phones.unique()}
+    normalized = {raw: phone_key(raw) for raw in phones.unique()}
     frame["phone"] = frame["leads_phone"].map(normalized, na_action="ignore")
     return frame.reset_index(drop=True)
 
@@ -253,7 +256,8 @@ def match_jobs_to_leads(jobs: list[JobContacts], leads: pd.DataFrame, task_id: i
             _Candidate(
                 job_id,
                 _unique(clean_text(r) for r in job.reference_ids),
-                _unique(normalize_phone(p) for p in job.phones),
+                _unique(phone_key(p) for p in job.phones),
+                any(is_masked_phone(p) for p in job.phones),
             )
         )
 
@@ -302,6 +306,7 @@ def match_jobs_to_leads(jobs: list[JobContacts], leads: pd.DataFrame, task_id: i
                 f"have a job ({_holders(sorted(phone_owners[shared]), job_of_lead)}); left unmatched"
             )
 
+    result.masked_phone_job_ids = [c.job_id for c in left if c.masked_phone]
     unmatched.update(c.job_id for c in left)
     page_order = dict.fromkeys(clean_text(job.job_id) for job in jobs)
     result.unmatched_job_ids = [job_id for job_id in page_order if job_id in unmatched]

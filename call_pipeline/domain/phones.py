@@ -8,6 +8,9 @@ import unicodedata
 from call_pipeline.domain._values import clean_text
 
 _NON_DIGITS = re.compile(r"[^0-9]")
+# How numbers arrive masked (`138****8888`, as the API's own examples show): star-like characters
+# (NFKC folds the full-width ＊), or a run of x's, ×'s or #'s standing for digits.
+_MASK = re.compile(r"[*∗⁎✱•●]|[xX×#]{2,}")
 
 
 def normalize_phone(raw: object) -> str | None:
@@ -26,6 +29,18 @@ def normalize_phone(raw: object) -> str | None:
     elif len(digits) == 13 and digits.startswith("861"):
         digits = digits[2:]
     return digits or None
+
+
+def is_masked_phone(raw: object) -> bool:
+    """Whether the number has digits hidden (`138****8888`): its digits are not the number."""
+    text = clean_text(raw)
+    return text is not None and _MASK.search(unicodedata.normalize("NFKC", text)) is not None
+
+
+def phone_key(raw: object) -> str | None:
+    """The form two numbers are matched by: `normalize_phone`, and None for a masked number, so
+    that it matches nobody (its remaining digits would match the wrong person)."""
+    return None if is_masked_phone(raw) else normalize_phone(raw)
 
 
 def mask_phone(raw: object) -> str:

@@ -85,6 +85,8 @@ def render_run_summary(stats: dict) -> str:
     rows += [(f"follow-ups: {label} ({v})", _number(verdict_count[v])) for v, label in _VERDICTS]
     rows += [(f"follow-ups from {label}", _number(source_count[key])) for key, label in _SOURCES]
     rows.append(("AI fallbacks", _number(fallbacks)))
+    rows.append(("hot leads posted", _number(stats.get("hot_leads_posted"))))
+    rows.append(("hot leads not posted (tried again next run)", _number(stats.get("hot_leads_not_posted"))))
     before, after = stats.get("task_type_before"), stats.get("task_type_after")
     rows.append(("task state before", _task_type(before)))
     rows.append(("task state after", _task_type(after)))

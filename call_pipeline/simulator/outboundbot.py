@@ -180,6 +180,7 @@ def _answer(state: SimulatorState, action: str, params: dict[str, str], base_url
     request_id = _request_id()
     try:
         with state.lock:
+            state.release_late_transcripts()
             payload = handler(state, params, base_url)
             body = {"RequestId": request_id, "Success": True, "Code": "OK", "Message": "",
                     "HttpStatusCode": 200, **payload}
@@ -271,9 +272,10 @@ def _download_recording(state: SimulatorState, params: dict[str, str], base_url:
     if state.take_expired_recording_url():  # a URL whose signature ran out before it was fetched
         expires = int(time.time()) - 60
     signature = hashlib.sha1(f"{task_id}:{expires}".encode()).hexdigest()[:28]
-    url = f"{base_url}/__recordings/{task_id}.wav?Expires={expires}&Signature={signature}"
+    extension = state.recording_format(task_id)
+    url = f"{base_url}/__recordings/{task_id}.{extension}?Expires={expires}&Signature={signature}"
     slices = "[]" if not _bool(params, "NeedVoiceSliceRecording") else json.dumps([])
-    return {"DownloadParams": {"FileName": f"{task_id}.wav", "SignatureUrl": url,
+    return {"DownloadParams": {"FileName": f"{task_id}.{extension}", "SignatureUrl": url,
                                "EarlyMediaSignatureUrl": "", "VoiceSliceRecordingListJson": slices}}
 
 
@@ -464,15 +466,27 @@ ACTIONS: dict[str, Action] = {
 
 
 def recording(state: SimulatorState, task_id: str, query: dict[str, str]) -> SimResponse:
-    """``GET /__recordings/<task_id>.wav``: the task's recording, or an OSS-style XML error for an
-    unknown task or an expired URL. Never throttled nor faulted."""
+    """``GET /__recordings/<task_id>.wav`` (or ``.mp3``): the task's recording, in its job's format
+    (``recording:mp3`` in the scenario), or an OSS-style XML error for an unknown task or an expired
+    URL. Never throttled nor faulted."""
     if not state.count_recording_fetch(task_id):
         return SimResponse(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
     expires = query.get("Expires")
     if expires and expires.isdigit() and int(expires) < time.time():
         return SimResponse(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired."
                                 b"</Message></Error>", "application/xml")
+    if state.recording_format(task_id) == "mp3":
+        return SimResponse(200, mp3_bytes(task_id), "audio/mpeg")
     return SimResponse(200, wav_bytes(task_id), "audio/wav")
+
+
+def mp3_bytes(seed_text: str, frames: int = 8) -> bytes:
+    """A short MP3 as the cloud may store a recording: an ID3v2 tag, then MPEG-1 Layer III frames
+    (128 kbit/s, 44.1 kHz: 417 bytes each) whose payload depends on the task id."""
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x00"
+    header = b"\xff\xfb\x90\x64"
+    payload = (hashlib.md5(seed_text.encode()).digest() * 27)[: 417 - len(header)]
+    return tag + (header + payload) * frames
 
 
 def wav_bytes(seed_text: str, seconds: float = 0.25, rate: int = 8000) -> bytes:

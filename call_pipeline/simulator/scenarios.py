@@ -52,7 +52,14 @@ Special cases (``special_cases={leads_id: "name" or ["name", ...]}``), each forc
 * ``no_reference``             no ReferenceId on the contact (phone-only matching)
 * ``legacy_reference``         ReferenceId ``task_{task_id}_lead_{leads_id}`` even when the lead has
                                a reference_id
-* ``phone:<format>``           phone format, one of ``PHONE_FORMATS``
+* ``phone:<format>``           phone format, one of ``PHONE_FORMATS``, or ``masked`` (``138****8888``)
+* ``recording:mp3``            the job's recordings are MP3 files (``.mp3`` URLs); WAV otherwise
+* ``transcript_late:<N>``      the answered attempt's Conversation appears N seconds after the job
+                               turns Succeeded (at load, or when it gets there); until then it is
+                               ``[]``. Its times are moved so that the call ends as it turns Succeeded
+                               (``SimulatorState.release_late_transcripts`` brings it at once)
+* ``answered_first``           ``Tasks`` lists the answered attempt first and an earlier unanswered
+                               one after it (the API promises no order of the attempts)
 """
 
 from __future__ import annotations
@@ -190,6 +197,7 @@ def format_phone(phone: str | None, fmt: str) -> str:
         "spaced": spaced,
         "plus86": f"+86{d}",
         "86_dashed": f"86-{grouped}",
+        "masked": f"{d[:3]}****{d[-4:]}",  # as the API's own examples show a number
     }.get(fmt, d)
 
 
@@ -452,6 +460,7 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
     intent = _weighted(rng, intents)
     forced_status = None
     extra_lines: list[str] = []
+    meta_extra: dict[str, Any] = {}
     for sp in specials:
         if sp.startswith("status:"):
             forced_status = sp.split(":", 1)[1]
@@ -461,6 +470,10 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
             intent = "injection"
         elif sp.startswith("llm:"):
             extra_lines.append(f"[[{sp}]]")
+        elif sp.startswith("recording:"):
+            meta_extra["recording_format"] = sp.split(":", 1)[1]
+        elif sp.startswith("transcript_late:"):
+            meta_extra["transcript_after_s"] = float(sp.split(":", 1)[1])
     if intent not in INTENT_VERDICT:
         raise ValueError(f"unknown intent {intent!r}; choose from {INTENTS}")
     if forced_status:
@@ -500,7 +513,7 @@ def _build_job(factory: _JobFactory, rng: random.Random, index: int, lead: dict 
     if ref:
         job["ReferenceId"] = ref
     planed = factory.base_time_ms + index * 15_000 + rng.randint(0, 10_000)
-    meta: dict[str, Any] = {"leads_id": leads_id, "intent": intent, "specials": list(specials)}
+    meta: dict[str, Any] = {"leads_id": leads_id, "intent": intent, "specials": list(specials), **meta_extra}
 
     if status in ("Scheduling", "Executing", "Drafted"):
         final = _weighted(rng, terminal_mix)
@@ -553,6 +566,22 @@ def _apply_specials(job: dict, specials: list[str], meta: dict) -> None:
         elif sp == "planed_time_absent":
             for t in tasks:
                 t.pop("PlanedTime", None)
+        elif sp == "answered_first" and last is not None:
+            if len(tasks) < 2:
+                tasks.insert(0, _unanswered_before(last))
+            tasks.reverse()
+
+
+def _unanswered_before(answered: dict) -> dict:
+    """An attempt half an hour before `answered` that nobody picked up (its TaskId derived from
+    the answered one's, so the group stays deterministic)."""
+    earlier = json.loads(json.dumps(answered))
+    earlier.update(TaskId=str(uuid.uuid5(uuid.NAMESPACE_OID, f"earlier:{answered.get('TaskId')}")),
+                   Status="NoAnswer", Conversation=[], Duration=0, EndReason="", HangUpDirection="")
+    for key in ("PlanedTime", "ActualTime", "EndTime"):
+        if isinstance(earlier.get(key), int):
+            earlier[key] -= 1_800_000
+    return earlier
 
 
 def build_demo_job_group(job_group_id: str, n_jobs: int, *, task_id: Any = 0, seed: int = 0,

@@ -24,6 +24,7 @@ Control plane (JSON over HTTP; each also a method of ``SimulatorState``):
 ``POST   /__sim/job_status``           ``{"job_id": .., "status": .., ...}`` → ``set_job_status``
 ``POST   /__sim/job_group_status``     ``{"job_group_id": .., "status": "Paused"}`` (null: follow the jobs again)
                                       → ``set_job_group_status``
+``POST   /__sim/late_transcripts``     ``{"job_ids": [..]}``: their late transcripts now → ``release_late_transcripts``
 ``GET    /__sim/jobs/<JobId>``         one job as loaded → ``get_job``
 ``GET    /__sim/llm_requests``         DashScope request bodies received → ``llm_requests``
 ``POST   /__sim/reset``                forget everything (groups, faults, latency, cap, stats) → ``reset``
@@ -94,6 +95,8 @@ def _control(state: SimulatorState, method: str, path: str, body: Any) -> tuple[
         return 200, {"ok": True, "job": job}
     if route == ("POST", "/__sim/job_group_status"):
         return 200, {"ok": True, "status": state.set_job_group_status(b["job_group_id"], b.get("status"))}
+    if route == ("POST", "/__sim/late_transcripts"):
+        return 200, {"ok": True, "released": state.release_late_transcripts(b.get("job_ids") or [])}
     if route == ("GET", "/__sim/llm_requests"):
         return 200, {"llm_requests": state.llm_requests}
     if route[1].startswith("/__sim/jobs/") and method == "GET":
@@ -164,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
             return SimResponse(status, dumps(payload))
         if path.startswith("/__recordings/"):
             name = path[len("/__recordings/"):]
-            return outboundbot.recording(state, name[:-4] if name.endswith(".wav") else name, query)
+            return outboundbot.recording(state, name[:-4] if name.endswith((".wav", ".mp3")) else name, query)
         endpoint = dashscope.endpoint_of(path)
         if endpoint is not None:
             return dashscope.handle(state, endpoint, self.headers, raw)

@@ -76,8 +76,16 @@ def tasks_of(job: dict) -> list[dict]:
 
 
 def last_task(job: dict) -> dict | None:
+    """The job's latest attempt: by ActualTime, then PlanedTime, then position (``Tasks`` may list
+    them in any order, as the real API may)."""
     tasks = tasks_of(job)
-    return tasks[-1] if tasks else None
+
+    def when(item: tuple[int, dict]) -> tuple:
+        index, task = item
+        return tuple(t if isinstance(t, (int, float)) and not isinstance(t, bool) else 0
+                     for t in (task.get("ActualTime"), task.get("PlanedTime"))) + (index,)
+
+    return max(enumerate(tasks), key=when)[1] if tasks else None
 
 
 class SimulatorState:
@@ -97,6 +105,9 @@ class SimulatorState:
         self.jobs: dict[str, dict] = {}
         self.task_to_job: dict[str, str] = {}
         self._plans: dict[str, dict] = {}
+        self._recording_formats: dict[str, str] = {}  # JobId -> "mp3" (the default is "wav")
+        # JobId -> {"after": seconds, "due": epoch s or None, "held": the transcript kept back}
+        self._late_transcripts: dict[str, dict] = {}
         self._faults: list[Fault] = []
         self._fault_seq = 0
         self.outboundbot_latency_ms = 0.0
@@ -163,12 +174,20 @@ class SimulatorState:
             self.group_jobs[gid].append(job_id)
             if meta.get("outcome"):
                 self._plans[job_id] = meta["outcome"]
+            if meta.get("recording_format"):
+                self._recording_formats[job_id] = str(meta["recording_format"])
+            if meta.get("transcript_after_s") is not None:
+                self._late_transcripts[job_id] = {"after": float(meta["transcript_after_s"]), "due": None,
+                                                  "held": None}
+                self._hold_transcript_locked(job)
             self._index_tasks(job)
         return len(jobs)
 
     def _forget_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)
         self._plans.pop(job_id, None)
+        self._recording_formats.pop(job_id, None)
+        self._late_transcripts.pop(job_id, None)
         if job:
             for t in tasks_of(job):
                 self.task_to_job.pop(str(t.get("TaskId")), None)
@@ -177,6 +196,51 @@ class SimulatorState:
         for t in tasks_of(job):
             if t.get("TaskId"):
                 self.task_to_job[str(t["TaskId"])] = str(job["JobId"])
+
+    def recording_format(self, task_id: str) -> str:
+        """The file format of a call attempt's recording: "wav", or its job's ``recording:mp3``."""
+        with self.lock:
+            return self._recording_formats.get(self.task_to_job.get(task_id, ""), "wav")
+
+    def _hold_transcript_locked(self, job: dict, now: float | None = None) -> None:
+        """A job with a late transcript that has just turned Succeeded: its latest attempt ends
+        now and shows no Conversation until its delay has passed."""
+        late = self._late_transcripts.get(str(job.get("JobId")))
+        if late is None or late["due"] is not None or job.get("Status") != "Succeeded":
+            return
+        attempt = last_task(job)
+        if attempt is None:
+            return
+        now = time.time() if now is None else now
+        duration = attempt.get("Duration") if isinstance(attempt.get("Duration"), int) else 0
+        if isinstance(attempt.get("ActualTime"), int):
+            shift = int(now * 1000) - duration * 1000 - attempt["ActualTime"]
+            for key in ("PlanedTime", "ActualTime", "EndTime"):
+                if isinstance(attempt.get(key), int):
+                    attempt[key] += shift
+            for entry in attempt.get("Conversation") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("Timestamp"), int):
+                    entry["Timestamp"] += shift
+        late["held"], attempt["Conversation"] = attempt.get("Conversation"), []
+        late["due"] = now + late["after"]
+
+    def release_late_transcripts(self, job_ids: list[str] | None = None, *, now: float | None = None) -> int:
+        """Puts back the held transcripts whose delay has passed (with `job_ids`: those jobs' at
+        once, whatever their delay); returns how many. The API modules call it before answering."""
+        with self.lock:
+            now = time.time() if now is None else now
+            released = 0
+            for job_id, late in list(self._late_transcripts.items()):
+                if late["due"] is None or (job_ids is None and late["due"] > now):
+                    continue
+                if job_ids is not None and job_id not in job_ids:
+                    continue
+                attempt = last_task(self.jobs[job_id])
+                if attempt is not None:
+                    attempt["Conversation"] = late["held"]
+                del self._late_transcripts[job_id]
+                released += 1
+            return released
 
     def get_job(self, job_id: str) -> dict | None:
         with self.lock:
@@ -230,6 +294,7 @@ class SimulatorState:
             job.update(Status=plan["Status"], FailureReason=plan.get("FailureReason", ""),
                        Tasks=copy.deepcopy(plan.get("Tasks", [])),
                        Summary=copy.deepcopy(plan.get("Summary", [])))
+            self._hold_transcript_locked(job)
         else:
             return 0
         self._index_tasks(job)
@@ -275,6 +340,7 @@ class SimulatorState:
                 job["FailureReason"] = failure_reason
             if tasks is not None:
                 job["Tasks"] = copy.deepcopy(tasks)
+            self._hold_transcript_locked(job)
             if conversation is not None:
                 last = last_task(job)
                 if last is None:
@@ -362,6 +428,8 @@ class SimulatorState:
             self.group_jobs.clear()
             self.jobs.clear()
             self._plans.clear()
+            self._recording_formats.clear()
+            self._late_transcripts.clear()
             self.task_to_job.clear()
             self._faults.clear()
             self.outboundbot_latency_ms = self.dashscope_latency_ms = 0.0

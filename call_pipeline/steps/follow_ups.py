@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from call_pipeline.clients.dashscope_llm import LlmClient, LlmError
 from call_pipeline.crm import repository as repo
+from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.domain.followups import (
     FollowUp,
@@ -22,6 +23,7 @@ from call_pipeline.domain.followups import (
     parse_llm_answer,
     plan_follow_up,
 )
+from call_pipeline.settings import SETTINGS
 from call_pipeline.steps._concurrent import call_and_write
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
                      logger: logging.Logger) -> FollowUp | None:
     """One lead's follow-up: the LLM's, the basic one, or the AI fallback; None when the lead
     has none yet (no terminal status)."""
-    plan = plan_follow_up(lead.call_status, lead.call_conversation)
+    plan = plan_follow_up(lead.call_status, lead.call_conversation, call_ended=lead.call_ended, now=now,
+                          grace_seconds=SETTINGS.transcript_grace_seconds)
     if plan == "skip":
         return None
     if plan == "basic":
@@ -71,8 +74,10 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
     is written lead by lead, so that only the lead at fault fails."""
     logger = logger or log
     report = StepReport()
+    ensure_pipeline_tables(engine)
     with engine.connect() as conn:
-        leads = repo.fetch_leads_needing_follow_up(conn, task_id, job_ids)
+        leads = repo.fetch_leads_needing_follow_up(conn, task_id, job_ids, now=clock(),
+                                                   transcript_grace_seconds=SETTINGS.transcript_grace_seconds)
 
     def decide(lead: repo.LeadForFollowUp) -> _Decided:
         try:

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 
 from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.crm import repository as repo
-from call_pipeline.domain.counts import StepCounts
+from call_pipeline.domain.counts import MASKED_PHONE_EXAMPLES, StepCounts
 from call_pipeline.domain.matching import legacy_leads_ids, match_jobs_to_leads, parse_jobs_page
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.batch import PageBatch, PageRequest
@@ -59,7 +59,9 @@ def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: Page
     counts = StepCounts(jobs_listed=len(job_ids), already_matched=len(result.already_matched_job_ids),
                         unmatched_jobs=len(result.unmatched_job_ids),
                         lost_to_concurrent_run=len(result.matches) - written,
-                        batches=1, pages=request.page_count)
+                        batches=1, pages=request.page_count,
+                        masked_phone_jobs=len(result.masked_phone_job_ids),
+                        masked_phone_examples=tuple(result.masked_phone_job_ids[:MASKED_PHONE_EXAMPLES]))
     counts.matched_by.update(match.strategy for match in result.matches)
     if counts.lost_to_concurrent_run:
         logger.warning("task %s %s: %d lead(s) got a job from another run meanwhile; their jobs "

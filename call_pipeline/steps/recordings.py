@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 
 from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError
-from call_pipeline.clients.recording_store import ArchiveError, RecordingArchive, recording_key
+from call_pipeline.clients.recording_store import ArchiveError, RecordingArchive, recording_stem
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps._concurrent import call_and_write
@@ -55,9 +55,10 @@ def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job
                 return _Download(lead, url=client.download_recording(lead.call_task_id))
             except OutboundBotError as exc:
                 return _Download(lead, error=exc)
-        key = recording_key(task_id, lead.call_task_id)
+        stem = recording_stem(task_id, lead.call_task_id)
         try:
-            if archive.archived(key):
+            key = archive.archived_key(stem)
+            if key is not None:
                 return _Download(lead, url=archive.crm_url(key), already_archived=True)
         except Exception as exc:  # the store unreachable: this lead fails, the next run retries it
             return _Download(lead, error=ArchiveError(f"the archive could not be read: {type(exc).__name__}: {exc}"))
@@ -68,7 +69,7 @@ def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job
             except OutboundBotError as exc:
                 return _Download(lead, error=exc)
             try:
-                url, size = archive.archive(signed_url, key)
+                url, size = archive.archive(signed_url, stem)
                 return _Download(lead, url=url, archived_bytes=size, renewed=renewed)
             except ArchiveError as exc:
                 if exc.expired and attempt == 1:

@@ -11,12 +11,14 @@ from call_pipeline.clients.recording_store import (
     ArchiveError,
     FileStore,
     RecordingArchive,
+    audio_format,
     is_audio,
     open_store,
     recording_key,
+    recording_stem,
     url_expired,
 )
-from call_pipeline.simulator.outboundbot import wav_bytes
+from call_pipeline.simulator.outboundbot import mp3_bytes, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
@@ -29,6 +31,10 @@ def test_audio_headers():
     assert is_audio(b"\xff\xfb\x90\x00" + b"\x00" * 8)
     assert not is_audio(b"<?xml version")
     assert not is_audio(b"")
+    assert audio_format(wav_bytes("t")[:12]) == "wav"
+    assert audio_format(mp3_bytes("t")[:12]) == "mp3"
+    assert audio_format(b"\xff\xfb\x90\x64" + b"\x00" * 8) == "mp3"
+    assert audio_format(b"RIFF\x00\x00\x00\x00AVI ") is None
 
 
 def test_expiry_of_signed_urls():
@@ -39,33 +45,43 @@ def test_expiry_of_signed_urls():
 
 def test_keys_are_task_then_call_task():
     assert recording_key(42, "task-1") == "42/task-1.wav"
+    assert recording_key(42, "task-1", "mp3") == "42/task-1.mp3"
     assert recording_key(42, "../etc/passwd") == "42/.._etc_passwd.wav"
+    assert recording_stem(42, "../etc/passwd") == "42/.._etc_passwd"
 
 
 def _signed_url(simulator, job_of_task: str = "t-1") -> str:
     return f"{simulator.url}/__recordings/{job_of_task}.wav?Expires=9999999999&Signature=x"
 
 
+@pytest.mark.parametrize("audio", ["wav", "mp3"])
 @pytest.mark.parametrize("kind", ["file", "s3"])
-def test_archive_stores_the_recording_and_gives_the_crm_url(kind, tmp_path, s3, simulator_with_recording):
+def test_archive_stores_the_recording_and_gives_the_crm_url(kind, audio, tmp_path, s3, simulator_with_recording):
     simulator, task_id = simulator_with_recording
+    if audio == "mp3":
+        simulator.state._recording_formats[simulator.state.task_to_job[task_id]] = "mp3"
+    content = {"wav": wav_bytes, "mp3": mp3_bytes}[audio](task_id)
     if kind == "file":
-        store, expected_url = FileStore(tmp_path), (tmp_path / "7" / f"{task_id}.wav").as_uri()
+        store, expected_url = FileStore(tmp_path), (tmp_path / "7" / f"{task_id}.{audio}").as_uri()
     else:
         bucket = s3.new_bucket()
         store = open_store(f"s3://{bucket}/calls", s3.endpoint)
-        expected_url = f"s3://{bucket}/calls/7/{task_id}.wav"
+        expected_url = f"s3://{bucket}/calls/7/{task_id}.{audio}"
     archive = RecordingArchive(store)
-    key = recording_key(7, task_id)
-    assert not archive.archived(key)
-    url, size = archive.archive(_signed_url(simulator, task_id), key)
-    assert url == expected_url and size == len(wav_bytes(task_id))
-    assert archive.archived(key)
+    stem, key = recording_stem(7, task_id), recording_key(7, task_id, audio)
+    assert archive.archived_key(stem) is None
+    # the signed URL says .wav; the file's own bytes decide the extension
+    url, size = archive.archive(_signed_url(simulator, task_id), stem)
+    assert url == expected_url and size == len(content)
+    assert archive.archived_key(stem) == key and archive.archived(key)
+    assert not archive.archived(recording_key(7, task_id, {"wav": "mp3", "mp3": "wav"}[audio]))
     if kind == "file":
         stored = (tmp_path / key).read_bytes()
     else:
-        stored = s3.client().get_object(Bucket=bucket, Key=f"calls/{key}")["Body"].read()
-    assert stored == wav_bytes(task_id)
+        stored = s3.client().get_object(Bucket=bucket, Key=f"calls/{key}")
+        assert stored["ContentType"] == {"wav": "audio/wav", "mp3": "audio/mpeg"}[audio]
+        stored = stored["Body"].read()
+    assert stored == content
     public = RecordingArchive(store, public_base_url="https://rec.example.com/r/")
     assert public.crm_url(key) == f"https://rec.example.com/r/{key}"
 
@@ -74,10 +90,10 @@ def test_an_error_page_is_not_archived(tmp_path, simulator_with_recording):
     simulator, _ = simulator_with_recording
     archive = RecordingArchive(FileStore(tmp_path))
     with pytest.raises(ArchiveError, match="HTTP 404"):
-        archive.archive(_signed_url(simulator, "no-such-task"), "7/x.wav")
+        archive.archive(_signed_url(simulator, "no-such-task"), "7/x")
     expired = f"{simulator.url}/__recordings/t.wav?Expires=1&Signature=x"
     with pytest.raises(ArchiveError) as info:
-        archive.archive(expired, "7/x.wav")
+        archive.archive(expired, "7/x")
     assert info.value.expired
     assert not list(tmp_path.rglob("*.wav"))
 
@@ -86,7 +102,7 @@ def test_a_recording_over_the_cap_is_refused_and_leaves_nothing(tmp_path, simula
     simulator, task_id = simulator_with_recording
     archive = RecordingArchive(FileStore(tmp_path), max_bytes=100)
     with pytest.raises(ArchiveError, match="larger than the cap"):
-        archive.archive(_signed_url(simulator, task_id), "7/x.wav")
+        archive.archive(_signed_url(simulator, task_id), "7/x")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 

@@ -9,7 +9,9 @@ from call_pipeline.domain.call_results import (
     TERMINAL_JOB_STATUSES,
     CallResult,
     ListJobsParse,
+    call_ended_at,
     epoch_to_crm_datetime,
+    latest_attempt,
     parse_list_jobs_body,
     parse_list_jobs_job,
 )
@@ -98,7 +100,7 @@ def test_epoch_garbage_is_none(value):
 # --- one job -------------------------------------------------------------------------------------
 
 
-def test_parse_served_job_uses_the_last_task():
+def test_parse_served_job_uses_the_latest_task():
     result = parse_list_jobs_job(served_job(), TZ)
     assert result == CallResult(
         job_id="job-1",
@@ -108,6 +110,7 @@ def test_parse_served_job_uses_the_last_task():
         call_task_id="task-1",
         calling_number="057100000001",
         problems=(),
+        call_ended=datetime(2023, 11, 15, 6, 13, 25),
     )
     assert "您好" in result.call_conversation  # UTF-8 text, not \\u escapes
     assert json.loads(result.call_conversation) == CONVERSATION
@@ -129,10 +132,75 @@ def test_job_with_no_tasks():
         assert "job has no call attempts" in result.problems
 
 
-def test_last_task_not_an_object():
+def test_an_attempt_that_is_not_an_object_is_left_out():
     result = parse_list_jobs_job(served_job(Tasks=[{"TaskId": "t"}, "junk"]), TZ)
-    assert result.call_task_id is None
-    assert any("not an object" in p for p in result.problems)
+    assert result.call_task_id == "t"
+    assert any("call attempt #2 is a str, not an object" in p for p in result.problems)
+    only_junk = parse_list_jobs_job(served_job(Tasks=["junk", 5]), TZ)
+    assert only_junk.call_task_id is None
+    assert any("no call attempt that is an object" in p for p in only_junk.problems)
+
+
+# --- the latest call attempt (the API promises no order) ---------------------------------------
+
+
+def attempt(task_id, actual=None, planed=None, **extra):
+    task = {"TaskId": task_id, "Status": "NoAnswer", "Conversation": [], **extra}
+    if actual is not None:
+        task["ActualTime"] = actual
+    if planed is not None:
+        task["PlanedTime"] = planed
+    return task
+
+
+def test_the_latest_actual_time_wins_whatever_the_order():
+    answered = attempt("answered", 1700000600000, 1700000590000, Status="SucceededFinish",
+                       Conversation=CONVERSATION)
+    earlier = attempt("earlier", 1700000005000, 1700000000000)
+    for tasks in ([answered, earlier], [earlier, answered]):
+        result = parse_list_jobs_job(served_job(Tasks=tasks), TZ)
+        assert result.call_task_id == "answered"
+        assert json.loads(result.call_conversation) == CONVERSATION
+    assert latest_attempt([answered, earlier]) == (0, [])
+    assert latest_attempt([earlier, answered]) == (1, [])
+
+
+def test_planed_time_decides_between_equal_or_missing_actual_times():
+    assert latest_attempt([attempt("b", 1700000005000, 1700000003000), attempt("a", 1700000005000, 1700000001000)]
+                          ) == (0, [])
+    assert latest_attempt([attempt("b", None, 1700000900000), attempt("a", None, 1700000100000)]) == (0, [])
+    # an attempt with an ActualTime is later than one without, whatever its PlanedTime
+    assert latest_attempt([attempt("done", 1700000005000), attempt("planned", None, 1700009000000)]) == (0, [])
+    # zero is no time
+    assert latest_attempt([attempt("done", 1700000005000), attempt("zero", 0, 0)]) == (0, [])
+
+
+def test_no_times_at_all_keeps_the_last_in_the_list():
+    assert latest_attempt([attempt("a"), attempt("b"), attempt("c")]) == (2, [])
+    assert latest_attempt([attempt("a", "garbage"), attempt("b", 0)]) == (1, [])
+
+
+def test_seconds_and_milliseconds_compare_as_the_same_moments():
+    in_seconds = attempt("later", 1700000600)  # seconds (§7), ten minutes after the other
+    in_ms = attempt("earlier", 1700000005000)
+    assert latest_attempt([in_seconds, in_ms]) == (0, [])
+    assert latest_attempt([in_ms, in_seconds]) == (1, [])
+
+
+def test_no_attempts():
+    assert latest_attempt([]) == (None, ["job has no call attempts"])
+    assert latest_attempt(None) == (None, ["job has no call attempts"])
+
+
+def test_when_the_call_ended():
+    zone = ZoneInfo(TZ)
+    start = datetime(2023, 11, 15, 6, 13, 25)
+    assert call_ended_at({"ActualTime": 1700000005000, "Duration": 35}, zone) == datetime(2023, 11, 15, 6, 14, 0)
+    assert call_ended_at({"ActualTime": 1700000005, "Duration": "35"}, zone) == datetime(2023, 11, 15, 6, 14, 0)
+    for duration in (None, 0, -3, "x", 10**9):
+        assert call_ended_at({"ActualTime": 1700000005000, "Duration": duration}, zone) == start
+    assert call_ended_at({"ActualTime": 0, "PlanedTime": 1700000000000}, zone) == datetime(2023, 11, 15, 6, 13, 20)
+    assert call_ended_at({}, zone) is None
 
 
 def test_status_falls_back_to_the_last_task():
@@ -140,7 +208,7 @@ def test_status_falls_back_to_the_last_task():
     job["Tasks"][-1]["Status"] = "Executing"
     result = parse_list_jobs_job(job, TZ)
     assert result.call_status == "Executing"
-    assert any("last call attempt" in p for p in result.problems)
+    assert any("latest call attempt" in p for p in result.problems)
 
 
 def test_no_status_at_all():

@@ -267,3 +267,28 @@ def test_invalid_answer_is_a_value_error():
 
 def test_extra_keys_are_ignored():
     assert parse_llm_answer(answer(confidence=0.9), NOW).is_interested == 1
+
+
+# ---- a transcript that comes late -------------------------------------------------------------
+
+
+def test_a_succeeded_call_without_transcript_waits_for_the_grace():
+    from datetime import timedelta
+
+    from call_pipeline.domain.followups import transcript_pending
+
+    ended = datetime(2026, 11, 28, 10, 0, 0)
+    transcript = json.dumps([{"Speaker": "Contact", "Script": "你好"}], ensure_ascii=False)
+    within, after = ended + timedelta(seconds=299), ended + timedelta(seconds=300)
+    assert transcript_pending("Succeeded", None, ended, within, 300)
+    assert transcript_pending("Succeeded", "", ended, within, 300)
+    assert not transcript_pending("Succeeded", None, ended, after, 300)  # the grace is over: the basic record
+    assert not transcript_pending("Succeeded", transcript, ended, within, 300)  # it came: the LLM
+    assert not transcript_pending("Failed", None, ended, within, 300)  # only Succeeded calls have one to wait for
+    assert not transcript_pending("Succeeded", None, None, within, 300)  # no known end: nothing to wait for
+    assert not transcript_pending("Succeeded", None, ended, within, 0)  # no grace
+    assert plan_follow_up("Succeeded", None, call_ended=ended, now=within, grace_seconds=300) == "skip"
+    assert plan_follow_up("Succeeded", None, call_ended=ended, now=after, grace_seconds=300) == "basic"
+    assert plan_follow_up("Succeeded", transcript, call_ended=ended, now=within, grace_seconds=300) == "llm"
+    assert plan_follow_up("Failed", None, call_ended=ended, now=within, grace_seconds=300) == "basic"
+    assert plan_follow_up("Succeeded", None) == "basic"

@@ -395,3 +395,25 @@ def test_ten_thousand_leads_against_a_page_of_one_hundred_jobs():
     assert sum(counts.values()) == len(jobs)
     assert len({m.job_id for m in result.matches}) == len(result.matches)
     assert len({m.lead_row_id for m in result.matches}) == len(result.matches)
+
+
+def test_a_masked_phone_matches_nobody_never_as_its_digits():
+    leads = frame(
+        lead(1, phone="1388888"),  # the masked number's digits
+        lead(2, phone="138****8888"),  # a masked number in the CRM too
+        lead(3, phone="13800008888"),
+    )
+    jobs = [job("j-masked", phones=["138****8888"]), job("j-plain", phones=["13800008888"]),
+            job("j-masked-ref", refs=[], phones=["+86 139＊＊＊＊0000"])]
+    result = match_jobs_to_leads(jobs, leads, TASK)
+    assert pairs(result) == [(3, "j-plain", "phone")]
+    assert result.unmatched_job_ids == ["j-masked", "j-masked-ref"]
+    assert result.masked_phone_job_ids == ["j-masked", "j-masked-ref"]
+
+
+def test_a_masked_phone_beside_a_reference_or_a_real_phone_is_not_reported():
+    leads = frame(lead(1, reference_id="r1"), lead(2, phone="13700000002"))
+    jobs = [job("j1", refs=["r1"], phones=["138****8888"]), job("j2", phones=["137****0002", "13700000002"])]
+    result = match_jobs_to_leads(jobs, leads, TASK)
+    assert pairs(result) == [(1, "j1", "reference_id"), (2, "j2", "phone")]
+    assert result.masked_phone_job_ids == []

@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from call_pipeline.domain.phones import mask_phone, normalize_phone
+from call_pipeline.domain.phones import is_masked_phone, mask_phone, normalize_phone, phone_key
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,16 @@ def test_mask_phone(raw, expected):
 
 def test_mask_phone_never_shows_the_middle_digits():
     assert "0000" not in mask_phone("13800000001")[3:7]
+
+
+@pytest.mark.parametrize("raw", ["138****8888", "138＊＊＊＊8888", "+86 138****8888", "138xxxx8888", "138XXXX8888",
+                                 "138####8888", "138••••8888", "****8888"])
+def test_masked_numbers_have_no_matching_key(raw):
+    assert is_masked_phone(raw)
+    assert phone_key(raw) is None
+
+
+@pytest.mark.parametrize("raw", ["13800008888", "+86 138-0000-8888", "0571-8888 8888", "", None, "  "])
+def test_plain_numbers_are_not_masked(raw):
+    assert not is_masked_phone(raw)
+    assert phone_key(raw) == normalize_phone(raw)

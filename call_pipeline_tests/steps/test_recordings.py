@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from call_pipeline.clients.recording_store import recording_key
-from call_pipeline.simulator.outboundbot import wav_bytes
+from call_pipeline.simulator.outboundbot import mp3_bytes, wav_bytes
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 
@@ -117,3 +117,36 @@ def test_an_archive_that_fails_leaves_the_url_empty_and_the_next_run_archives_it
     assert all(lead["recording_url"] == f"s3://{bucket}/{recording_key(task_id, lead['call_task_id'])}"
                for lead in leads)
     assert snapshot(mariadb_url, task_id).task_type == 4
+
+
+def test_each_recording_is_kept_with_the_extension_of_its_format(mariadb_url, simulator, instance, tmp_path):
+    task_id = create_task(mariadb_url, job_group_id="jg-rec-mp3", leads=[])
+    leads = [{"leads_id": i, "leads_phone": f"1360000{i:04d}", "reference_id": new_reference(task_id, i)}
+             for i in range(1, 9)]
+    from call_pipeline_tests.test_sync_job import create_task_leads
+
+    create_task_leads(mariadb_url, task_id, leads)
+    mp3_leads = {2, 3, 5, 8}
+    group = build_job_group("jg-rec-mp3", leads, task_id=task_id, seed=3, status_mix={"Succeeded": 1.0},
+                            special_cases={i: "recording:mp3" for i in mp3_leads})
+    simulator.state.add_job_group(group)
+    store = tmp_path / "archive"
+    # one MP3 recording is in the archive already (a run that stored it and died before the CRM
+    # write): it is not fetched again, and DownloadRecording is not called for it
+    done = next(j for j in group["jobs"] if j["_sim"]["leads_id"] == 5)["Tasks"][-1]["TaskId"]
+    (store / recording_key(task_id, done, "mp3")).parent.mkdir(parents=True)
+    (store / recording_key(task_id, done, "mp3")).write_bytes(mp3_bytes(done))
+
+    result = run_sync(mariadb_url, simulator, task_id, instance, recording_store=store.as_uri(),
+                      recording_public_base_url=PUBLIC)
+    assert result.success
+    crm = snapshot(mariadb_url, task_id)
+    for leads_id, lead in crm.leads.items():
+        audio = "mp3" if leads_id in mp3_leads else "wav"
+        key = recording_key(task_id, lead["call_task_id"], audio)
+        assert lead["recording_url"] == f"{PUBLIC}/{key}"
+        assert (store / key).read_bytes() == {"mp3": mp3_bytes, "wav": wav_bytes}[audio](lead["call_task_id"])
+        assert not (store / recording_key(task_id, lead["call_task_id"], {"mp3": "wav", "wav": "mp3"}[audio])).exists()
+    stats = simulator.state.stats()
+    assert stats["requests"]["DownloadRecording"] == len(leads) - 1
+    assert stats["recording_downloads"] == len(leads) - 1
