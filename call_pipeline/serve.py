@@ -108,6 +108,20 @@ def read_instance_config(home: Path) -> dict[str, Any]:
     return config
 
 
+def open_instance_storage(home: Path) -> None:
+    """Opens the instance once before its processes start: a new instance's storage (SQLite files,
+    or MySQL tables) is created here, not by the daemon and the webserver at the same moment (their
+    schema migrations race, and one of them dies)."""
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    try:
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))):
+            pass
+    except Exception as exc:
+        raise ServeError(f"cannot open the Dagster instance of {home / 'dagster.yaml'}: {exc}") from exc
+
+
 def _string_source(value: Any, env: Mapping[str, str], what: str) -> str:
     """A Dagster StringSource: a string, or `{env: NAME}` read from the environment."""
     if isinstance(value, dict) and set(value) == {"env"}:
@@ -313,6 +327,7 @@ def serve(*, ui: bool, host: str, port: int, data_dir: Path, env: Mapping[str, s
     env = dict(os.environ if env is None else env)
     try:
         env, home = serve_environment(env, data_dir)
+        open_instance_storage(home)
         services = [*before, *plan_services(read_instance_config(home), env, ui=ui, host=host, port=port)]
     except (ServeError, ValueError) as exc:
         log(f"error: {exc}")

@@ -136,4 +136,5 @@ class Served:
         assert len(family) > 1, self.cmdlines()
         os.kill(self.process.pid, signum)
         code = self.process.wait(timeout=timeout_s)
-        return code, [proc for proc in family + self.family() if alive(proc)]
+        left = {proc.pid: proc for proc in family + self.family() if alive(proc)}
+        return code, list(left.values())
