@@ -230,7 +230,8 @@ class Supervisor:
                         return 1
                 time.sleep(POLL_S)
         except _StopRequested as stop:
-            log(f"{signal.Signals(stop.signum).name} received; stopping {len(self.started)} processes")
+            log(f"{signal.Signals(stop.signum).name} received; stopping "
+                + ", ".join(service.name for service, _process in self.started) + " and what they started")
             return 0
         except ServeError as exc:
             log(f"error: {exc}; stopping the others")
@@ -277,23 +278,28 @@ class Supervisor:
         groups = {process.pid for _service, process in self.started}
         if not groups:
             return
+        # the tree as it is now: a process whose parent ends first is still found, in or out of its group
+        tree = self.processes()
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGTERM)
-        for proc in self.processes():
+        for proc in tree:
             with contextlib.suppress(psutil.Error, OSError):
                 if os.getpgid(proc.pid) not in groups:
                     proc.terminate()
-        deadline = time.monotonic() + self.stop_timeout_s
+        began = time.monotonic()
         while True:
             for _service, process in self.started:
                 process.poll()  # reap the direct children as they end
-            left = self.processes()
-            if not left or time.monotonic() >= deadline:
+            left = list({proc.pid: proc for proc in [*tree, *self.processes()] if _alive(proc)}.values())
+            # (re-read each time: a second Ctrl-C sets the timeout to 0)
+            if not left or time.monotonic() - began >= self.stop_timeout_s:
                 break
             time.sleep(0.2)
-        if left:
-            log(f"still running {self.stop_timeout_s:.0f}s after SIGTERM, killed: "
+        if not left:
+            log(f"every process stopped, {time.monotonic() - began:.1f}s after SIGTERM")
+        else:
+            log(f"still running {time.monotonic() - began:.0f}s after SIGTERM, killed: "
                 + "; ".join(_describe(proc) for proc in left))
             for pgid in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -4,6 +4,7 @@ simulator, that a signal stops every process of its tree and that one process dy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -227,3 +229,36 @@ def test_serve_refuses_a_dagster_home_without_dagster_yaml(tmp_path):
 def test_the_packaged_instance_is_the_projects(tmp_path):
     assert packaged_instance_yaml() == (PROJECT_ROOT / "dagster.yaml").read_text(encoding="utf-8")
     assert Path(PROJECT_ROOT / "call_pipeline" / "dagster.yaml").resolve() == (PROJECT_ROOT / "dagster.yaml")
+
+
+# -- the supervisor's stop, on small processes ---------------------------------------------------
+
+STUBBORN = """
+import subprocess, sys, time
+# it ends on SIGTERM; of its children, one ignores SIGTERM, and one left the process group
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(600)"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stop_kills_what_ignores_sigterm_and_what_left_the_group(tmp_path, capsys):
+    from call_pipeline.serve import Service, Supervisor
+    from call_pipeline_tests.serve_harness import alive
+
+    supervisor = Supervisor([], os.environ, cwd=tmp_path, stop_timeout_s=1.0)
+    supervisor._start(Service("stubborn", (sys.executable, "-c", STUBBORN)))
+    wait_until(lambda: len(supervisor.processes()) == 3, 30, "the process and its two children")
+    tree = supervisor.processes()
+    try:
+        supervisor.stop()
+        left = [describe(proc) for proc in tree if alive(proc)]
+        assert not left, left
+    finally:
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    err = capsys.readouterr().err
+    assert "still running 1s after SIGTERM, killed:" in err
