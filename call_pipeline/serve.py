@@ -23,13 +23,14 @@ machine (a daemon without webserver, runs without their worker) is not left runn
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -171,10 +172,34 @@ class _StopRequested(Exception):
         self.signum = signum
 
 
-def _restore_sigint() -> None:
-    # A shell that starts serve in the background has SIGINT ignored, and a child would inherit
-    # that (Python then installs no KeyboardInterrupt): each child gets the default back.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """Runs in each child between fork and exec."""
+
+    def setup() -> None:
+        # A shell that starts serve in the background has SIGINT ignored, and a child would inherit
+        # that (Python then installs no KeyboardInterrupt): each child gets the default back.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # serve killed outright (SIGKILL, the OOM killer) cannot stop its children: the kernel
+        # sends them SIGTERM then (Linux), so that they stop their own processes as on a stop.
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # serve died before the line above
+                os._exit(1)
+
+    return setup
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -215,8 +240,11 @@ class Supervisor:
     def run(self) -> int:
         """Runs until a signal (exit 0) or until a process ends on its own (exit 1)."""
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        # SIGINT and SIGHUP (its terminal closed) stop it too, unless its starter chose to ignore
+        # them (`&`, nohup)
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, self._on_signal)
         try:
             for service in self.services:
                 self._start(service)
@@ -244,7 +272,7 @@ class Supervisor:
 
     def _start(self, service: Service) -> None:
         process = subprocess.Popen(list(service.command), env=self.env, cwd=self.cwd, start_new_session=True,
-                                   preexec_fn=_restore_sigint)
+                                   preexec_fn=_child_setup(os.getpid()))
         self.started.append((service, process))
         if service.port is not None:
             self._wait_for_port(service, process)

@@ -27,7 +27,7 @@ from call_pipeline.serve import (
     plan_services,
     resolve_home,
 )
-from call_pipeline_tests.serve_harness import Served, describe, free_port, wait_until
+from call_pipeline_tests.serve_harness import Served, alive, describe, free_port, wait_until
 
 READY = re.compile(r"\b(steps|runs)@\S+ ready\.")
 CELERY_LAUNCHER = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
@@ -246,7 +246,6 @@ time.sleep(600)
 
 def test_stop_kills_what_ignores_sigterm_and_what_left_the_group(tmp_path, capsys):
     from call_pipeline.serve import Service, Supervisor
-    from call_pipeline_tests.serve_harness import alive
 
     supervisor = Supervisor([], os.environ, cwd=tmp_path, stop_timeout_s=1.0)
     supervisor._start(Service("stubborn", (sys.executable, "-c", STUBBORN)))
@@ -262,3 +261,54 @@ def test_stop_kills_what_ignores_sigterm_and_what_left_the_group(tmp_path, capsy
                 proc.kill()
     err = capsys.readouterr().err
     assert "still running 1s after SIGTERM, killed:" in err
+
+
+SUPERVISED = """
+import os, sys
+from call_pipeline.serve import Service, Supervisor
+sleeper = (sys.executable, "-c", "import time; time.sleep(600)")
+services = [Service("sleeper", sleeper), Service("second", (sys.executable, "-c", sys.argv[1]))]
+sys.exit(Supervisor(services, os.environ, stop_timeout_s=10).run())
+"""
+SLEEP = "import time; time.sleep(600)"
+
+
+def _supervised(tmp_path, second: str) -> Served:
+    return Served([sys.executable, "-c", SUPERVISED, second], os.environ, tmp_path, tmp_path / "no-home")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_the_supervisor_stops_its_processes_on_each_stop_signal(tmp_path, signum):
+    with _supervised(tmp_path, SLEEP) as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        code, left = served.stop(signum)
+        _assert_all_gone(served, code, left)
+        assert f"{signum.name} received; stopping sleeper, second and what they started" in served.log()
+
+
+def test_the_supervisor_stops_the_others_and_fails_when_one_ends(tmp_path):
+    with _supervised(tmp_path, "import time; time.sleep(2); raise SystemExit(3)") as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        family = served.family()
+        assert served.process is not None
+        code = served.process.wait(timeout=60)
+        left = [describe(proc) for proc in family if alive(proc)]
+        assert not left and code == 1, (left, served.log())
+        assert "second (pid " in served.log() and "exited with code 3; stopping the others" in served.log()
+
+
+def test_the_processes_of_a_killed_supervisor_are_told_to_stop(tmp_path):
+    """serve itself SIGKILLed cannot stop anything: the kernel sends its children SIGTERM."""
+    with _supervised(tmp_path, SLEEP) as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        children = served.family()[1:]
+        assert served.process is not None
+        served.process.kill()
+        served.process.wait(timeout=10)
+        try:
+            _gone, left = psutil.wait_procs(children, timeout=10)
+            assert not [describe(proc) for proc in left if alive(proc)]
+        finally:
+            for proc in children:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
