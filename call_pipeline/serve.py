@@ -13,7 +13,7 @@ unset, a home folder under the current one holding the packaged copy of the proj
 Each process starts in a session (and process group) of its own, so that a terminal's Ctrl-C
 reaches `serve` alone and `serve` stops each whole group: the code servers the daemon and the
 webserver start, the run processes those start, the forkservers of the runs' step processes, the
-Celery pool processes. SIGTERM or SIGINT stops them all: SIGTERM to each group (Dagster's
+Celery pool processes. SIGTERM, SIGINT or SIGHUP stops them all: SIGTERM to each group (Dagster's
 processes take it as an interrupt, Celery's worker as a warm shutdown), a wait, then SIGKILL to
 whatever is left, found through the process groups and the process tree with psutil. When one of
 the processes ends on its own, the others are stopped too and `serve` exits non-zero: a half
@@ -45,7 +45,6 @@ WORKSPACE_ARGS = ("-m", "call_pipeline.definitions", "-a", "defs")
 CELERY_RUN_LAUNCHER = "CeleryRunLauncher"
 # The queue deploy/dagster.yaml's CeleryRunLauncher sends runs to (its `default_queue`).
 RUNS_QUEUE = "runs"
-DEFAULT_DATA_DIR = Path("data")
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.5
 
@@ -229,13 +228,19 @@ class Supervisor:
         self.cwd = cwd
         self.stop_timeout_s = stop_timeout_s
         self.started: list[tuple[Service, subprocess.Popen]] = []
-        self._stopping = False
+        self._signal: int | None = None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if not self._stopping:
-            raise _StopRequested(signum)
-        # a second Ctrl-C while stopping: no more waiting
-        self.stop_timeout_s = 0.0
+        # Only noted here, and acted on between steps: raising from the handler could come between
+        # starting a process and recording it, and that process would then never be stopped.
+        if self._signal is None:
+            self._signal = signum
+        else:  # a second Ctrl-C: no more waiting
+            self.stop_timeout_s = 0.0
+
+    def _check_signal(self) -> None:
+        if self._signal is not None:
+            raise _StopRequested(self._signal)
 
     def run(self) -> int:
         """Runs until a signal (exit 0) or until a process ends on its own (exit 1)."""
@@ -247,10 +252,12 @@ class Supervisor:
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             for service in self.services:
+                self._check_signal()
                 self._start(service)
             log("started " + ", ".join(f"{s.name} (pid {p.pid})" for s, p in self.started)
                 + "; SIGTERM or Ctrl-C stops them all")
             while True:
+                self._check_signal()
                 for service, process in self.started:
                     code = process.poll()
                     if code is not None:
@@ -265,7 +272,6 @@ class Supervisor:
             log(f"error: {exc}; stopping the others")
             return 1
         finally:
-            self._stopping = True
             self.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -280,6 +286,7 @@ class Supervisor:
     def _wait_for_port(self, service: Service, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
+            self._check_signal()
             if process.poll() is not None:
                 raise ServeError(f"{service.name} exited with code {process.returncode} before it listened "
                                  f"on port {service.port}")
