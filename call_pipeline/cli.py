@@ -72,8 +72,7 @@ def _ui(args: argparse.Namespace) -> int:
     })
     simulator = Service("simulator", (sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
                                       "--port", str(sim_port), "--scenario", str(scenario_file)), port=sim_port)
-    print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}, data in {ui_dir}); "
-          "Ctrl-C stops everything.", flush=True)
+    print(f"The demo: simulator on 127.0.0.1:{sim_port}, CRM and Dagster home in {ui_dir}", flush=True)
     return serve(ui=True, host="127.0.0.1", port=args.port, data_dir=ui_dir, env=env, before=[simulator])
 
 

@@ -330,7 +330,7 @@ class Supervisor:
             # (re-read each time: a second Ctrl-C sets the timeout to 0)
             if not left or time.monotonic() - began >= self.stop_timeout_s:
                 break
-            time.sleep(0.2)
+            time.sleep(POLL_S)  # each look reads the whole process table
         if not left:
             log(f"every process stopped, {time.monotonic() - began:.1f}s after SIGTERM")
         else:
