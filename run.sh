@@ -3,7 +3,7 @@
 #   ./run.sh demo   - runs sync_call_task end to end on the embedded default (SQLite CRM + simulator)
 #   ./run.sh test   - runs the test suite (needs MariaDB on 127.0.0.1:3306, root, empty password,
 #                     Redis and RabbitMQ; installs Debian's chromium for the browser test if missing)
-#   ./run.sh ui     - starts the simulator and `dagster dev` on the demo CRM (sensor + schedule live)
+#   ./run.sh ui     - starts the simulator and `call-pipeline serve` on the demo CRM (sensors + schedule live)
 #   ./run.sh bench  - the performance benchmark (see README)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,19 +1,14 @@
-"""`call-pipeline`: the project's command line (demo, UI, Celery worker, simulator, CRM set-up, benchmark)."""
+"""`call-pipeline`: the project's command line (demo, UI, serve, Celery worker, simulator, CRM set-up, benchmark)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from call_pipeline.clients.proxies import drop_proxy_variables
-from call_pipeline.crm.database import PROJECT_ROOT, CrmTablesExistError, create_crm_engine, create_crm_tables
+from call_pipeline.crm.database import CrmTablesExistError, create_crm_engine, create_crm_tables
 
 
 def _init_db(args: argparse.Namespace) -> int:
@@ -35,24 +30,23 @@ def _init_db(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from call_pipeline.demo import DEMO_DIR, run_demo
+    from call_pipeline.demo import run_demo
 
-    return run_demo(Path(args.data_dir) if args.data_dir else DEMO_DIR)
-
-
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
+    # under the current folder: an installed package has no writable folder of its own
+    return run_demo(Path(args.data_dir) if args.data_dir else Path.cwd() / "data" / "demo")
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """The demo CRM and the simulator, with `dagster dev` on top: the sensor and the schedule run
-    live, and runs, backfills and re-executions can be driven from the UI."""
-    from call_pipeline.demo import UI_DIR, demo_job_groups, seed_demo_crm
+    """The demo CRM and the simulator, with `serve` on top (daemon and webserver): the sensors and
+    the schedule run live, and runs, backfills and re-executions can be driven from the UI."""
+    from call_pipeline.demo import demo_job_groups, seed_demo_crm
+    from call_pipeline.serve import Service, install_instance_yaml, serve
     from call_pipeline.simulator.scenarios import save_scenario_file
 
-    # A folder of its own: `demo` starts from an empty folder each time, and must not take the
-    # UI's CRM, scenario and run history with it.
-    ui_dir = Path(args.data_dir) if args.data_dir else UI_DIR
+    # A folder of its own, under the current one (never inside the installed package): `demo`
+    # starts from an empty folder each time, and must not take the UI's CRM, scenario and run
+    # history with it.
+    ui_dir = (Path(args.data_dir) if args.data_dir else Path.cwd() / "data" / "ui").resolve()
     ui_dir.mkdir(parents=True, exist_ok=True)
     crm_file = ui_dir / "crm.sqlite3"
     scenario_file = ui_dir / "scenario.json"
@@ -61,8 +55,7 @@ def _ui(args: argparse.Namespace) -> int:
         tasks = seed_demo_crm(crm_url)
         save_scenario_file(scenario_file, demo_job_groups(crm_url, tasks))
     home = ui_dir / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    install_instance_yaml(home)
     env = drop_proxy_variables(dict(os.environ))
     sim_port = args.simulator_port
     env.update({
@@ -77,65 +70,31 @@ def _ui(args: argparse.Namespace) -> int:
         "DASHSCOPE_HTTP_BASE_URL": f"http://127.0.0.1:{sim_port}/api/v1",
         "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS": env.get("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", "120"),
     })
-    simulator_cmd = [sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
-                     "--port", str(sim_port), "--scenario", str(scenario_file)]
-    dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-                   "-p", str(args.port), "-h", "127.0.0.1"]
-    # SIGTERM (e.g. from a supervisor) must stop the children too, as Ctrl-C does. Each child runs
-    # in a process group of its own with SIGINT restored (a shell that starts `ui` in the
-    # background has it ignored, and dagster dev would inherit that), so that stopping reaches
-    # the webserver, the daemon and the code server that dagster dev starts.
-    signal.signal(signal.SIGTERM, _interrupt)
-    simulator = _start_group(simulator_cmd, env, PROJECT_ROOT)
-    time.sleep(1.0)
-    print(f"Dagster UI on http://127.0.0.1:{args.port} (simulator on 127.0.0.1:{sim_port}); Ctrl-C stops both.")
-    # from the instance's folder: dagster dev warns about a dagster.yaml in its working folder
-    dagster = _start_group(dagster_cmd, env, home)
-    try:
-        return dagster.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        _stop_groups([dagster, simulator])
+    simulator = Service("simulator", (sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
+                                      "--port", str(sim_port), "--scenario", str(scenario_file)), port=sim_port)
+    print(f"The demo: simulator on 127.0.0.1:{sim_port}, CRM and Dagster home in {ui_dir}", flush=True)
+    return serve(ui=True, host="127.0.0.1", port=args.port, data_dir=ui_dir, env=env, before=[simulator])
 
 
-def _start_group(command: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def _serve(args: argparse.Namespace) -> int:
+    """Everything one machine runs for the sensors, the schedule and the runs (call_pipeline/serve.py)."""
+    from call_pipeline.serve import serve
 
-
-def _stop_groups(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
-    """SIGINT to each child's whole process group, then SIGKILL to what is left after `timeout_s`."""
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        while time.monotonic() < deadline and _group_alive(process.pid):
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return serve(ui=not args.no_ui, host=args.host, port=args.port,
+                 data_dir=Path(args.data_dir) if args.data_dir else Path.cwd() / "data")
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """A Celery worker for the `celery` executor's steps, on the given queues."""
+    """A Celery worker for the `celery` executor's steps, or for the runs of the instance's
+    `CeleryRunLauncher` (the `runs` queue), on the given queues."""
     from call_pipeline.celery_app import QUEUES
+    from call_pipeline.serve import RUNS_QUEUE
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - set(QUEUES))
+    unknown = sorted(set(queues) - {*QUEUES, RUNS_QUEUE})
     if not queues or unknown:
-        print(f"error: --queues takes some of {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
+        print(f"error: --queues takes some of {', '.join((*QUEUES, RUNS_QUEUE))}; got {args.queues!r}",
+              file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "celery", "-A", "call_pipeline.celery_app", "worker",
                "-Q", ",".join(queues), "--loglevel", args.loglevel, "--prefetch-multiplier", "1"]
@@ -177,19 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_init_db)
 
     p = sub.add_parser("demo", help="run sync_call_task end to end on a SQLite CRM and the simulator")
-    p.add_argument("--data-dir", default=None, help="the demo's folder, emptied first (default: data/demo)")
+    p.add_argument("--data-dir", default=None,
+                   help="the demo's folder, emptied first (default: data/demo under the current one)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("ui", help="the demo CRM and simulator under `dagster dev`")
+    p = sub.add_parser("ui", help="the demo CRM and simulator under `serve` (daemon and webserver)")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--simulator-port", type=int, default=8765)
     p.add_argument("--reset", action="store_true", help="recreate the demo CRM")
-    p.add_argument("--data-dir", default=None, help="the UI's folder (default: data/ui)")
+    p.add_argument("--data-dir", default=None, help="the UI's folder (default: data/ui under the current one)")
     p.set_defaults(func=_ui)
+
+    p = sub.add_parser("serve", help="the daemon, the webserver and the Celery workers the instance needs, "
+                                     "on this machine; SIGTERM or Ctrl-C stops them all")
+    p.add_argument("--no-ui", action="store_true", help="no webserver (another machine serves the UI)")
+    p.add_argument("--host", default="127.0.0.1", help="the webserver's address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3000, help="the webserver's port (default: 3000)")
+    p.add_argument("--data-dir", default=None,
+                   help="DAGSTER_HOME unset: the instance is DATA_DIR/dagster_home, with the project's "
+                        "dagster.yaml (default: data under the current folder)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps")
     p.add_argument("--queues", required=True,
-                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue")
+                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue; runs")
     p.add_argument("--concurrency", type=int, default=None, help="worker processes (default: Celery's, the CPUs)")
     p.add_argument("--name", default=None, help="the worker's name (Celery's --hostname, e.g. ai-1@%%h)")
     p.add_argument("--loglevel", default="INFO")

@@ -20,7 +20,6 @@ from call_pipeline.crm.database import DEFAULT_DATA_DIR, create_crm_engine, crea
 from call_pipeline.crm.schema import call_tasks, leads_task_list
 
 DEMO_DIR = DEFAULT_DATA_DIR / "demo"
-UI_DIR = DEFAULT_DATA_DIR / "ui"
 DEMO_CRM_URL = f"sqlite:///{DEMO_DIR / 'crm.sqlite3'}"
 DEMO_ORGANIZATION = 88
 

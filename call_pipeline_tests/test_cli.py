@@ -1,6 +1,7 @@
 """The command line: the simulator as a process that the real SDK pages through, CRM set-up,
 and the definitions loading as `dagster definitions validate` would."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -92,52 +93,32 @@ def test_limits_come_from_the_environment(monkeypatch):
     assert resources["dashscope"].model == "qwen-max" and resources["dashscope"].app_id == "app-123"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_started_in_the_background_stops_every_process_on_sigterm(tmp_path):
-    """As a shell starts it with `&` (SIGINT ignored) and a supervisor stops it (SIGTERM): the
-    webserver, the daemon, the code server and the simulator all end, in their own folder."""
+    """`ui` as a shell starts it with `&` (SIGINT ignored) and a supervisor stops it (SIGTERM), while
+    the sensor's runs are under way: the simulator, the webserver, the daemon, their code servers,
+    the runs' processes and their forkservers all end before `ui` exits, and the demo's data is in
+    the folder it was given."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    import psutil
-    import requests
+    from call_pipeline_tests.serve_harness import Served, describe, free_port, wait_until
 
-    port, sim_port = _free_port(), _free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "call_pipeline.cli", "ui", "--port", str(port), "--simulator-port", str(sim_port),
-         "--data-dir", str(tmp_path / "ui")],
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert ui.poll() is None, "ui exited"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the webserver did not come up"
-            time.sleep(0.5)
-        time.sleep(3)  # the daemon and the code server are up too
-        family = psutil.Process(ui.pid).children(recursive=True)
-        names = " ".join(" ".join(p.cmdline()) for p in family)
-        assert "dagster" in names and "call_pipeline.simulator" in names
-        ui.send_signal(signal.SIGTERM)
-        ui.wait(timeout=60)
-        gone, alive = psutil.wait_procs(family, timeout=30)
-        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
-        assert (tmp_path / "ui" / "crm.sqlite3").exists()
-    finally:
-        if ui.poll() is None:
-            ui.kill()
+    port, sim_port = free_port(), free_port()
+    data_dir = tmp_path / "ui"
+    command = [sys.executable, "-m", "call_pipeline.cli", "ui", "--port", str(port), "--simulator-port",
+               str(sim_port), "--data-dir", str(data_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CALL_PIPELINE_SENSOR_TICK_SECONDS": "5"}
+    with Served(command, env, tmp_path, data_dir / "dagster_home", ignore_sigint=True) as served:
+        served.wait_for_daemon()
+        wait_until(lambda: served.running() and any("forkserver" in line for line in served.cmdlines()), 240,
+                   "a sensor-launched run's forkserver")
+        lines = served.cmdlines()
+        assert any("call_pipeline.simulator" in line for line in lines)
+        assert any("dagster_webserver" in line for line in lines)
+        code, left = served.stop(signal.SIGTERM)
+        assert not left, "still running after ui exited:\n" + "\n".join(describe(p) for p in left)
+        assert code == 0, served.log()[-4000:]
+        assert (data_dir / "crm.sqlite3").exists() and (data_dir / "dagster_home" / "dagster.yaml").exists()
+        for port_ in (port, sim_port):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port_), timeout=1).close()

@@ -1,5 +1,5 @@
 """The operator's view (docs/contract.md, "Task-name tag" to "Alerts") in a real browser:
-`call-pipeline ui` (the demo CRM, the simulator and `dagster dev`) driven by Playwright in
+`call-pipeline ui` (the demo CRM, the simulator and `call-pipeline serve`) driven by Playwright in
 Debian's headless chromium.
 
 One test walks through what an operator does, a screenshot per step under

@@ -1,0 +1,134 @@
+"""`call-pipeline serve` and `ui` from an installed wheel, not a checkout: the wheel is built from
+the project's files, installed into a fresh virtualenv, and run from an empty folder. The fresh
+virtualenv gets the dependencies from this one's site-packages through a .pth file (installing
+Dagster again would take minutes); the project itself comes only from the wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from call_pipeline.crm.database import PROJECT_ROOT
+from call_pipeline_tests.serve_harness import Served, describe, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Installed:
+    venv: Path
+    site_packages: Path
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    @property
+    def call_pipeline(self) -> Path:
+        return self.venv / "bin" / "call-pipeline"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Installed:
+    root = tmp_path_factory.mktemp("installed")
+    # The wheel is built from a copy: the build leaves build/ and *.egg-info behind.
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "dagster.yaml"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    shutil.copytree(PROJECT_ROOT / "call_pipeline", source / "call_pipeline", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = root / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(wheels)],
+                   check=True, timeout=300)
+    (wheel,) = wheels.glob("call_pipeline-*.whl")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+    site_packages = Path(subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    # This environment's dependencies, after the fresh site-packages on sys.path; a path in a .pth
+    # file does not run that folder's own .pth files, so this checkout's editable finder stays out.
+    (site_packages / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return Installed(venv, site_packages)
+
+
+def _env() -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("DAGSTER_HOME", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_the_project_comes_from_the_wheel(installed, tmp_path):
+    result = subprocess.run(
+        [str(installed.python), "-c", "import call_pipeline, call_pipeline.serve as s; "
+                                      "print(call_pipeline.__file__); print(len(s.packaged_instance_yaml()))"],
+        cwd=tmp_path, env=_env(), check=True, capture_output=True, text=True)
+    module_file, yaml_chars = result.stdout.split()
+    assert Path(module_file).is_relative_to(installed.site_packages), module_file
+    assert int(yaml_chars) == len((PROJECT_ROOT / "dagster.yaml").read_text(encoding="utf-8"))
+    # a copy in the wheel, not the checkout's link
+    packaged = installed.site_packages / "call_pipeline" / "dagster.yaml"
+    assert packaged.is_file() and not packaged.is_symlink()
+
+
+def _assert_from_the_venv(served: Served, installed: Installed) -> None:
+    for proc in served.family()[1:]:
+        assert proc.cmdline()[0] == str(installed.python), describe(proc)
+
+
+def test_serve_runs_from_the_wheel_in_an_empty_folder(installed, tmp_path, sqlite_url, simulator):
+    env = {**_env(), "CALL_PIPELINE_CRM_URL": sqlite_url, "ALIBABA_CLOUD_ACCESS_KEY_ID": "ak",
+           "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "sk", "OUTBOUNDBOT_INSTANCE_ID": "inst",
+           "OUTBOUNDBOT_ENDPOINT": simulator.endpoint, "OUTBOUNDBOT_PROTOCOL": "http", "DASHSCOPE_API_KEY": "sk",
+           "DASHSCOPE_HTTP_BASE_URL": simulator.dashscope_base_url}
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    home = folder / "data" / "dagster_home"
+    with Served([str(installed.call_pipeline), "serve", "--no-ui"], env, folder, home) as served:
+        served.wait_for_daemon()
+        _assert_from_the_venv(served, installed)
+        code, left = served.stop(signal.SIGTERM)
+        assert not left, [describe(p) for p in left]
+        assert code == 0, served.log()[-4000:]
+    assert (home / "dagster.yaml").is_file()
+
+
+def test_ui_runs_from_the_wheel_in_an_empty_folder(installed, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    port, sim_port = free_port(), free_port()
+    command = [str(installed.call_pipeline), "ui", "--port", str(port), "--simulator-port", str(sim_port)]
+    with Served(command, _env(), folder, folder / "data" / "ui" / "dagster_home") as served:
+        served.wait_for_daemon()
+
+        def loaded() -> bool:
+            served.running()
+            query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
+            try:
+                entries = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": query},
+                                        timeout=5).json()["data"]["workspaceOrError"]["locationEntries"]
+            except (requests.RequestException, KeyError, TypeError):
+                return False
+            return any(entry["loadStatus"] == "LOADED" for entry in entries)
+
+        wait_until(loaded, 180, "the webserver's code location")
+        _assert_from_the_venv(served, installed)
+        # the demo's data under the folder it runs in, nothing written into the installation
+        assert (folder / "data" / "ui" / "crm.sqlite3").is_file()
+        assert not list(installed.venv.rglob("*.sqlite3"))
+        code, left = served.stop(signal.SIGTERM)
+        assert not left, [describe(p) for p in left]
+        assert code == 0, served.log()[-4000:]

@@ -1,0 +1,314 @@
+"""`call-pipeline serve`: what it starts for an instance and its settings (a plan, read from the
+instance's dagster.yaml and the environment), and, as real processes on a SQLite CRM and the
+simulator, that a signal stops every process of its tree and that one process dying stops the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+from call_pipeline.cli import main
+from call_pipeline.crm.database import PROJECT_ROOT
+from call_pipeline.serve import (
+    RUNS_QUEUE,
+    ServeError,
+    celery_run_queue,
+    packaged_instance_yaml,
+    plan_services,
+    resolve_home,
+)
+from call_pipeline_tests.serve_harness import Served, alive, describe, free_port, wait_until
+
+READY = re.compile(r"\b(steps|runs)@\S+ ready\.")
+CELERY_LAUNCHER = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
+                   "config": {"default_queue": "runs"}}
+
+
+def _commands(services) -> dict[str, tuple[str, ...]]:
+    return {service.name: service.command for service in services}
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def test_one_machine_runs_the_daemon_and_the_webserver_from_the_installed_module():
+    services = _commands(plan_services({}, {}, ui=True, host="10.0.0.5", port=3001))
+    assert list(services) == ["dagster-daemon", "dagster-webserver"]
+    daemon, webserver = services["dagster-daemon"], services["dagster-webserver"]
+    assert daemon[1:4] == ("-m", "dagster._daemon", "run")
+    assert webserver[1:3] == ("-m", "dagster_webserver")
+    assert webserver[-4:] == ("-h", "10.0.0.5", "-p", "3001")
+    # a module of the installed package, never a workspace.yaml inside a checkout
+    assert daemon[4:8] == webserver[3:7] == ("-m", "call_pipeline.definitions", "-a", "defs")
+    for command in (daemon, webserver):
+        assert not any("workspace.yaml" in part for part in command)
+        assert command[0] == sys.executable
+    assert list(_commands(plan_services({}, {}, ui=False, host="127.0.0.1", port=3000))) == ["dagster-daemon"]
+
+
+def test_the_celery_executor_brings_a_worker_on_the_step_queues():
+    services = _commands(plan_services({}, {"CALL_PIPELINE_EXECUTOR": "celery"}, ui=False, host="h", port=1))
+    assert list(services) == ["step worker", "dagster-daemon"]
+    worker = services["step worker"]
+    assert worker[1:4] == ("-m", "call_pipeline.cli", "worker")
+    assert worker[worker.index("--queues") + 1] == "sync_queue,query_queue,download_queue,ai_queue"
+    for executor in ("multiprocess", "in_process"):
+        names = _commands(plan_services({}, {"CALL_PIPELINE_EXECUTOR": executor}, ui=False, host="h", port=1))
+        assert "step worker" not in names
+
+
+def test_a_celery_run_launcher_brings_a_worker_on_its_queue():
+    services = _commands(plan_services({"run_launcher": CELERY_LAUNCHER}, {}, ui=False, host="h", port=1))
+    assert list(services) == ["run worker", "dagster-daemon"]
+    worker = services["run worker"]
+    assert worker[worker.index("--queues") + 1] == RUNS_QUEUE
+    # the two workers of one machine have names of their own
+    both = _commands(plan_services({"run_launcher": CELERY_LAUNCHER}, {"CALL_PIPELINE_EXECUTOR": "celery"},
+                                   ui=False, host="h", port=1))
+    names = {command[command.index("--name") + 1] for command in (both["run worker"], both["step worker"])}
+    assert len(names) == 2
+    # any other launcher runs runs itself
+    other = {"run_launcher": {"module": "dagster", "class": "DefaultRunLauncher"}}
+    assert "run worker" not in _commands(plan_services(other, {}, ui=False, host="h", port=1))
+
+
+def test_the_run_queue_is_the_launchers_own_and_may_come_from_the_environment():
+    from_env = {"run_launcher": {**CELERY_LAUNCHER, "config": {"default_queue": {"env": "RUN_QUEUE"}}}}
+    assert celery_run_queue(from_env, {"RUN_QUEUE": "runs"}) == "runs"
+    with pytest.raises(ServeError, match="RUN_QUEUE"):
+        celery_run_queue(from_env, {})
+    with pytest.raises(ServeError, match="default_queue"):
+        celery_run_queue({"run_launcher": {**CELERY_LAUNCHER, "config": {}}}, {})
+
+
+def test_an_unset_dagster_home_gets_the_projects_dagster_yaml(tmp_path):
+    home, made = resolve_home({}, tmp_path / "data")
+    assert made and home == (tmp_path / "data" / "dagster_home").resolve()
+    assert (home / "dagster.yaml").read_text(encoding="utf-8") == (PROJECT_ROOT / "dagster.yaml").read_text(
+        encoding="utf-8") == packaged_instance_yaml()
+
+
+def test_a_dagster_home_without_its_dagster_yaml_is_refused(tmp_path):
+    with pytest.raises(ServeError, match="has no dagster.yaml"):
+        resolve_home({"DAGSTER_HOME": str(tmp_path)}, tmp_path / "data")
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    assert resolve_home({"DAGSTER_HOME": str(tmp_path)}, tmp_path / "data") == (tmp_path.resolve(), False)
+    # serve's own folder is not made when the operator named the home
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_worker_takes_the_run_queue_and_refuses_an_unknown_one(capsys):
+    assert main(["worker", "--queues", "runs,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'runs,bogus'" in err and "runs" in err.split("got")[0]
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+
+def _serve_env(crm_url: str, simulator, **extra: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name != "DAGSTER_HOME"}
+    env.update({
+        "PYTHONUNBUFFERED": "1",
+        "CALL_PIPELINE_CRM_URL": crm_url,
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-access-key",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "test-access-secret",
+        "OUTBOUNDBOT_INSTANCE_ID": "test-instance",
+        "OUTBOUNDBOT_ENDPOINT": simulator.endpoint,
+        "OUTBOUNDBOT_PROTOCOL": "http",
+        "DASHSCOPE_API_KEY": "sk-test",
+        "DASHSCOPE_HTTP_BASE_URL": simulator.dashscope_base_url,
+        "CALL_PIPELINE_SENSOR_TICK_SECONDS": "5",
+        **extra,
+    })
+    return env
+
+
+def _serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "call_pipeline.cli", "serve", *args]
+
+
+def _assert_all_gone(served: Served, code: int, left, expected_code: int = 0) -> None:
+    assert not left, "still running after serve exited:\n" + "\n".join(describe(p) for p in left)
+    assert code == expected_code, served.log()[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ui", "signum"), [(False, signal.SIGTERM), (True, signal.SIGINT)],
+                         ids=["no-ui-SIGTERM", "ui-SIGINT"])
+def test_serve_stops_every_process_it_started_on_a_signal(tmp_path, sqlite_url, simulator, ui, signum):
+    """DAGSTER_HOME unset: the project's dagster.yaml in a home under the current folder. The
+    daemon (and the webserver) come up with their code servers; the signal, to serve alone, ends
+    all of them before serve exits."""
+    port = free_port()
+    home = tmp_path / "data" / "dagster_home"
+    args = [] if ui else ["--no-ui"]
+    with Served(_serve_command(*args, "--port", str(port)), _serve_env(sqlite_url, simulator), tmp_path,
+                home) as served:
+        served.wait_for_daemon()
+        lines = served.cmdlines()
+        assert any("dagster._daemon run" in line for line in lines)
+        assert (home / "dagster.yaml").read_text(encoding="utf-8") == packaged_instance_yaml()
+        if ui:
+            wait_until(lambda: served.running() and _server_info(port), 180, "the webserver")
+            # the daemon's code server and the webserver's
+            wait_until(lambda: sum("api grpc" in line for line in served.cmdlines()) >= 2, 120,
+                       "the webserver's code server")
+        else:
+            assert not any("dagster_webserver" in line for line in lines)
+        code, left = served.stop(signum)
+        _assert_all_gone(served, code, left)
+        assert f"{signal.Signals(signum).name} received" in served.log()
+
+
+def _server_info(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.mark.slow
+def test_when_one_process_dies_serve_stops_the_others_and_fails(tmp_path, sqlite_url, simulator):
+    home = tmp_path / "data" / "dagster_home"
+    with Served(_serve_command("--no-ui"), _serve_env(sqlite_url, simulator), tmp_path, home) as served:
+        served.wait_for_daemon()
+        family = served.family()
+        daemon = next(p for p in family if "dagster._daemon run" in " ".join(p.cmdline()))
+        daemon.kill()
+        assert served.process is not None
+        code = served.process.wait(timeout=90)
+        left = [p for p in family if p.pid != daemon.pid and p.is_running()
+                and p.status() != "zombie"]
+        _assert_all_gone(served, code, left, expected_code=1)
+        assert f"dagster-daemon (pid {daemon.pid}) exited with code -9; stopping the others" in served.log()
+
+
+@pytest.mark.slow
+def test_serve_starts_and_stops_the_celery_workers_the_instance_needs(tmp_path, sqlite_url, simulator):
+    """CALL_PIPELINE_EXECUTOR=celery and a CeleryRunLauncher in $DAGSTER_HOME/dagster.yaml: a
+    worker on the step queues and one on the runs queue, each on the machine's RabbitMQ, come up
+    beside the daemon, and go with it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    config = yaml.safe_load(packaged_instance_yaml())
+    config["run_launcher"] = CELERY_LAUNCHER
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = _serve_env(sqlite_url, simulator, DAGSTER_HOME=str(home), CALL_PIPELINE_EXECUTOR="celery")
+    with Served(_serve_command("--no-ui"), env, tmp_path, home) as served:
+        served.wait_for_daemon()
+        # each worker says so once it consumes from the broker
+        wait_until(lambda: served.running() and len(set(READY.findall(served.log()))) == 2, 180,
+                   "both Celery workers to be ready")
+        lines = served.cmdlines()
+        assert any("-Q sync_queue,query_queue,download_queue,ai_queue" in line for line in lines), lines
+        assert any(f"-Q {RUNS_QUEUE}" in line for line in lines), lines
+        assert not (tmp_path / "data").exists()  # the operator's home, not one of serve's own
+        code, left = served.stop(signal.SIGTERM)
+        _assert_all_gone(served, code, left)
+
+
+def test_serve_refuses_a_dagster_home_without_dagster_yaml(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    result = subprocess.run(_serve_command("--no-ui"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert f"DAGSTER_HOME={tmp_path} has no dagster.yaml" in result.stderr
+
+
+def test_the_packaged_instance_is_the_projects(tmp_path):
+    assert packaged_instance_yaml() == (PROJECT_ROOT / "dagster.yaml").read_text(encoding="utf-8")
+    assert Path(PROJECT_ROOT / "call_pipeline" / "dagster.yaml").resolve() == (PROJECT_ROOT / "dagster.yaml")
+
+
+# -- the supervisor's stop, on small processes ---------------------------------------------------
+
+STUBBORN = """
+import subprocess, sys, time
+# it ends on SIGTERM; of its children, one ignores SIGTERM, and one left the process group
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(600)"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stop_kills_what_ignores_sigterm_and_what_left_the_group(tmp_path, capsys):
+    from call_pipeline.serve import Service, Supervisor
+
+    supervisor = Supervisor([], os.environ, cwd=tmp_path, stop_timeout_s=1.0)
+    supervisor._start(Service("stubborn", (sys.executable, "-c", STUBBORN)))
+    wait_until(lambda: len(supervisor.processes()) == 3, 30, "the process and its two children")
+    tree = supervisor.processes()
+    try:
+        supervisor.stop()
+        left = [describe(proc) for proc in tree if alive(proc)]
+        assert not left, left
+    finally:
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    err = capsys.readouterr().err
+    assert "still running 1s after SIGTERM, killed:" in err
+
+
+SUPERVISED = """
+import os, sys
+from call_pipeline.serve import Service, Supervisor
+sleeper = (sys.executable, "-c", "import time; time.sleep(600)")
+services = [Service("sleeper", sleeper), Service("second", (sys.executable, "-c", sys.argv[1]))]
+sys.exit(Supervisor(services, os.environ, stop_timeout_s=10).run())
+"""
+SLEEP = "import time; time.sleep(600)"
+
+
+def _supervised(tmp_path, second: str) -> Served:
+    return Served([sys.executable, "-c", SUPERVISED, second], os.environ, tmp_path, tmp_path / "no-home")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_the_supervisor_stops_its_processes_on_each_stop_signal(tmp_path, signum):
+    with _supervised(tmp_path, SLEEP) as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        code, left = served.stop(signum)
+        _assert_all_gone(served, code, left)
+        assert f"{signum.name} received; stopping sleeper, second and what they started" in served.log()
+
+
+def test_the_supervisor_stops_the_others_and_fails_when_one_ends(tmp_path):
+    with _supervised(tmp_path, "import time; time.sleep(2); raise SystemExit(3)") as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        family = served.family()
+        assert served.process is not None
+        code = served.process.wait(timeout=60)
+        left = [describe(proc) for proc in family if alive(proc)]
+        assert not left and code == 1, (left, served.log())
+        assert "second (pid " in served.log() and "exited with code 3; stopping the others" in served.log()
+
+
+def test_the_processes_of_a_killed_supervisor_are_told_to_stop(tmp_path):
+    """serve itself SIGKILLed cannot stop anything: the kernel sends its children SIGTERM."""
+    with _supervised(tmp_path, SLEEP) as served:
+        wait_until(lambda: served.running() and len(served.family()) == 3, 30, "the two processes")
+        children = served.family()[1:]
+        assert served.process is not None
+        served.process.kill()
+        served.process.wait(timeout=10)
+        try:
+            _gone, left = psutil.wait_procs(children, timeout=10)
+            assert not [describe(proc) for proc in left if alive(proc)]
+        finally:
+            for proc in children:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
