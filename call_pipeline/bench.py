@@ -905,6 +905,10 @@ def bound_seconds(stats: dict, qps_cap: int, llm_latency_s: float, llm_concurren
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--live" in argv:
+        from call_pipeline.bench_live import main as live
+
+        return live(argv)
     if argv and "--sensor-hour" in argv:
         from call_pipeline.bench_sensor import main as sensor_hour
 
