@@ -283,6 +283,23 @@ class Serve:
                     if child.status() == psutil.STATUS_ZOMBIE:
                         os.waitpid(child.pid, os.WNOHANG)
 
+    def tree_cpu(self) -> float:
+        """CPU (user + system) of everything serve started so far: the processes alive now with
+        what they reaped, plus what the benchmark reaped (the orphans; serve itself at the end)."""
+        import psutil
+
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = reaped.ru_utime + reaped.ru_stime
+        if self.process is None:
+            return total
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.process.pid)
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = process.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+        return total
+
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"call-pipeline serve exited ({self.process.returncode}):\n{self.log_tail()}")
@@ -334,6 +351,8 @@ class LiveFigures:
     runs: Counter = field(default_factory=Counter)
     runs_launched: int = 0
     cpu_s: float = 0.0
+    live_runs: int = 0  # runs started after the first syncs, while the calls ended
+    live_cpu_s: float = 0.0  # the CPU of that phase
     wall_s: float = 0.0
     tasks_at_4: int = 0
     outboundbot_requests: int = 0
@@ -357,6 +376,8 @@ class LiveFigures:
                                 "missing": self.missing},
                 "runs_launched": self.runs_launched, "runs": dict(self.runs), "cpu_s": self.cpu_s,
                 "cpu_per_run_s": self.cpu_s / self.runs_launched if self.runs_launched else None,
+                "live_runs": self.live_runs, "live_cpu_s": self.live_cpu_s,
+                "live_cpu_per_run_s": self.live_cpu_s / self.live_runs if self.live_runs else None,
                 "wall_s": self.wall_s, "tasks_at_4": self.tasks_at_4,
                 "outboundbot_requests": self.outboundbot_requests, "requests": self.requests,
                 "outboundbot_calls_per_result": self.outboundbot_requests / max(1, self.live * self.leads),
@@ -372,9 +393,12 @@ def print_figures(figures: LiveFigures) -> None:
     print(f"  p50 {f['p50']:.1f} s   p95 {f['p95']:.1f} s   max {f['max']:.1f} s")
     print(f"runs launched: {figures.runs_launched} ({', '.join(f'{k} {v}' for k, v in sorted(figures.runs.items()))}); "
           f"longest wait from queued to started {figures.max_start_delay_s:.1f} s")
-    per_run = d["cpu_per_run_s"]
+    per_run, live_per_run = d["cpu_per_run_s"], d["live_cpu_per_run_s"]
     print(f"CPU of everything serve started: {figures.cpu_s:.1f} s in {figures.wall_s:.0f} s"
-          + (f", {per_run:.2f} s per run" if per_run is not None else ""))
+          + (f", {per_run:.2f} s per run" if per_run is not None else "")
+          + f"; while the calls ended: {figures.live_cpu_s:.1f} s for {figures.live_runs} run(s)"
+          + (f", {live_per_run:.2f} s per run (the sensors' and the daemon's share included)"
+             if live_per_run is not None else ""))
     print(f"OutboundBot calls: {figures.outboundbot_requests} ({d['outboundbot_calls_per_result']:.2f} per result; "
           + ", ".join(f"{k} {v}" for k, v in sorted(figures.requests.items())) + f"); throttled {figures.throttled}")
     print(f"LLM calls: {figures.llm_calls} for {figures.llm_needed} leads that need one"
@@ -384,13 +408,14 @@ def print_figures(figures: LiveFigures) -> None:
         print(f"LEFT BEHIND after serve stopped (killed): {figures.left_behind}")
 
 
-def run_figures(instance) -> tuple[Counter, int, float]:
-    """Runs by status, how many were launched, and the longest wait from queued to started."""
+def run_figures(instance, since: float) -> tuple[Counter, int, int, float]:
+    """Runs by status, how many started (in all, and from `since` on), and the longest wait from
+    queued to started."""
     import dagster as dg
     from dagster._core.events import DagsterEventType
 
     statuses: Counter = Counter()
-    launched = 0
+    launched = launched_since = 0
     longest = 0.0
     for record in instance.get_run_records(filters=dg.RunsFilter(job_name="sync_call_task")):
         statuses[record.dagster_run.status.value.lower()] += 1
@@ -404,9 +429,10 @@ def run_figures(instance) -> tuple[Counter, int, float]:
                 started = entry.timestamp
         if started is not None:
             launched += 1
+            launched_since += started >= since
             if queued is not None:
                 longest = max(longest, started - queued)
-    return statuses, launched, longest
+    return statuses, launched, launched_since, longest
 
 
 def tasks_at_4(crm_url: str, task_ids: list[int]) -> int:
@@ -492,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"over {args.spread:g} s, beside {args.idle} idle task(s); {shape}; cloud "
                   f"{args.outboundbot_latency_ms:g} ms per OutboundBot call (cap {args.qps_cap}/s), "
                   f"{args.llm_latency_ms:g} ms per LLM call ({args.llm_concurrency} at once)", flush=True)
-            figures = _run(args, crm_url, cloud, live, workdir, figures)
+            figures = _run(args, crm_url, cloud, tasks, live, workdir, figures)
             stats = cloud.stats()
             figures.outboundbot_requests = stats["outboundbot_requests"]
             figures.requests = stats["requests"]
@@ -517,8 +543,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, live: list[int], workdir: str,
-         figures: LiveFigures) -> LiveFigures:
+def wait_for_first_syncs(instance, serve: Serve, tasks: int, timeout_s: float) -> int:
+    """Until every task had a successful run: its jobs are matched while its calls are ringing, as
+    when a campaign has started. Freshness is measured from then on. Returns the runs so far."""
+    import dagster as dg
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        serve.check()
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="sync_call_task"))
+        done = {run.tags.get("dagster/partition") for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
+        if len(done) >= tasks:
+            return len(runs)
+        time.sleep(1.0)
+    raise TimeoutError(f"not every task had a successful run within {timeout_s:.0f} s:\n{serve.log_tail()}")
+
+
+def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[int], live: list[int],
+         workdir: str, figures: LiveFigures) -> LiveFigures:
     import dagster as dg
 
     serve = Serve(workdir)
@@ -527,6 +569,11 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, live: list[in
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     serve.start(keep_pids={cloud._process.pid})
     try:
+        with dg.DagsterInstance.get() as instance:
+            first_syncs = wait_for_first_syncs(instance, serve, len(tasks), args.settle)
+        print(f"  {time.time() - serve.started_at:6.1f} s  every task's first sync is done ({first_syncs} run(s)); "
+              "the calls start ending", flush=True)
+        live_from, cpu_from = time.time(), serve.tree_cpu()
         ender.start()
         watcher.start()
         while ender.is_alive():
@@ -544,7 +591,9 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, live: list[in
             print(f"  {time.time() - serve.started_at:6.1f} s  follow-ups seen: {len(watcher.seen_at)}/"
                   f"{len(ender.ended_at)}; stopping serve", flush=True)
             figures.wall_s = time.time() - serve.started_at
-            figures.runs, figures.runs_launched, figures.max_start_delay_s = run_figures(instance)
+            figures.live_cpu_s = serve.tree_cpu() - cpu_from
+            figures.runs, figures.runs_launched, figures.live_runs, figures.max_start_delay_s = \
+                run_figures(instance, live_from)
     finally:
         ender.stop_event.set()
         watcher.stop_event.set()
