@@ -4,6 +4,7 @@ command that creates the CRM tables in an empty database."""
 from __future__ import annotations
 
 import functools
+import logging
 import ssl
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
-from call_pipeline.crm.schema import CRM_TABLES, metadata
+from call_pipeline.crm.schema import CRM_TABLES, PIPELINE_TABLES, metadata
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
@@ -19,6 +20,8 @@ DEFAULT_CRM_URL = f"sqlite:///{DEFAULT_DATA_DIR / 'crm.sqlite3'}"
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
+_pipeline_tables_ensured: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 class CrmTablesExistError(RuntimeError):
@@ -105,7 +108,25 @@ def get_crm_engine(url: str) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = create_crm_engine(url)
-        return engine
+    if url not in _pipeline_tables_ensured:
+        try:
+            ensure_pipeline_tables(engine)
+            _pipeline_tables_ensured.add(url)
+        except Exception as exc:  # the database unreachable: the step that needs it fails clearly
+            log.warning("the pipeline's own tables could not be checked: %s: %s", type(exc).__name__, exc)
+    return engine
+
+
+def ensure_pipeline_tables(engine: Engine) -> None:
+    """Creates the pipeline's own tables (crm/schema.py, PIPELINE_TABLES) where they are missing,
+    never touching the CRM's tables: an existing CRM gets them on the pipeline's first use."""
+    try:
+        metadata.create_all(engine, tables=list(PIPELINE_TABLES), checkfirst=True)
+    except Exception:
+        # Another process created them between the check and the CREATE.
+        missing = {t.name for t in PIPELINE_TABLES} - set(inspect(engine).get_table_names())
+        if missing:
+            raise
 
 
 def dispose_crm_engines() -> None:
@@ -125,10 +146,12 @@ def create_crm_tables(engine: Engine, *, replace: bool = False) -> None:
     `replace` is set, which drops and recreates them (demo and test databases only)."""
     existing = existing_crm_tables(engine)
     if existing and not replace:
+        ensure_pipeline_tables(engine)
         raise CrmTablesExistError(
             f"the database already has CRM tables {existing}; refusing to touch them "
             "(pass --replace to drop and recreate them, for a demo or test database only)"
         )
     if existing:
-        metadata.drop_all(engine, tables=list(CRM_TABLES))
+        metadata.drop_all(engine, tables=list(CRM_TABLES) + list(PIPELINE_TABLES))
     metadata.create_all(engine, tables=list(CRM_TABLES))
+    ensure_pipeline_tables(engine)

@@ -40,6 +40,8 @@ class StepCounts:
     batches: int = 0
     pages: int = 0
     batches_caught_up: int = 0
+    units_given_up: int = 0  # units of one lead given up in this run (contract §12)
+    jobs_concluded_failed: int = 0  # of which jobs ListJobs no longer returns, concluded Failed
 
     def __add__(self, other: StepCounts) -> StepCounts:
         total = StepCounts()
