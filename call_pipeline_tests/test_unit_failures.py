@@ -33,7 +33,8 @@ def instance():
         yield instance
 
 
-def make_task(crm_url: str, simulator, group_id: str, count: int = 6) -> tuple[int, dict]:
+def make_task(crm_url: str, simulator, group_id: str, count: int = 6,
+              extra: dict[int, list[str]] | None = None) -> tuple[int, dict]:
     task_id = create_task(crm_url, job_group_id=group_id, leads=[])
     leads = [{"leads_id": i, "leads_phone": f"1390000{i:04d}", "reference_id": new_reference(task_id, i)}
              for i in range(1, count + 1)]
@@ -46,6 +47,8 @@ def make_task(crm_url: str, simulator, group_id: str, count: int = 6) -> tuple[i
     specials = {i: ["intent:interested_price"] for i in INTERESTED}
     specials.update({i: ["intent:not_interested_bought"] for i in NOT_INTERESTED})
     specials[FAILED_CALL] = ["status:Failed", "no_tasks"]
+    for leads_id, more in (extra or {}).items():
+        specials[leads_id] = [*specials.get(leads_id, []), *more]
     group = build_job_group(group_id, leads, task_id=task_id, seed=5, special_cases=specials,
                             status_mix={"Succeeded": 1.0})
     simulator.state.add_job_group(group)
@@ -174,3 +177,29 @@ def test_a_unit_that_keeps_failing_is_given_up_and_the_task_concludes(crm_url, s
     assert len(received) == 1
     materialization = next(e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION")
     assert materialization.event_specific_data.materialization.metadata["units_given_up"].value == 0
+
+
+def test_a_follow_up_that_only_its_lead_keeps_failing_is_given_up(mariadb_url, simulator, instance, monkeypatch):
+    """The service answers every lead but one, whose request it fails every time (a 500 past the
+    retries): that is the lead's, not an outage of the account, so it counts; after 2 runs the
+    lead gets the basic record and the task concludes."""
+    monkeypatch.setattr(SETTINGS, "max_unit_attempts", 2)
+    task_id, _ = make_task(mariadb_url, simulator, "jg-poison-llm", count=4, extra={3: ["llm:poison"]})
+    simulator.state.inject_fault(action="dashscope", status=500, code="InternalError", times=None,
+                                 match_text="[[llm:poison]]")
+
+    result = run_sync(mariadb_url, simulator, task_id, instance)
+    assert not result.success and "LLM outage (InternalError)" in failure_text(result)
+    crm = snapshot(mariadb_url, task_id)
+    assert crm.leads[3]["leads_follow_id"] is None
+    assert crm.leads[1]["is_interested"] == 1 and crm.leads[2]["is_interested"] == 1
+
+    result = run_sync(mariadb_url, simulator, task_id, instance)
+    assert result.success, failure_text(result)
+    crm = snapshot(mariadb_url, task_id)
+    assert crm.leads[3]["is_interested"] == 0 and crm.task_type == 4
+    remark = next(f["leads_remark"] for f in crm.follow_ups if f["id"] == crm.leads[3]["leads_follow_id"])
+    assert remark.startswith(AI_UNAVAILABLE_REMARK_PREFIX) and "InternalError" in remark
+    summary = next(e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+                   ).event_specific_data.materialization.metadata["summary"].value
+    assert "lead 3 (job " in summary and "follow up failed in 2 runs" in summary

@@ -101,6 +101,8 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
 
 def _count_jobs_not_returned(engine: Engine, ledger: UnitLedger, task_id: int, not_returned: list[str],
                              returned: list[str], now: datetime, report: StepReport, logger: logging.Logger) -> None:
+    if not not_returned and not ledger.held(task_id, repo.UNIT_CALL_RESULT):
+        return  # nothing failed now or before: nothing to count or clear
     with engine.connect() as conn:
         rows = repo.lead_rows_of_jobs(conn, task_id, [*not_returned, *returned])
     failed = {rows[job_id]: f"ListJobs did not return job {job_id}" for job_id in not_returned if job_id in rows}

@@ -132,32 +132,51 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
                        max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-follow-ups")
     finally:
         conn.close()
-    given_up = _give_up(engine, ledger, task_id, failed, written, answered[0], clock, report, logger)
+    given_up = _give_up(engine, llm, ledger, task_id, failed, written, answered[0], clock, report, logger)
     for lead_row_id, (lead, exc) in failed.items():
         if lead_row_id not in given_up:
             _failed(report, task_id, lead, exc)
     return report
 
 
-def _counted(exc: BaseException, llm_answered: bool) -> bool:
-    """Whether a failed follow-up counts towards giving the lead up. An LLM outage while every
-    LLM call of the step failed is the account's or the service's (arrears, a wrong key, the
-    service down): it never counts, or an hour of arrears would give up every lead of every
-    task. An outage that only this lead meets while the service answered others counts, as any
-    other failure of the lead does."""
+# The probe's transcript: one line, nothing of any lead's.
+_PROBE_CONVERSATION = '[{"Speaker": "Robot", "Script": "您好"}]'
+
+
+def _counted(exc: BaseException, service_up: bool) -> bool:
+    """Whether a failed follow-up counts towards giving the lead up. An LLM outage while the
+    service answers nobody is the account's or the service's (arrears, a wrong key, the service
+    down): it never counts, or an hour of arrears would give up every lead of every task. An
+    outage that only this lead meets while the service answers counts, as any other failure of
+    the lead does."""
     if isinstance(exc, LlmError) and exc.is_outage:
-        return llm_answered
+        return service_up
     return True
 
 
-def _give_up(engine: Engine, ledger: UnitLedger | None, task_id: int,
+def _service_answers(llm: LlmClient, now: datetime, logger: logging.Logger) -> bool:
+    """One LLM call with a neutral transcript: does the service answer at all? Made only when
+    every LLM call of a step met an outage, to tell one lead's poison from the account's outage."""
+    try:
+        llm.complete(build_llm_messages(_PROBE_CONVERSATION, now))
+    except LlmError as exc:
+        if exc.is_outage:
+            logger.warning("the LLM service answers no one (%s): the follow-ups it failed are not counted "
+                           "against their leads", exc.code)
+            return False
+    return True
+
+
+def _give_up(engine: Engine, llm: LlmClient, ledger: UnitLedger | None, task_id: int,
              failed: dict[int, tuple[repo.LeadForFollowUp, BaseException]], written: list[int], llm_answered: bool,
              clock: Callable[[], datetime], report: StepReport, logger: logging.Logger) -> set[int]:
     """Counts this run's failed follow-ups, clears the written ones, and writes the basic record
     (AI unavailable) for the leads whose follow-up is given up now. Returns those lead rows."""
     if ledger is None:
         return set()
-    counted = {row: f"{type(exc).__name__}: {exc}" for row, (_, exc) in failed.items() if _counted(exc, llm_answered)}
+    outages = any(isinstance(exc, LlmError) and exc.is_outage for _, exc in failed.values())
+    service_up = llm_answered or (outages and _service_answers(llm, clock(), logger))
+    counted = {row: f"{type(exc).__name__}: {exc}" for row, (_, exc) in failed.items() if _counted(exc, service_up)}
     given_up = ledger.record(task_id, repo.UNIT_FOLLOW_UP, counted, written, clock())
     done: set[int] = set()
     for lead_row_id in given_up:

@@ -24,15 +24,20 @@ class UnitLedger:
     run_id: str
     max_attempts: int
 
+    def held(self, task_id: int, unit: str) -> set[int]:
+        """Lead rows of the task with a failure of `unit` counted and not given up."""
+        with self.engine.connect() as conn:
+            return repo.lead_rows_with_failures(conn, task_id, unit)
+
     def record(self, task_id: int, unit: str, failed: dict[int, str], succeeded: Iterable[int],
                now: datetime) -> list[int]:
         """Counts `failed` (lead row id → why) for this run and clears `succeeded`; returns the
-        lead rows whose unit is given up now."""
+        lead rows whose unit is given up now. Writes nothing when nothing failed or was held (a
+        run with nothing wrong costs one read)."""
         succeeded = set(succeeded)
-        if not failed and not succeeded:
+        cleared = self.held(task_id, unit) & succeeded if succeeded else set()
+        if not failed and not cleared:
             return []
         with repo.write_transaction(self.engine) as conn:
-            if succeeded:
-                held = repo.lead_rows_with_failures(conn, task_id, unit)
-                repo.clear_unit_failures(conn, task_id, unit, held & succeeded)
+            repo.clear_unit_failures(conn, task_id, unit, cleared)
             return repo.count_unit_failures(conn, task_id, unit, failed, self.run_id, self.max_attempts, now)
