@@ -577,7 +577,8 @@ def count_unit_failures(conn: Connection, task_id: int, unit: str, errors: dict[
                         max_attempts: int, now: datetime) -> list[int]:
     """Counts one failed run for each lead row of `errors` (lead row id → why), at most once per
     run (a retry of the step in the same run only updates the error), and gives up the unit of
-    those that reached `max_attempts` runs. Returns the lead rows given up now."""
+    those that reached `max_attempts` runs. Returns the lead rows given up (now, or before and
+    failing again: their step concludes them again, which is idempotent)."""
     if not errors:
         return []
     held = {int(row.lead_row_id): row for row in conn.execute(
@@ -587,7 +588,8 @@ def count_unit_failures(conn: Connection, task_id: int, unit: str, errors: dict[
     for lead_row_id, error in errors.items():
         row = held.get(lead_row_id)
         attempts = 1 if row is None else int(row.attempts) + (row.last_run_id != run_id)
-        give_up = attempts >= max_attempts and not (row is not None and row.given_up)
+        # Returned again when a unit given up fails once more (its conclusion was not written).
+        give_up = attempts >= max_attempts
         values = {"attempts": attempts, "last_error": (error or "")[:1000], "last_run_id": run_id,
                   "updated_time": now}
         if give_up:
