@@ -10,10 +10,12 @@ import dagster as dg
 from pydantic import Field
 
 from call_pipeline.clients.outboundbot import OutboundBotError
+from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
+from call_pipeline.domain.alerts import Alert, alert_payload, scrub
 from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.job_groups import parse_job_group
-from call_pipeline.domain.summary import render_run_summary
+from call_pipeline.domain.summary import describe_given_up, render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
@@ -22,6 +24,7 @@ from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
 from call_pipeline.steps.follow_ups import write_follow_ups
+from call_pipeline.steps.give_up import UnitLedger
 from call_pipeline.steps.hot_leads import post_hot_leads
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline.steps.paging import plan_batches
@@ -113,6 +116,11 @@ def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) ->
         context.instance.add_run_tags(context.run_id, {PROGRESS_TAG: progress.tag, **status})
 
 
+def _ledger(context: dg.OpExecutionContext, crm: CrmDatabase) -> UnitLedger:
+    """Where the run counts the units of one lead that fail (contract §12), once per run."""
+    return UnitLedger(crm.engine, context.run_id, SETTINGS.max_unit_attempts)
+
+
 def _raise_if_failed(report: StepReport, what: str) -> None:
     message = report.failure_message(what)
     if message:
@@ -192,7 +200,7 @@ def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, 
     if batch is None:
         return _not_run(context)
     report = update_call_results(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
-                                 crm.zone, crm.now(), context.log)
+                                 crm.zone, crm.now(), context.log, ledger=_ledger(context, crm))
     _raise_if_failed(report, f"task {batch.task_id} {batch.label}: call results")
     return PageBatch(batch.task_id, batch.page_number, batch.job_ids, batch.counts + report.counts,
                      batch.page_count)
@@ -207,7 +215,7 @@ def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, cr
     if batch is None:
         return _not_run(context)
     report = save_recordings(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids, crm.now,
-                             context.log, archive=recording_archive.get_archive())
+                             context.log, archive=recording_archive.get_archive(), ledger=_ledger(context, crm))
     context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.recordings_fetched} recording(s) saved")
     _raise_if_failed(report, f"task {batch.task_id} {batch.label}: recordings")
     return BatchResult(batch.page_number, report.counts)
@@ -221,7 +229,7 @@ def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, c
     if batch is None:
         return _not_run(context)
     report = write_follow_ups(crm.engine, dashscope.get_client(), batch.task_id, batch.job_ids, crm.now,
-                              dashscope.max_concurrency, context.log)
+                              dashscope.max_concurrency, context.log, ledger=_ledger(context, crm))
     # After the follow-ups' writes, before a failed unit fails the op: a post never fails it.
     report.counts = report.counts + post_hot_leads(crm.engine, batch.task_id, batch.job_ids, crm.now,
                                                    context.log).counts
@@ -240,7 +248,8 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
         context.log.info(f"task {task.id}: {len(missing)} batch(es) not completed in this run's lineage "
                          f"({', '.join(r.label for r in missing[:10])}); doing them now")
         report = catch_up_batches(crm.engine, outboundbot.get_client(), dashscope.get_client(), missing, crm.zone,
-                                  crm.now, dashscope.max_concurrency, context.log, recording_archive.get_archive())
+                                  crm.now, dashscope.max_concurrency, context.log, recording_archive.get_archive(),
+                                  ledger=_ledger(context, crm))
         totals = totals + report.counts
         _raise_if_failed(report, f"task {task.id}: batches caught up")
     marked, (unidentified, some) = fail_unmatched_leads(crm.engine, task.id, crm.now())
@@ -280,12 +289,15 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan:
     before, after = evaluate_task_state(crm.engine, task.id, crm.now())
     with crm.engine.connect() as conn:
         statuses = repo.count_statuses(conn, task.id)
+        given_up = repo.fetch_given_up_not_alerted(conn, task.id)
+    named = [describe_given_up(u.leads_id, u.call_job_id, u.unit, u.attempts, u.last_error) for u in given_up]
     # Tagged by the sensor or by _tag_progress in this run's first op (read from storage: this op may
     # run in the process that started the run, whose copy of the run predates that tag).
     run = context.instance.get_run_by_id(context.run_id)
     group_status = (run.tags if run else context.run.tags).get(GROUP_STATUS_TAG) or "unknown"
     summary = render_run_summary({**totals.summary_stats(), "statuses": statuses, "task_type_before": before,
-                                  "task_type_after": after, "task_id": task.id, "job_group_status": group_status})
+                                  "task_type_after": after, "task_id": task.id, "job_group_status": group_status,
+                                  "units_given_up": len(given_up), "given_up": named})
     context.add_output_metadata({
         "summary": dg.MetadataValue.md(summary),
         "task_type_before": before,
@@ -299,10 +311,39 @@ def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan:
     context.log_event(dg.AssetMaterialization(
         asset_key=CRM_ASSET_KEY, partition=str(task.id), description=f"{task.task_name}: synced",
         metadata={**totals.as_metadata(), **by_status, "leads": sum(statuses.values()),
-                  "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary),
-                  "job_group_status": group_status}))
+                  "units_given_up": len(given_up), "job_group_status": group_status,
+                  "task_type": after if after is not None else -1, "summary": dg.MetadataValue.md(summary)}))
+    if given_up:
+        _alert_given_up(context, crm, task, given_up, named)
     context.log.info(f"task {task.id}: task_type {before} -> {after}")
     return after if after is not None else -1
+
+
+def _alert_given_up(context: dg.OpExecutionContext, crm: CrmDatabase, task: repo.TaskRow,
+                    given_up: list[repo.GivenUpUnit], named: list[str]) -> None:
+    """One alert for the units given up since the task's last one (contract §12), then they are
+    marked alerted; a post that fails is tried again by the task's next run."""
+    context.log.warning(f"task {task.id}: {len(given_up)} unit(s) of one lead given up: " + "; ".join(named))
+    if SETTINGS.alert_webhook_url:
+        # Imported here: the sensors module imports the job, which imports these ops.
+        import os
+
+        from call_pipeline.sensors import SECRET_VARIABLES
+
+        secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+        error = (f"{len(given_up)} unit(s) of one lead failed in {SETTINGS.max_unit_attempts} runs and were "
+                 f"given up: " + "; ".join(named))
+        alert = Alert(task_id=str(task.id), task_name=task.task_name, run_id=context.run_id, job=context.job_name,
+                      step="units given up", error=scrub(error, secrets),
+                      run_url=f"{SETTINGS.ui_base_url}/runs/{context.run_id}")
+        try:
+            post_json(SETTINGS.alert_webhook_url, alert_payload(alert, SETTINGS.alert_format))
+        except Exception as exc:
+            context.log.warning(f"task {task.id}: the alert for the units given up was not posted (posted by the "
+                                f"next run): {type(exc).__name__}: {scrub(str(exc), secrets)}")
+            return
+    with repo.write_transaction(crm.engine) as conn:
+        repo.mark_given_up_alerted(conn, task.id, given_up, crm.now())
 
 
 @dg.op(tags=SYNC_QUEUE)

@@ -116,6 +116,12 @@ class PipelineSettings(BaseModel):
     op_retry_delay_seconds: int = env_field("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", 5, ge=0,
                                             description="The first op retry's delay (seconds), doubling")
 
+    # A unit of one lead (its call result, recording or follow-up) that failed in this many runs is
+    # given up (contract §12), so that one poison lead does not hold its task forever.
+    max_unit_attempts: int = env_field("CALL_PIPELINE_MAX_UNIT_ATTEMPTS", 5, ge=1,
+                                       description="Runs in which a unit of one lead may fail before it is "
+                                                   "given up")
+
     # The executor of sync_call_task: multiprocess is the one measured fastest on one machine.
     executor: ExecutorName = env_field("CALL_PIPELINE_EXECUTOR", "multiprocess",
                                        description="multiprocess, in_process or celery")

@@ -234,9 +234,15 @@ def _body_of(response) -> dict[str, Any]:
     return {}
 
 
+def _present(code: object) -> str | None:
+    # The SDK formats the error body's Code with an f-string: a body without one gives "None".
+    text = str(code).strip() if code is not None else ""
+    return text if text and text != "None" else None
+
+
 def _to_error(action: str, exc: TeaException) -> OutboundBotError:
     data = getattr(exc, "data", None) or {}
-    code = getattr(exc, "code", None) or (data.get("Code") if isinstance(data, dict) else None)
+    code = _present(getattr(exc, "code", None)) or (_present(data.get("Code")) if isinstance(data, dict) else None)
     message = data.get("Message") if isinstance(data, dict) and data.get("Message") else None
     if message is None:
         inner = getattr(exc, "inner_exception", None)
@@ -248,6 +254,8 @@ def _to_error(action: str, exc: TeaException) -> OutboundBotError:
         or code in RETRYABLE_CODES
         or (isinstance(status, int) and status >= 500)
     )
+    if code is None and isinstance(status, int):
+        message = f"HTTP {status}: {message}"
     if isinstance(exc, UnretryableException) and code is None:
         code = "NetworkError" if "timed out" in message.lower() or "connect" in message.lower() else "BadResponse"
     return OutboundBotError(action, code, message[:500], request_id, retryable=retryable)

@@ -4,6 +4,7 @@ command that creates the CRM tables in an empty database."""
 from __future__ import annotations
 
 import functools
+import logging
 import ssl
 import threading
 from pathlib import Path
@@ -11,9 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
-from call_pipeline.crm.schema import CRM_TABLES, PIPELINE_CALL_END_TABLES, PIPELINE_HOT_LEAD_TABLES, metadata
-
-_PIPELINE_TABLES = (*PIPELINE_CALL_END_TABLES, *PIPELINE_HOT_LEAD_TABLES)
+from call_pipeline.crm.schema import CRM_TABLES, PIPELINE_TABLES, metadata
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
@@ -21,6 +20,10 @@ DEFAULT_CRM_URL = f"sqlite:///{DEFAULT_DATA_DIR / 'crm.sqlite3'}"
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
+# The databases whose pipeline tables this process has checked (once per process and database).
+_pipeline_tables_ensured: set[str] = set()
+_pipeline_tables_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class CrmTablesExistError(RuntimeError):
@@ -107,7 +110,32 @@ def get_crm_engine(url: str) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = create_crm_engine(url)
-        return engine
+    if str(engine.url) not in _pipeline_tables_ensured:
+        try:
+            ensure_pipeline_tables(engine)
+        except Exception as exc:  # the database unreachable: the step that needs it fails clearly
+            log.warning("the pipeline's own tables could not be checked: %s: %s", type(exc).__name__, exc)
+    return engine
+
+
+def ensure_pipeline_tables(engine: Engine, *, force: bool = False) -> None:
+    """Creates the pipeline's own tables (crm/schema.py, PIPELINE_TABLES) where they are missing,
+    never touching the CRM's tables: an existing CRM gets them on the pipeline's first use. Checked
+    once per process and database, unless `force` (after the tables were dropped)."""
+    key = str(engine.url)
+    if key in _pipeline_tables_ensured and not force:
+        return
+    with _pipeline_tables_lock:
+        if key in _pipeline_tables_ensured and not force:
+            return
+        try:
+            metadata.create_all(engine, tables=list(PIPELINE_TABLES), checkfirst=True)
+        except Exception:
+            # Another process created them between the check and the CREATE.
+            missing = {t.name for t in PIPELINE_TABLES} - set(inspect(engine).get_table_names())
+            if missing:
+                raise
+        _pipeline_tables_ensured.add(key)
 
 
 def dispose_crm_engines() -> None:
@@ -127,27 +155,12 @@ def create_crm_tables(engine: Engine, *, replace: bool = False) -> None:
     `replace` is set, which drops and recreates them (demo and test databases only)."""
     existing = existing_crm_tables(engine)
     if existing and not replace:
+        ensure_pipeline_tables(engine)
         raise CrmTablesExistError(
             f"the database already has CRM tables {existing}; refusing to touch them "
             "(pass --replace to drop and recreate them, for a demo or test database only)"
         )
     if existing:
-        metadata.drop_all(engine, tables=list(CRM_TABLES) + list(_PIPELINE_TABLES))
-    metadata.create_all(engine, tables=list(CRM_TABLES) + list(_PIPELINE_TABLES))
-    _ensured.add(str(engine.url))
-
-
-# The pipeline's own tables (crm/schema.py), beside the CRM's: created if missing, once per process
-# and database, by the steps that use them, before their first transaction.
-_ensured: set[str] = set()
-_ensured_lock = threading.Lock()
-
-
-def ensure_pipeline_tables(engine: Engine) -> None:
-    key = str(engine.url)
-    if key in _ensured:
-        return
-    with _ensured_lock:
-        if key not in _ensured:
-            metadata.create_all(engine, tables=list(_PIPELINE_TABLES), checkfirst=True)
-            _ensured.add(key)
+        metadata.drop_all(engine, tables=list(CRM_TABLES) + list(PIPELINE_TABLES))
+    metadata.create_all(engine, tables=list(CRM_TABLES))
+    ensure_pipeline_tables(engine, force=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, not_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, literal, not_, or_, select, update
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 from call_pipeline.crm.schema import (
     call_pipeline_call_ends,
     call_pipeline_hot_leads_posted,
+    call_pipeline_unit_failures,
     call_tasks,
     dcc_leads_follow,
     leads_task_list,
@@ -172,7 +173,8 @@ def count_lead_work(conn: Connection, task_ids: Sequence[int], *, unposted_hot_l
     calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
     kinds = [_is_blank(_L.c.call_status),
              and_(terminal, _L.c.leads_follow_id.is_(None)),
-             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))]
+             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url),
+                  not_(_given_up(UNIT_RECORDING)))]
     if unposted_hot_leads:
         kinds.append(and_(_L.c.is_interested == 1, _L.c.leads_follow_id.is_not(None),
                           not_(_L.c.id.in_(select(_H.c.lead_row_id).where(_H.c.task_id.in_(list(task_ids)))))))
@@ -412,6 +414,7 @@ def _record_call_ends(conn: Connection, task_id: int, by_job: dict[str, CallResu
 def fetch_leads_needing_recording(
     conn: Connection, task_id: int, job_ids: Iterable[str] | None = None
 ) -> list[LeadForRecording]:
+    """Succeeded calls without a recording, except those whose recording was given up."""
     stmt = (
         select(_L.c.id, _L.c.call_job_id, _L.c.call_task_id)
         .where(
@@ -419,6 +422,7 @@ def fetch_leads_needing_recording(
             _L.c.call_status == SUCCEEDED,
             _has_text(_L.c.call_task_id),
             _is_blank(_L.c.recording_url),
+            not_(_given_up(UNIT_RECORDING)),
         )
         .order_by(_L.c.id)
     )
@@ -706,3 +710,112 @@ def lead_ids_by_job(conn: Connection, job_ids: Iterable[str]) -> dict[str, int]:
         stmt = select(_L.c.call_job_id, _L.c.leads_id).where(_L.c.call_job_id.in_(ids[start:start + 500]))
         found.update({row.call_job_id: int(row.leads_id) for row in conn.execute(stmt)})
     return found
+
+
+# ---- units that keep failing (the pipeline's own table) ----------------------------------------
+
+_U = call_pipeline_unit_failures
+UNIT_CALL_RESULT, UNIT_RECORDING, UNIT_FOLLOW_UP = "call_result", "recording", "follow_up"
+
+
+def _given_up(unit: str):
+    """The lead row (of `leads_task_list` in the enclosing statement) has `unit` given up."""
+    return exists().where(_U.c.lead_row_id == _L.c.id, _U.c.unit == unit, _U.c.given_up.is_(True))
+
+
+@dataclass(frozen=True)
+class GivenUpUnit:
+    lead_row_id: int
+    leads_id: int
+    call_job_id: str | None
+    unit: str
+    attempts: int
+    last_error: str | None
+
+
+def lead_rows_of_jobs(conn: Connection, task_id: int, job_ids: Iterable[str]) -> dict[str, int]:
+    """The lead row holding each of `job_ids` in the task."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    stmt = select(_L.c.call_job_id, _L.c.id).where(_L.c.task_id == task_id, _L.c.call_job_id.in_(ids))
+    return {row.call_job_id: int(row.id) for row in conn.execute(stmt)}
+
+
+def count_unit_failures(conn: Connection, task_id: int, unit: str, errors: dict[int, str], run_id: str,
+                        max_attempts: int, now: datetime) -> list[int]:
+    """Counts one failed run for each lead row of `errors` (lead row id → why), at most once per
+    run (a retry of the step in the same run only updates the error), and gives up the unit of
+    those that reached `max_attempts` runs. Returns the lead rows given up (now, or before and
+    failing again: their step concludes them again, which is idempotent)."""
+    if not errors:
+        return []
+    held = {int(row.lead_row_id): row for row in conn.execute(
+        select(_U.c.lead_row_id, _U.c.attempts, _U.c.last_run_id, _U.c.given_up)
+        .where(_U.c.unit == unit, _U.c.lead_row_id.in_(list(errors))))}
+    given_up_now: list[int] = []
+    for lead_row_id, error in errors.items():
+        row = held.get(lead_row_id)
+        attempts = 1 if row is None else int(row.attempts) + (row.last_run_id != run_id)
+        # Returned again when a unit given up fails once more (its conclusion was not written).
+        give_up = attempts >= max_attempts
+        values = {"attempts": attempts, "last_error": (error or "")[:1000], "last_run_id": run_id,
+                  "updated_time": now}
+        if give_up:
+            values["given_up"] = True
+            given_up_now.append(lead_row_id)
+        if row is None:
+            conn.execute(_U.insert().values(task_id=task_id, lead_row_id=lead_row_id, unit=unit, given_up=give_up,
+                                            alerted=False, **{k: v for k, v in values.items() if k != "given_up"}))
+        else:
+            conn.execute(update(_U).where(_U.c.lead_row_id == lead_row_id, _U.c.unit == unit).values(**values))
+    return given_up_now
+
+
+def clear_unit_failures(conn: Connection, task_id: int, unit: str, lead_row_ids: Iterable[int]) -> int:
+    """A success clears the count (a unit given up stays so: its lead is named in the history)."""
+    ids = sorted(set(lead_row_ids))
+    if not ids:
+        return 0
+    stmt = delete(_U).where(_U.c.task_id == task_id, _U.c.unit == unit, _U.c.lead_row_id.in_(ids),
+                            _U.c.given_up.is_(False))
+    return int(conn.execute(stmt).rowcount or 0)
+
+
+def lead_rows_with_failures(conn: Connection, task_id: int, unit: str) -> set[int]:
+    """Lead rows of the task with a failure counted for `unit` (not given up): those whose
+    success must clear it."""
+    stmt = select(_U.c.lead_row_id).where(_U.c.task_id == task_id, _U.c.unit == unit, _U.c.given_up.is_(False))
+    return {int(row.lead_row_id) for row in conn.execute(stmt)}
+
+
+def conclude_jobs_failed(conn: Connection, task_id: int, lead_row_ids: Iterable[int], now: datetime) -> int:
+    """A job that ListJobs no longer returns, given up: its lead is concluded `Failed` (only while
+    its status is still not terminal)."""
+    ids = sorted(set(lead_row_ids))
+    if not ids:
+        return 0
+    stmt = (update(_L).where(_L.c.task_id == task_id, _L.c.id.in_(ids), _not_terminal())
+            .values(call_status=FAILED, updated_time=now))
+    return int(conn.execute(stmt).rowcount or 0)
+
+
+def fetch_given_up_not_alerted(conn: Connection, task_id: int) -> list[GivenUpUnit]:
+    """The task's units given up since its last alert, with their lead."""
+    stmt = (
+        select(_U.c.lead_row_id, _L.c.leads_id, _L.c.call_job_id, _U.c.unit, _U.c.attempts, _U.c.last_error)
+        .select_from(_U.join(_L, _L.c.id == _U.c.lead_row_id))
+        .where(_U.c.task_id == task_id, _U.c.given_up.is_(True), _U.c.alerted.is_(False))
+        .order_by(_U.c.lead_row_id, _U.c.unit)
+    )
+    return [GivenUpUnit(int(r.lead_row_id), int(r.leads_id), r.call_job_id, r.unit, int(r.attempts), r.last_error)
+            for r in conn.execute(stmt)]
+
+
+def mark_given_up_alerted(conn: Connection, task_id: int, units: Iterable[GivenUpUnit], now: datetime) -> int:
+    done = 0
+    for item in units:
+        done += int(conn.execute(
+            update(_U).where(_U.c.task_id == task_id, _U.c.lead_row_id == item.lead_row_id, _U.c.unit == item.unit)
+            .values(alerted=True, updated_time=now)).rowcount or 0)
+    return done

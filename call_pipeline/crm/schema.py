@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -106,8 +107,6 @@ call_pipeline_call_ends = Table(
     **_MYSQL_TABLE_ARGS,
 )
 
-PIPELINE_CALL_END_TABLES = (call_pipeline_call_ends,)
-
 # The hot leads posted to CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL, each claimed (its row inserted) before
 # its post and marked posted after it: a lead is never posted twice (steps/hot_leads.py).
 call_pipeline_hot_leads_posted = Table(
@@ -122,4 +121,25 @@ call_pipeline_hot_leads_posted = Table(
     **_MYSQL_TABLE_ARGS,
 )
 
-PIPELINE_HOT_LEAD_TABLES = (call_pipeline_hot_leads_posted,)
+# The pipeline's own table (contract §12, "A lead that keeps failing does not hold its task"): per
+# lead and unit of work ("call_result", "recording", "follow_up"), the runs in which it failed and
+# whether it was given up. Never one of the CRM's columns: it lives beside the CRM's tables, created
+# with them, and created when missing in a CRM that has them (`ensure_pipeline_tables`).
+call_pipeline_unit_failures = Table(
+    "call_pipeline_unit_failures",
+    metadata,
+    Column("task_id", BigInteger, nullable=False),
+    Column("lead_row_id", BigInteger, nullable=False),  # leads_task_list.id
+    Column("unit", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),  # runs in which the unit failed
+    Column("last_error", String(1000), nullable=True),
+    Column("last_run_id", String(64), nullable=True),  # counted at most once per run
+    Column("given_up", Boolean, nullable=False, server_default="0"),
+    Column("alerted", Boolean, nullable=False, server_default="0"),  # its one alert was posted
+    Column("updated_time", _DATETIME, nullable=True),
+    PrimaryKeyConstraint("lead_row_id", "unit"),
+    Index("idx_unit_failures_task", "task_id", "unit"),
+    **_MYSQL_TABLE_ARGS,
+)
+
+PIPELINE_TABLES = (call_pipeline_call_ends, call_pipeline_hot_leads_posted, call_pipeline_unit_failures)

@@ -45,6 +45,8 @@ class StepCounts:
     hot_leads_not_posted: int = 0  # posts that failed (tried again on a later run)
     masked_phone_jobs: int = 0  # jobs whose phone came masked and that nothing else matched
     masked_phone_examples: tuple[str, ...] = ()  # the first few of them (MASKED_PHONE_EXAMPLES)
+    units_given_up: int = 0  # units of one lead given up in this run (contract §12)
+    jobs_concluded_failed: int = 0  # of which jobs ListJobs no longer returns, concluded Failed
 
     def __add__(self, other: StepCounts) -> StepCounts:
         total = StepCounts()

@@ -87,6 +87,8 @@ def render_run_summary(stats: dict) -> str:
     rows.append(("AI fallbacks", _number(fallbacks)))
     rows.append(("hot leads posted", _number(stats.get("hot_leads_posted"))))
     rows.append(("hot leads not posted (tried again next run)", _number(stats.get("hot_leads_not_posted"))))
+    if "units_given_up" in stats:
+        rows.append(("units of one lead given up", _number(stats.get("units_given_up"))))
     before, after = stats.get("task_type_before"), stats.get("task_type_after")
     rows.append(("task state before", _task_type(before)))
     rows.append(("task state after", _task_type(after)))
@@ -96,4 +98,24 @@ def render_run_summary(stats: dict) -> str:
     title = "Run summary" if task_id is None else f"Run summary for task {_cell(task_id)}"
     lines = [f"**{title}**", "", "| metric | value |", "| --- | ---: |"]
     lines += [f"| {label} | {value} |" for label, value in rows]
+    given_up = stats.get("given_up") or []
+    if given_up:
+        lines += ["", "**Given up** (failed in too many runs; named once, when given up):", ""]
+        lines += [f"- {_cell(line)}" for line in given_up]
     return "\n".join(lines) + "\n"
+
+
+# What giving up a unit did to its lead (contract §12).
+GIVEN_UP_EFFECT = {
+    "call_result": "the job is no longer returned by ListJobs: concluded Failed",
+    "recording": "its recording is left empty",
+    "follow_up": "the basic record (AI unavailable) was written",
+}
+
+
+def describe_given_up(leads_id: int, call_job_id: str | None, unit: str, attempts: int,
+                      last_error: str | None) -> str:
+    """One given-up unit, as the run summary and the alert name it."""
+    effect = GIVEN_UP_EFFECT.get(unit, "given up")
+    return (f"lead {leads_id} (job {call_job_id or '-'}): {unit.replace('_', ' ')} failed in {attempts} runs, "
+            f"{effect}; last error: {last_error or 'unknown'}")

@@ -26,6 +26,8 @@ _APP_RE = re.compile(r"/apps/[^/]+/completion$")
 _DS_DEFAULT_CODES = {
     400: ("InvalidParameter", "Input data is invalid."),
     401: ("InvalidApiKey", "Invalid API-key provided."),
+    403: ("AccessDenied", "Access denied."),
+    404: ("ModelNotFound", "Model not exist."),
     429: ("Throttling.RateQuota", "Requests rate limit exceeded, please try again later."),
     500: ("InternalError",
           "An internal error has occured, please try again later or contact service support."),
@@ -79,6 +81,12 @@ def _serve(state: SimulatorState, endpoint: str, headers: Message, raw: bytes) -
         delay = state.dashscope_latency_ms + (fault.latency_ms if fault else 0)
     if delay > 0:
         time.sleep(delay / 1000)
+    if fault is not None and fault.error_200:
+        # An error code in an HTTP 200 with no output, as DashScope has been seen to answer.
+        code = fault.code or "InternalError"
+        return SimResponse(200, dumps({"request_id": str(uuid.uuid4()), "code": code,
+                                       "message": fault.message or KNOWN_MESSAGES.get(code, "")}),
+                           "application/json", dict(fault.headers))
     if fault is not None and not fault.latency_only and fault.llm_content is None:
         if fault.raw_body is not None:
             return SimResponse(fault.status or 502, fault.raw_body.encode("utf-8"),

@@ -234,14 +234,14 @@ def _list_jobs(state: SimulatorState, params: dict[str, str], base_url: str) -> 
     if len(ids) > 99:
         raise ApiError(400, "InvalidParameter",
                        f"A maximum of 99 job IDs can be specified; got {len(ids)}.")
-    return {"Jobs": [state.jobs[j] for j in ids if j in state.jobs]}
+    return {"Jobs": [state.jobs[j] for j in ids if j in state.jobs and j not in state.jobs_gone]}
 
 
 def _describe_job(state: SimulatorState, params: dict[str, str], base_url: str) -> dict:
     job_id = params.get("JobId")
     if not job_id:
         raise ApiError(400, "MissingJobId", "JobId is mandatory for this action.")
-    job = state.jobs.get(job_id)
+    job = state.jobs.get(job_id) if job_id not in state.jobs_gone else None
     if job is None:
         raise ApiError(400, "InvalidParameter", f"The specified JobId does not exist: {job_id}")
     out = copy.deepcopy(job)

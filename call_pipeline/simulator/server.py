@@ -21,6 +21,7 @@ Control plane (JSON over HTTP; each also a method of ``SimulatorState``):
 ``GET    /__sim/job_groups``           ids and job counts of the loaded groups
 ``POST   /__sim/jobs``                 ``{"job_group_id": .., "jobs": [...]}`` (late jobs) → ``add_jobs``
 ``POST   /__sim/advance``              ``{"job_group_id": .., "steps": 1, "job_ids": null}`` → ``advance``
+``POST   /__sim/jobs_gone``            ``{"job_ids": [...]}``: ListJobs omits them ([] brings them back)
 ``POST   /__sim/job_status``           ``{"job_id": .., "status": .., ...}`` → ``set_job_status``
 ``POST   /__sim/job_group_status``     ``{"job_group_id": .., "status": "Paused"}`` (null: follow the jobs again)
                                       → ``set_job_group_status``
@@ -97,6 +98,8 @@ def _control(state: SimulatorState, method: str, path: str, body: Any) -> tuple[
         return 200, {"ok": True, "status": state.set_job_group_status(b["job_group_id"], b.get("status"))}
     if route == ("POST", "/__sim/late_transcripts"):
         return 200, {"ok": True, "released": state.release_late_transcripts(b.get("job_ids") or [])}
+    if route == ("POST", "/__sim/jobs_gone"):
+        return 200, {"ok": True, "job_ids": state.set_jobs_gone(b.get("job_ids") or [])}
     if route == ("GET", "/__sim/llm_requests"):
         return 200, {"llm_requests": state.llm_requests}
     if route[1].startswith("/__sim/jobs/") and method == "GET":

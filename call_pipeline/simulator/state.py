@@ -19,6 +19,8 @@ A fault dict (``inject_fault``; every key optional)::
      "raw_body": "<html>bad gateway</html>",   # a non-JSON body (status defaults to 502)
      "success_false": false,   # OutboundBot: HTTP 200 with Success:false, Code, HttpStatusCode=status|400
      "llm_content": "...",     # DashScope: HTTP 200 whose answer content is this text
+     "error_200": false,       # DashScope: HTTP 200 carrying {"code", "message", "request_id"} and
+                               # no output (code defaults to InternalError)
      "job_ids": [...],         # OutboundBot: only requests that name one of these jobs (JobId, JobId.N,
                                # or the TaskId of one of their tasks)
      "job_group_id": "...",    # OutboundBot: only requests for this JobGroupId
@@ -56,6 +58,7 @@ class Fault:
     raw_body: str | None = None
     success_false: bool = False
     llm_content: str | None = None
+    error_200: bool = False
     job_ids: list[str] | None = None
     job_group_id: str | None = None
     page_number: int | None = None
@@ -66,7 +69,7 @@ class Fault:
     @property
     def latency_only(self) -> bool:
         return (self.status is None and self.code is None and self.raw_body is None
-                and not self.success_false and self.llm_content is None)
+                and not self.success_false and self.llm_content is None and not self.error_200)
 
 
 def tasks_of(job: dict) -> list[dict]:
@@ -113,6 +116,8 @@ class SimulatorState:
         self.outboundbot_latency_ms = 0.0
         self.dashscope_latency_ms = 0.0
         self.qps_cap: int | None = None
+        # Jobs deleted from the cloud: ListJobs and DescribeJob no longer return them.
+        self.jobs_gone: set[str] = set()
         self._reset_stats_locked()
 
     # -- data ----------------------------------------------------------------------------------
@@ -415,6 +420,13 @@ class SimulatorState:
         # DownloadRecording calls per TaskId, to tell a repeated call
         self._downloads_by_task: Counter[str] = Counter()
 
+    def set_jobs_gone(self, job_ids: list[str]) -> list[str]:
+        """Jobs that ListJobs (and DescribeJob) no longer return, as for a job deleted in the
+        cloud; an empty list brings every job back."""
+        with self.lock:
+            self.jobs_gone = {str(j) for j in job_ids}
+            return sorted(self.jobs_gone)
+
     def reset_stats(self) -> None:
         with self.lock:
             llm_in_flight, ob_in_flight = self._llm_in_flight, self._ob_in_flight
@@ -434,6 +446,7 @@ class SimulatorState:
             self._faults.clear()
             self.outboundbot_latency_ms = self.dashscope_latency_ms = 0.0
             self.qps_cap = None
+            self.jobs_gone.clear()
             self.reset_stats()
 
     @property

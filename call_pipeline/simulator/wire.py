@@ -25,6 +25,13 @@ KNOWN_MESSAGES = {
     "Throttling.User": "Request was denied due to user flow control.",
     "DataInspectionFailed": "Input data may contain inappropriate content.",
     "Throttling.AllocationQuota": "Allocated quota exceeded, please increase your quota limit.",
+    # DashScope's account and model errors (help.aliyun.com/zh/model-studio/error-code).
+    "Arrearage": "Access denied, please make sure your account is in good standing.",
+    "AccessDenied": "Access denied.",
+    "InvalidApiKey": "Invalid API-key provided.",
+    "ModelNotFound": "Model not exist.",
+    # OutboundBot: DownloadRecording for a call whose recording is gone.
+    "Recording.NotExist": "The recording does not exist.",
 }
 
 

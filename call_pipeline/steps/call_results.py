@@ -22,6 +22,7 @@ from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, CallRes
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.settings import SETTINGS
 from call_pipeline.steps._concurrent import call_and_write
+from call_pipeline.steps.give_up import UnitLedger
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ NAMED_PER_LINE = 20
 
 
 def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
-                        zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None) -> StepReport:
+                        zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None,
+                        ledger: UnitLedger | None = None) -> StepReport:
     """ListJobs for the batch's jobs (`job_ids`; None: the whole task) that still need a result,
     in calls of as many ids as ListJobs takes, LIST_JOBS_IN_FLIGHT at a time. A failed call fails
-    its jobs only."""
+    its jobs only. With a `ledger`, a job that ListJobs does not return counts as a failed unit of
+    its lead, and once given up its lead is concluded `Failed`."""
     logger = logger or log
     report = StepReport()
     ensure_pipeline_tables(engine)
@@ -51,6 +54,8 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
     # The same problem of many jobs (say 300 cancelled jobs never dialled) is one line naming
     # them, not 300 events in the run's log.
     jobs_with: dict[str, list[str]] = {}
+    not_returned: list[str] = []
+    returned: list[str] = []
 
     def fetch(ids: list[str]):
         try:
@@ -76,7 +81,9 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
                         logger.debug("task %s job %s: %s", task_id, result.job_id, problem)
                     else:
                         jobs_with.setdefault(problem, []).append(result.job_id)
+            returned.extend(result.job_id for result in parsed.results)
             if parsed.missing_job_ids:
+                not_returned.extend(parsed.missing_job_ids)
                 report.counts.jobs_not_returned += len(parsed.missing_job_ids)
                 logger.warning("task %s: ListJobs did not return %d job(s) (queried again next run): %s", task_id,
                                len(parsed.missing_job_ids), ", ".join(parsed.missing_job_ids[:10]))
@@ -91,7 +98,29 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
                    name="call-pipeline-list-jobs")
     for problem, jobs in jobs_with.items():
         logger.warning("task %s: %s: %s", task_id, problem, named_jobs(jobs))
+    if ledger is not None and (not_returned or returned):
+        _count_jobs_not_returned(engine, ledger, task_id, not_returned, returned, now, report, logger)
     return report
+
+
+def _count_jobs_not_returned(engine: Engine, ledger: UnitLedger, task_id: int, not_returned: list[str],
+                             returned: list[str], now: datetime, report: StepReport, logger: logging.Logger) -> None:
+    if not not_returned and not ledger.held(task_id, repo.UNIT_CALL_RESULT):
+        return  # nothing failed now or before: nothing to count or clear
+    with engine.connect() as conn:
+        rows = repo.lead_rows_of_jobs(conn, task_id, [*not_returned, *returned])
+    failed = {rows[job_id]: f"ListJobs did not return job {job_id}" for job_id in not_returned if job_id in rows}
+    given_up = ledger.record(task_id, repo.UNIT_CALL_RESULT, failed,
+                             [rows[job_id] for job_id in returned if job_id in rows], now)
+    if not given_up:
+        return
+    with repo.write_transaction(engine) as conn:
+        concluded = repo.conclude_jobs_failed(conn, task_id, given_up, now)
+    jobs = [job_id for job_id in not_returned if rows.get(job_id) in set(given_up)]
+    report.counts.units_given_up += len(given_up)
+    report.counts.jobs_concluded_failed += concluded
+    logger.warning("task %s: ListJobs did not return %s in %d runs: given up, concluded Failed", task_id,
+                   named_jobs(jobs), ledger.max_attempts)
 
 
 def named_jobs(job_ids: Sequence[str], limit: int = NAMED_PER_LINE) -> str:

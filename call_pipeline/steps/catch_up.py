@@ -24,6 +24,7 @@ from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps.batch import BatchResult, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.follow_ups import write_follow_ups
+from call_pipeline.steps.give_up import UnitLedger
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline.steps.recordings import save_recordings
 
@@ -41,7 +42,8 @@ def incomplete_batches(plan: Sequence[PageRequest], recordings: Sequence[BatchRe
 
 def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, requests: Sequence[PageRequest],
                      zone: ZoneInfo, clock: Callable[[], datetime], concurrency: int,
-                     logger: logging.Logger, archive: RecordingArchive | None = None) -> StepReport:
+                     logger: logging.Logger, archive: RecordingArchive | None = None,
+                     ledger: UnitLedger | None = None) -> StepReport:
     """Steps 2 to 5 for each batch in `requests`, doing only what the CRM still needs (every
     write is guarded, so redoing a batch that was partly done is safe)."""
 
@@ -49,12 +51,13 @@ def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, 
         report = StepReport()
         batch = match_jobs_of_pages(engine, client, request, clock(), logger)
         report.counts = report.counts + batch.counts
-        report.merge(update_call_results(engine, client, batch.task_id, batch.job_ids, zone, clock(), logger))
+        report.merge(update_call_results(engine, client, batch.task_id, batch.job_ids, zone, clock(), logger,
+                                         ledger=ledger))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="call-pipeline-catch-up") as pool:
             recordings = pool.submit(save_recordings, engine, client, batch.task_id, batch.job_ids, clock, logger,
-                                     archive=archive)
+                                     archive=archive, ledger=ledger)
             follow_ups = pool.submit(write_follow_ups, engine, llm, batch.task_id, batch.job_ids, clock,
-                                     concurrency, logger)
+                                     concurrency, logger, ledger=ledger)
             report.merge(recordings.result())
             report.merge(follow_ups.result())
         report.counts.batches_caught_up += 1

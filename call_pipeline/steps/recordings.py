@@ -14,6 +14,7 @@ from call_pipeline.clients.recording_store import ArchiveError, RecordingArchive
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps._concurrent import call_and_write
+from call_pipeline.steps.give_up import UnitLedger
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,21 @@ class _Download:
 
 def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
                     clock: Callable[[], datetime], logger: logging.Logger | None = None,
-                    threads: int = RECORDING_THREADS, archive: RecordingArchive | None = None) -> StepReport:
+                    threads: int = RECORDING_THREADS, archive: RecordingArchive | None = None,
+                    ledger: UnitLedger | None = None) -> StepReport:
     """DownloadRecording for the batch's succeeded calls without a recording, written as they
     come. With an `archive`, the recording behind the signed URL is stored there and the CRM
     gets the archive's URL; one already archived is not fetched again (nor is DownloadRecording
     called), and a signed URL that expired before it was fetched is asked for anew, once.
     A failed download or archive leaves `recording_url` empty with a warning and is a failed
     unit (the run must not conclude the task with a recording missing: a task at 4 is not run
-    again). An invalid call task id is skipped with a warning and does not fail the step."""
+    again). An invalid call task id is skipped with a warning and does not fail the step. With a
+    `ledger`, a recording that failed in `ledger.max_attempts` runs is given up: it stays empty,
+    is asked for no more, and no longer fails the step."""
     logger = logger or log
     report = StepReport()
+    failed: dict[int, tuple[repo.LeadForRecording, str]] = {}
+    saved: list[int] = []
     with engine.connect() as conn:
         leads = repo.fetch_leads_needing_recording(conn, task_id, job_ids)
 
@@ -99,13 +105,25 @@ def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job
                                task_id, item.lead.call_job_id, item.lead.call_task_id, item.error)
             else:
                 report.counts.recordings_failed += 1
-                report.fail(f"recording of job {item.lead.call_job_id}: {item.error}")
+                failed[item.lead.lead_row_id] = (item.lead, str(item.error))
                 logger.warning("task %s job %s: recording not fetched (retried next run): %s",
                                task_id, item.lead.call_job_id, item.error)
         if fetched:
             with repo.write_transaction(engine) as conn:
                 report.counts.recordings_fetched += repo.store_recording_urls(conn, fetched, clock())
+            saved.extend(lead_row_id for lead_row_id, _ in fetched)
 
     call_and_write(leads, download, write, threads=threads, batch_size=WRITTEN_TOGETHER,
                    max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-recordings")
+    given_up: set[int] = set()
+    if ledger is not None:
+        given_up = set(ledger.record(task_id, repo.UNIT_RECORDING,
+                                     {row: error for row, (_, error) in failed.items()}, saved, clock()))
+    for lead_row_id, (lead, error) in failed.items():
+        if lead_row_id in given_up:
+            report.counts.units_given_up += 1
+            logger.warning("task %s job %s: recording failed in %d runs: given up, left empty (%s)",
+                           task_id, lead.call_job_id, ledger.max_attempts if ledger else 0, error)
+        else:
+            report.fail(f"recording of job {lead.call_job_id}: {error}")
     return report

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from call_pipeline.clients.dashscope_llm import LlmClient, LlmError
+from call_pipeline.clients.dashscope_llm import LEAD, OUTAGE, LlmClient, LlmError, classify_failure
 from call_pipeline.clients.limits import SharedSemaphore
 from call_pipeline.resources import DashScopeResource
 
@@ -111,3 +111,70 @@ def test_calls_reuse_the_clients_connections(simulator, tmp_path, monkeypatch):
     assert session.trust_env is False  # the environment is not read again per call
     pools = session.get_adapter(simulator.dashscope_base_url).poolmanager.pools
     assert len(pools) == 1  # one host, one pool, its connections kept alive
+
+
+# Contract §12, "An outage is not a verdict": what the account or the service answers is an outage,
+# what the lead's own request causes is not. Each through the real SDK against the simulator.
+@pytest.mark.parametrize("status,code,message", [
+    (400, "Arrearage", None),
+    (401, "InvalidApiKey", None),
+    (403, "AccessDenied", None),
+    (404, "ModelNotFound", None),
+    (400, "InvalidParameter", "Model not exist."),
+    (500, "InternalError", None),
+])
+def test_account_and_service_failures_are_outages(simulator, tmp_path, status, code, message):
+    fault = {"message": message} if message else {}
+    simulator.state.inject_fault(action="dashscope", status=status, code=code, times=None, **fault)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path).complete(MESSAGES)
+    assert info.value.code == code and info.value.status_code == status
+    assert info.value.is_outage and info.value.kind == "outage"
+
+
+def test_throttling_past_the_retries_and_timeouts_are_outages(simulator, tmp_path):
+    simulator.state.inject_fault(action="dashscope", status=429, code="Throttling.RateQuota", times=3)
+    with pytest.raises(LlmError) as throttled:
+        make_client(simulator, tmp_path).complete(MESSAGES)
+    simulator.state.inject_fault(action="dashscope", latency_ms=800, times=3)
+    with pytest.raises(LlmError) as timed_out:
+        make_client(simulator, tmp_path, request_timeout_s=0.2).complete(MESSAGES)
+    assert throttled.value.is_outage and timed_out.value.is_outage
+
+
+@pytest.mark.parametrize("app_id", [None, "app-demo"])
+def test_an_http_200_with_an_error_code_and_no_output_is_an_outage(simulator, tmp_path, app_id):
+    """The SDK itself fails on such an answer (TypeError building its output); the client turns it
+    into an LlmError that names the answer's code."""
+    simulator.state.inject_fault(action="dashscope", error_200=True, code="Arrearage", times=None)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path, **({"app_id": app_id} if app_id else {})).complete(MESSAGES)
+    assert info.value.code == "Arrearage" and info.value.status_code == 200
+    assert info.value.is_outage
+    assert "good standing" in str(info.value) and "no output" in str(info.value)
+
+
+@pytest.mark.parametrize("status,code,message", [
+    (400, "DataInspectionFailed", None),
+    (400, "InvalidParameter", "<400> InternalError.Algo.InvalidParameter: Range of input length should be "
+                              "[1, 129024]"),
+])
+def test_a_failure_of_the_leads_own_request_is_not_an_outage(simulator, tmp_path, status, code, message):
+    fault = {"message": message} if message else {}
+    simulator.state.inject_fault(action="dashscope", status=status, code=code, times=1, **fault)
+    with pytest.raises(LlmError) as info:
+        make_client(simulator, tmp_path).complete(MESSAGES)
+    assert info.value.code == code and info.value.kind == "lead" and not info.value.is_outage
+    assert simulator.state.stats()["dashscope_requests"] == 1
+
+
+@pytest.mark.parametrize("status,code,message,kind", [
+    (None, "Timeout", "", OUTAGE), (None, "NetworkError", "", OUTAGE), (200, "Arrearage", "", OUTAGE),
+    (400, "Arrearage", "", OUTAGE), (400, "Throttling.AllocationQuota", "", OUTAGE), (429, "Unknown", "", OUTAGE),
+    (502, "Unknown", "<html>", OUTAGE), (403, "AccessDenied.Unpurchased", "", OUTAGE),
+    (400, "InvalidParameter", "The model `qwen-plux` does not exist", OUTAGE),
+    (400, "InvalidParameter", "'messages' must contain the word 'json'", LEAD),
+    (400, "DataInspectionFailed", "", LEAD), (200, "EmptyAnswer", "", LEAD),
+])
+def test_classify_failure(status, code, message, kind):
+    assert classify_failure(status, code, message) == kind

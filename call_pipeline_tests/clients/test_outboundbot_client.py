@@ -197,3 +197,14 @@ def test_threads_that_start_together_build_one_session(simulator, tmp_path, grou
         totals = list(pool.map(lambda _: call(), range(8)))
     assert totals == [250] * 8
     assert len(built) == 1
+
+
+def test_an_error_without_a_code_is_not_the_code_none(simulator, tmp_path):
+    """The SDK formats a missing Code as the string "None"; the error says there was none."""
+    simulator.state.inject_fault(action="ListJobs", status=404, raw_body='{"RequestId": "r-1", "Message": "gone"}',
+                                 times=None)
+    with pytest.raises(OutboundBotError) as info:
+        make_client(simulator, tmp_path).list_jobs(["job-1"])
+    assert info.value.code is None
+    assert "None" not in str(info.value)
+    assert str(info.value) == "OutboundBot ListJobs failed: error: HTTP 404: gone (request id r-1)"

@@ -74,3 +74,31 @@ def test_create_refuses_a_database_that_has_the_tables(crm_url):
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(call_tasks)).scalar_one() == 0
     engine.dispose()
+
+
+def test_an_existing_crm_gets_the_pipelines_own_table_and_keeps_its_own(crm_url):
+    """A CRM made before the pipeline had a table of its own (contract §12): `init-db` and the
+    pipeline's first use create `call_pipeline_unit_failures` and touch no CRM table."""
+    from call_pipeline.crm.database import get_crm_engine
+    from call_pipeline.crm.schema import call_pipeline_unit_failures
+
+    engine = create_crm_engine(crm_url)
+    call_pipeline_unit_failures.drop(engine)
+    with engine.begin() as conn:
+        conn.execute(call_tasks.insert().values(task_name="keep me"))
+    assert "call_pipeline_unit_failures" not in sa.inspect(engine).get_table_names()
+    with pytest.raises(CrmTablesExistError):
+        create_crm_tables(engine)  # init-db on an existing CRM
+    assert "call_pipeline_unit_failures" in sa.inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(call_tasks.c.task_name)).scalars().all() == ["keep me"]
+
+    call_pipeline_unit_failures.drop(engine)
+    from call_pipeline.crm import database
+
+    database._pipeline_tables_ensured.discard(crm_url)
+    get_crm_engine(crm_url)  # the pipeline's first use in a process
+    assert "call_pipeline_unit_failures" in sa.inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(call_tasks.c.task_name)).scalars().all() == ["keep me"]
+    engine.dispose()

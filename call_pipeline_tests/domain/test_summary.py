@@ -1,5 +1,5 @@
 from call_pipeline.domain.matching import LeadMatch, MatchResult
-from call_pipeline.domain.summary import render_run_summary, sum_counts
+from call_pipeline.domain.summary import describe_given_up, render_run_summary, sum_counts
 
 
 def rows(markdown: str) -> dict[str, str]:
@@ -113,3 +113,11 @@ def test_flat_totals_as_the_ops_collect_them():
 def test_the_summary_shows_the_job_groups_status():
     assert rows(render_run_summary({"job_group_status": "Paused"}))["job group status"] == "Paused"
     assert rows(render_run_summary({}))["job group status"] == "—"
+def test_units_given_up_are_named_with_their_reason():
+    line = describe_given_up(42, "job-9", "recording", 5, "OutboundBot DownloadRecording failed: Recording.NotExist")
+    assert line == ("lead 42 (job job-9): recording failed in 5 runs, its recording is left empty; "
+                    "last error: OutboundBot DownloadRecording failed: Recording.NotExist")
+    text = render_run_summary({"task_id": 3, "units_given_up": 1, "given_up": [line]})
+    assert "| units of one lead given up | 1 |" in text
+    assert "**Given up**" in text and f"- {line}" in text
+    assert "Given up" not in render_run_summary({"task_id": 3})  # nothing given up, nothing named

@@ -333,3 +333,30 @@ def test_latency_is_per_request_and_requests_overlap(sim, client):
     elapsed = time.monotonic() - t0
     assert 0.3 <= elapsed < 1.5  # ten 300 ms requests in flight together, not one after another
     assert sim.state.stats()["max_outboundbot_in_flight"] >= 5
+
+
+def test_jobs_gone_are_no_longer_returned_by_list_jobs(sim, client):
+    group = _load(sim, 5)
+    ids = [job["JobId"] for job in group["jobs"]]
+    answer = requests.post(f"{sim.url}/__sim/jobs_gone", json={"job_ids": ids[:2]}, timeout=5).json()
+    assert answer == {"ok": True, "job_ids": sorted(ids[:2])}
+    body = client.list_jobs(ob.ListJobsRequest(instance_id=INSTANCE, job_id=ids)).body
+    assert [job.job_id for job in body.jobs] == ids[2:]
+    with pytest.raises(ClientException):
+        client.describe_job(ob.DescribeJobRequest(instance_id=INSTANCE, job_id=ids[0]))
+    requests.post(f"{sim.url}/__sim/jobs_gone", json={"job_ids": []}, timeout=5)
+    body = client.list_jobs(ob.ListJobsRequest(instance_id=INSTANCE, job_id=ids)).body
+    assert [job.job_id for job in body.jobs] == ids
+
+
+def test_download_recording_not_exist_for_a_chosen_task(sim, client):
+    group = _load(sim, 5, status_mix={"Succeeded": 1.0})
+    task_ids = [job["Tasks"][-1]["TaskId"] for job in group["jobs"]]
+    sim.state.inject_fault(action="DownloadRecording", status=404, code="Recording.NotExist", job_ids=[task_ids[0]],
+                           times=None)
+    for _ in range(2):
+        with pytest.raises(ClientException) as info:
+            client.download_recording(ob.DownloadRecordingRequest(instance_id=INSTANCE, task_id=task_ids[0]))
+        assert info.value.code == "Recording.NotExist" and info.value.status_code == 404
+    body = client.download_recording(ob.DownloadRecordingRequest(instance_id=INSTANCE, task_id=task_ids[1])).body
+    assert body.download_params.signature_url
