@@ -6,7 +6,7 @@ limiter let it go, logged in the client's transport adapter) and its arrival (wh
 counted it), matched by the request's x-acs-signature-nonce header.
 
     .venv/bin/python scripts/shared_qps.py [--processes 2] [--requests 700] [--qps 10] [--rounds 3] \\
-        [--jitter-ms 0] [--start-phase 0.99]
+        [--jitter-ms 0] [--start-phase 0.99] [--files]
 """
 
 from __future__ import annotations
@@ -102,8 +102,12 @@ def one_round(args: argparse.Namespace, redis_url: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for i in range(args.processes):
-            env = {**os.environ, "CALL_PIPELINE_REDIS_URL": redis_url, "CALL_PIPELINE_REDIS_KEY_PREFIX": prefix,
-                   "CALL_PIPELINE_STATE_DIR": str(Path(tmp) / f"machine-{i}")}
+            if args.files:  # one machine: the processes share the limiter's files, no Redis
+                env = {**os.environ, "CALL_PIPELINE_REDIS_URL": "",
+                       "CALL_PIPELINE_STATE_DIR": str(Path(tmp) / "machine")}
+            else:
+                env = {**os.environ, "CALL_PIPELINE_REDIS_URL": redis_url, "CALL_PIPELINE_REDIS_KEY_PREFIX": prefix,
+                       "CALL_PIPELINE_STATE_DIR": str(Path(tmp) / f"machine-{i}")}
             procs.append(subprocess.Popen([sys.executable, "-c", CHILD, simulator.endpoint, str(args.qps),
                                            str(per_process), str(args.threads), str(args.jitter_ms),
                                            str(args.start_phase)],
@@ -151,6 +155,7 @@ def main() -> int:
     p.add_argument("--jitter-ms", type=float, default=0.0,
                    help="a random delay of up to this between each grant and its send (a busy machine)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--files", action="store_true", help="one machine: the file limiter instead of Redis")
     args = p.parse_args()
     for i in range(args.rounds):
         print(json.dumps({"round": i + 1, **one_round(args, args.redis_url)}), flush=True)
