@@ -73,20 +73,24 @@ class RedisRateLimiter:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._grant = self._redis.register_script(_GRANT)
         self.granted_at = 0.0  # this machine's clock when the last grant came back
+        self._turn = threading.Lock()
 
     def acquire(self) -> float:
         """Wait until a request may go; return how long that took."""
         started = time.monotonic()
         spacing_us = max(1, round(self.spacing * 1_000_000))
-        while True:
-            try:
-                wait_us = int(self._grant(keys=[self.key], args=[spacing_us]))
-            except (redis.RedisError, OSError) as exc:
-                raise _unavailable(self.url, exc) from None
-            if wait_us <= 0:
-                self.granted_at = time.time()
-                return time.monotonic() - started
-            time.sleep(min(wait_us / 1_000_000, MAX_SLEEP_SECONDS))
+        # One waiter per process asks Redis; the process's other threads wait for their turn on
+        # this lock, without a call each per grant (64 threads at 20 QPS were 1,280 calls a second).
+        with self._turn:
+            while True:
+                try:
+                    wait_us = int(self._grant(keys=[self.key], args=[spacing_us]))
+                except (redis.RedisError, OSError) as exc:
+                    raise _unavailable(self.url, exc) from None
+                if wait_us <= 0:
+                    self.granted_at = time.time()
+                    return time.monotonic() - started
+                time.sleep(min(wait_us / 1_000_000, MAX_SLEEP_SECONDS))
 
 
 # Take a lease if fewer than ARGV[1] unexpired ones are held: KEYS[1] a sorted set of lease ids
