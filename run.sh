@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (Python 3.11) on first use, then
-#   ./run.sh demo   - runs sync_call_task end to end on the embedded default (SQLite CRM + simulator)
+#   ./run.sh demo   - runs sync_call_task end to end on a SQLite CRM of its own + the simulator
 #   ./run.sh test   - runs the test suite (needs MariaDB on 127.0.0.1:3306, root, empty password,
 #                     Redis and RabbitMQ; installs Debian's chromium for the browser test if missing)
 #   ./run.sh ui     - starts the simulator and `call-pipeline serve` on the demo CRM (sensors + schedule live)

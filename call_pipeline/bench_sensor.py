@@ -90,6 +90,7 @@ def measure(args: argparse.Namespace) -> dict:
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sensor-hour-"))
         crm_url = stack.enter_context(crm_database(args.db, workdir))
+        os.environ["CALL_PIPELINE_CRM_URL"] = crm_url  # required, like the credentials above
         simulator = stack.enter_context(start_simulator())
         instance = stack.enter_context(dg.DagsterInstance.local_temp(
             tempdir=workdir, overrides={"telemetry": {"enabled": False}}))

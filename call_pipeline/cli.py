@@ -14,9 +14,9 @@ from call_pipeline.crm.database import CrmTablesExistError, create_crm_engine, c
 def _init_db(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("CALL_PIPELINE_CRM_URL")
     if not url:
-        from call_pipeline.crm.database import DEFAULT_CRM_URL
-
-        url = DEFAULT_CRM_URL
+        # No default database: tables created in a file nobody reads would look like success.
+        print("error: no CRM database given: pass --url or set CALL_PIPELINE_CRM_URL", file=sys.stderr)
+        return 2
     engine = create_crm_engine(url)
     try:
         create_crm_tables(engine, replace=args.replace)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-db", help="create the CRM tables in an empty database")
-    p.add_argument("--url", help="SQLAlchemy URL (default: CALL_PIPELINE_CRM_URL, else the SQLite default)")
+    p.add_argument("--url", help="SQLAlchemy URL (default: CALL_PIPELINE_CRM_URL; one of the two is required)")
     p.add_argument("--replace", action="store_true", help="drop and recreate existing CRM tables (demo/test only)")
     p.set_defaults(func=_init_db)
 

@@ -17,7 +17,7 @@ from call_pipeline.clients.dashscope_llm import LlmClient
 from call_pipeline.clients.limits import concurrency_limit, rate_limiter
 from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
-from call_pipeline.crm.database import DEFAULT_CRM_URL, get_crm_engine
+from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
 from call_pipeline.settings import SETTINGS, env_field, from_env
 
@@ -39,8 +39,9 @@ def _cached(resource: dg.ConfigurableResource, factory):
 class CrmDatabase(dg.ConfigurableResource):
     """The CRM's database. The engine and its pool are shared per process."""
 
-    url: str = env_field("CALL_PIPELINE_CRM_URL", DEFAULT_CRM_URL, secret=True,
-                         description="SQLAlchemy URL of the CRM database")
+    # Required, like the credentials: a run, sensor or schedule without it stops and names it
+    # instead of reading an empty SQLite file in the checkout and finding nothing to do.
+    url: str = env_field("CALL_PIPELINE_CRM_URL", secret=True, description="SQLAlchemy URL of the CRM database")
     timezone: str = env_field("CALL_PIPELINE_TIMEZONE", "Asia/Shanghai", description="The CRM's time zone")
 
     @property

@@ -5,7 +5,10 @@ What it absorbs from the SDK (each checked against the SDK by call_pipeline_test
   with backoff (its `RuntimeOptions.autoretry` is ignored, and it retries nothing by default).
 - Every request that goes out, retries included, passes the shared rate limiter: the SDK retries
   inside its own loop, so a limiter around the call would miss them. The SDK has no per-request
-  hook, so the limiter sits in a requests transport adapter mounted on the SDK's session.
+  hook, so the limiter sits in a requests transport adapter mounted on the SDK's session, and
+  within it in the connection: the grant is taken once the connection is open (TCP, TLS, a
+  proxy's tunnel), right before the request's bytes are written, because the cloud counts a
+  request when it arrives.
 - Proxies: the SDK reads HTTP(S)_PROXY itself and ignores NO_PROXY; the same adapter drops the
   proxy for hosts that NO_PROXY (or loopback) excludes.
 - HTTP 200 with `Success: false` is an error (the SDK does not raise on it).
@@ -29,6 +32,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import should_bypass_proxies
 from Tea.exceptions import TeaException, UnretryableException
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from call_pipeline.clients.limits import SharedRateLimiter
 
@@ -87,18 +92,50 @@ def build_retry_options(max_attempts: int, backoff_ms: int, max_backoff_ms: int)
     })
 
 
+class _GatedConnection:
+    """Mixed into urllib3's connections: waits for the rate limiter right before the request is
+    written. Opening a new connection (a TCP handshake, TLS, a proxy's CONNECT) takes from under a
+    millisecond to hundreds; done after the grant, it delayed some requests and not others, and
+    requests granted apart arrived together."""
+
+    limiter: SharedRateLimiter | None = None
+
+    def request(self, method, url, body=None, headers=None, **kwargs):
+        if self.limiter is not None:
+            if self.is_closed:
+                self.connect()
+            self.limiter.acquire()
+        return super().request(method, url, body=body, headers=headers, **kwargs)
+
+
+def _gated_pool_classes(limiter: SharedRateLimiter | None) -> dict[str, type]:
+    connections = {scheme: type(f"Gated{cls.__name__}", (_GatedConnection, cls), {"limiter": limiter})
+                   for scheme, cls in (("http", HTTPConnection), ("https", HTTPSConnection))}
+    return {"http": type("GatedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": connections["http"]}),
+            "https": type("GatedHTTPSConnectionPool", (HTTPSConnectionPool,),
+                          {"ConnectionCls": connections["https"]})}
+
+
 class _GatedAdapter(HTTPAdapter):
-    """Transport adapter for one OutboundBot host: waits for the rate limiter before every
-    request (each retry included) and drops proxies the host is excluded from."""
+    """Transport adapter for one OutboundBot host: its connections wait for the rate limiter
+    before every request (each retry included); it drops proxies the host is excluded from."""
 
     def __init__(self, limiter: SharedRateLimiter | None, bypass_proxy: bool) -> None:
-        super().__init__(pool_connections=4, pool_maxsize=64)
         self.limiter = limiter
         self.bypass_proxy = bypass_proxy
+        self._pool_classes = _gated_pool_classes(limiter)
+        super().__init__(pool_connections=4, pool_maxsize=64)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = self._pool_classes
+        return manager
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
-        if self.limiter is not None:
-            self.limiter.acquire()
         if self.bypass_proxy:
             proxies = {}
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)

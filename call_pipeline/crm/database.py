@@ -16,7 +16,6 @@ from call_pipeline.crm.schema import CRM_TABLES, PIPELINE_TABLES, metadata
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = PROJECT_ROOT / "data"
-DEFAULT_CRM_URL = f"sqlite:///{DEFAULT_DATA_DIR / 'crm.sqlite3'}"
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()

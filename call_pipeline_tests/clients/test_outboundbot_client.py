@@ -1,6 +1,7 @@
 """The OutboundBot wrapper through the real SDK against the simulator: paging, the 99-id limit,
 recordings, and every injected fault (retried, then a clear error)."""
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,38 @@ def test_every_request_passes_the_rate_limiter_retries_included(simulator, tmp_p
     # 4 requests (2 failed attempts, then 2 successes) at 2 per second: the last two wait a second
     assert simulator.state.stats()["requests"]["ListJobsByGroup"] == 4
     assert time.monotonic() - started >= 1.0
+
+
+class _RecordingLimiter(SharedRateLimiter):
+    """The real file limiter, noting for each grant whether the connection it was asked for was
+    already open: what the cloud counts is the request's arrival, so the grant comes after the
+    connection set-up (TCP, TLS) whose duration varies from one request to the next."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grants: list[bool] = []
+
+    def acquire(self) -> float:
+        asker = sys._getframe(1).f_locals.get("self")
+        self.grants.append(getattr(asker, "sock", None) is not None)
+        return super().acquire()
+
+
+def test_the_grant_is_taken_on_an_open_connection_right_before_the_request_is_written(simulator, tmp_path,
+                                                                                      group):
+    from darabonba.core import DaraCore
+
+    settings = OutboundBotResource(access_key_id="a", access_key_secret="b", instance_id="i",
+                                   endpoint=simulator.endpoint, protocol="http", backoff_ms=1, max_backoff_ms=2)
+    limiter = _RecordingLimiter(f"open-{simulator.port}", 500.0, tmp_path)
+    client = OutboundBotClient(settings, limiter)
+    for key in [key for key in DaraCore._sessions if f":{simulator.port}:" in key]:
+        del DaraCore._sessions[key]  # a new session: its first request opens a new connection
+    simulator.state.inject_fault(action="ListJobsByGroup", status=503, code="ServiceUnavailable", times=1)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: client.list_jobs_by_group(group, 1, 5), range(4)))
+    assert simulator.state.stats()["requests"]["ListJobsByGroup"] == 5  # one retried: five on the wire
+    assert limiter.grants == [True] * 5
 
 
 def test_threads_that_start_together_build_one_session(simulator, tmp_path, group, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from call_pipeline.clients.redis_limits import (
+    JITTER_SECONDS,
     LEASE_SECONDS,
     LimitUnavailable,
     RedisLeaseSemaphore,
@@ -58,6 +59,45 @@ def test_the_rate_holds_across_processes(prefix):
     sent = sorted(t for p in procs for t in json.loads(p.communicate(timeout=60)[0]))
     assert len(sent) >= rate * (seconds - 1)  # the processes did go as fast as they were let
     most = max(sum(1 for t in sent if start <= t < start + 1.0) for start in sent)
+    assert most <= rate, most
+
+
+# Threads of one process take grants and "send" each after a delay that varies (0 or JITTER s):
+# the time the request would reach the cloud's counter, which counts per wall-clock second.
+JITTERED = """
+import json, threading, time
+from call_pipeline.clients.redis_limits import RedisRateLimiter
+limiter = RedisRateLimiter({url!r}, "ob", {rate}, {prefix!r})
+arrived, end = [], time.time() + {seconds}
+
+def hammer(thread):
+    n = thread
+    while time.time() < end:
+        limiter.acquire()
+        n += 1
+        time.sleep({jitter} * (n % 2))
+        arrived.append(time.time())
+
+threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(arrived))
+"""
+
+
+def test_requests_that_arrive_a_varying_delay_after_their_grant_stay_under_the_rate(prefix):
+    """The cloud counts a request when it arrives. A window that lets a second's worth of grants go
+    at once puts two bursts 1 s apart, and a few ms of delay that differs between them puts more
+    than the rate into one second (the limiter before: 13 to 17 in some second at a rate of 10).
+    Grants spaced evenly tolerate a delay that varies by up to JITTER_SECONDS."""
+    rate, seconds, jitter = 10, 4.0, 0.015
+    assert jitter < JITTER_SECONDS
+    procs = [_python(JITTERED.format(url=REDIS_URL, rate=rate, prefix=prefix, seconds=seconds, jitter=jitter))
+             for _ in range(3)]
+    arrived = sorted(t for p in procs for t in json.loads(p.communicate(timeout=60)[0]))
+    assert len(arrived) >= rate * (seconds - 1) * (1 - JITTER_SECONDS)  # as fast as they were let
+    # every 1 s window, not only the wall-clock seconds: the cloud's seconds can start anywhere
+    most = max(sum(1 for t in arrived if start <= t < start + 1.0) for start in arrived)
     assert most <= rate, most
 
 
