@@ -76,16 +76,16 @@ def page_layout(asked_size: int, first_page: ParsedPage) -> PageLayout:
 
 def page_shortfall(number: int, page_size: int, page: ParsedPage) -> str | None:
     """What is wrong with page `number` asked with `page_size`, or None when it is whole: the
-    cloud echoed another page size (its offsets are not the plan's), or it listed fewer jobs than
-    its own TotalCount leaves for that page (the group shrinking shows in TotalCount, so only
-    a truly short page is reported)."""
+    cloud echoed another page size (its offsets are not the plan's), or a page before the last
+    (by its own TotalCount: a group that shrank shows it there) listed fewer than `page_size`
+    jobs. The last page is not held to a length: how many jobs it has is only TotalCount's word."""
     if page.page_size and page.page_size != page_size:
         return (f"page {number} was asked with PageSize {page_size} and answered with PageSize "
                 f"{page.page_size}: its jobs are not the ones the plan expected")
-    expected = max(0, min(page_size, page.total_count - (number - 1) * page_size))
-    if page.listed < expected:
-        return (f"page {number} lists {page.listed} job(s), but TotalCount {page.total_count} at "
-                f"{page_size} a page leaves {expected} for it")
+    last = (page.total_count + page_size - 1) // page_size
+    if number < last and page.listed < page_size:
+        return (f"page {number} lists {page.listed} job(s) of {page_size}, but TotalCount "
+                f"{page.total_count} makes it a page before the last")
     return None
 
 

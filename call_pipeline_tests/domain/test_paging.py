@@ -72,6 +72,7 @@ def test_a_whole_page_has_no_shortfall():
     assert page_shortfall(1, 100, page(250, 100, 100)) is None
     assert page_shortfall(3, 100, page(250, 50, 100)) is None  # the last page
     assert page_shortfall(4, 100, page(250, 0, 100)) is None  # past the end
+    assert page_shortfall(3, 100, page(250, 40, 100)) is None  # the last page: only TotalCount's word
     assert page_shortfall(2, 100, page(120, 20)) is None  # the group shrank: its TotalCount says so
     assert page_shortfall(1, 100, page(250, 100)) is None  # no echo
 
