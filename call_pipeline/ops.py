@@ -15,6 +15,7 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.domain.alerts import Alert, alert_payload, scrub
 from call_pipeline.domain.counts import StepCounts, StepReport
 from call_pipeline.domain.job_groups import parse_job_group
+from call_pipeline.domain.paging import group_jobs_of_progress_tag, needs_paging
 from call_pipeline.domain.summary import describe_given_up, render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
@@ -27,7 +28,7 @@ from call_pipeline.steps.follow_ups import write_follow_ups
 from call_pipeline.steps.give_up import UnitLedger
 from call_pipeline.steps.hot_leads import post_hot_leads
 from call_pipeline.steps.matching import match_jobs_of_pages
-from call_pipeline.steps.paging import plan_batches
+from call_pipeline.steps.paging import plan_batches, plan_work_batches
 from call_pipeline.steps.recordings import save_recordings
 from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_leads
 
@@ -164,21 +165,48 @@ def _load_task(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: Ou
 def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, crm: CrmDatabase,
                    outboundbot: OutboundBotResource):
     """Checks the run's task (step 1: a task that no longer qualifies yields nothing, so every
-    later step is skipped), then fans out over its job group's pages: one ListJobsByGroup call
-    for TotalCount, then one mapped chain per batch of `pages_per_batch` pages. `plan` lists
-    every batch, so that the op after `.collect()` can tell which ones no step of the run's
-    lineage completed."""
+    later step is skipped), then fans out: over its job group's pages (one ListJobsByGroup call
+    for TotalCount and the page size the cloud uses, then one mapped chain per batch of
+    `pages_per_batch` pages), or, when the group has no job that the task's leads do not hold
+    already, over the task's jobs that still need work, from the CRM, with no page listed.
+    `plan` lists every batch, so that the op after `.collect()` can tell which ones no step of
+    the run's lineage completed."""
     task = _load_task(context, crm, outboundbot)
     if task is None:
         return
-    plan = plan_batches(outboundbot.get_client(), task, config.page_size, config.pages_per_batch)
-    pages = sum(request.page_count for request in plan)
-    context.log.info(f"task {task.id}: {pages} page(s) of up to {config.page_size} jobs, in {len(plan)} "
-                     f"batch(es) of up to {config.pages_per_batch} page(s)")
+    plan = _plan_run(context, task, config, crm, outboundbot)
     yield dg.Output(task, "task")
     yield dg.Output(plan, "plan")
     for request in plan:
         yield dg.DynamicOutput(request, mapping_key=request.mapping_key, output_name="pages")
+
+
+def _plan_run(context: dg.OpExecutionContext, task: repo.TaskRow, config: PagingConfig, crm: CrmDatabase,
+              outboundbot: OutboundBotResource) -> list[PageRequest]:
+    # The group's size as this run's progress tag has it (the sensor's, or _tag_progress's read):
+    # the run's storage copy, since _tag_progress may have just added it.
+    run = context.instance.get_run_by_id(context.run_id)
+    group_jobs = group_jobs_of_progress_tag((run.tags if run else context.run.tags).get(PROGRESS_TAG))
+    with crm.engine.connect() as conn:
+        held = repo.count_held_jobs(conn, task.id)
+        paging = needs_paging(group_jobs, held)
+        job_ids = [] if paging else repo.fetch_job_ids_needing_work(conn, task.id)
+    if not paging:
+        plan = plan_work_batches(task, job_ids, config.page_size, config.pages_per_batch)
+        context.log.info(f"task {task.id}: the job group's {group_jobs} job(s) are all held by its leads "
+                         f"({held}): no page listed; {len(job_ids)} job(s) still need work, in {len(plan)} "
+                         f"batch(es)")
+        return plan
+    plan = plan_batches(outboundbot.get_client(), task, config.page_size, config.pages_per_batch)
+    pages = sum(request.page_count for request in plan)
+    size = plan[0].page_size if plan else config.page_size
+    context.log.info(f"task {task.id}: {pages} page(s) of up to {size} jobs, in {len(plan)} "
+                     f"batch(es) of up to {config.pages_per_batch} page(s)"
+                     + (f"; the cloud answers pages of {size}, not {config.page_size}"
+                        if size != config.page_size else "")
+                     + (f" (the group has {group_jobs} job(s), the task's leads hold {held})"
+                        if group_jobs is not None else ""))
+    return plan
 
 
 @dg.op(tags={**SYNC_QUEUE, **CHAIN_PRIORITY[2]}, pool="sync_queue", retry_policy=API_RETRY_POLICY)
@@ -186,6 +214,10 @@ def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDa
                    outboundbot: OutboundBotResource) -> PageBatch:
     """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
     batch = match_jobs_of_pages(crm.engine, outboundbot.get_client(), page, crm.now(), context.log)
+    if page.job_ids is not None:
+        context.log.info(f"task {page.task.id} {batch.label}: {len(batch.job_ids)} matched job(s) that still "
+                         "need work, from the CRM (no page listed)")
+        return batch
     counts = batch.counts
     context.log.info(f"task {page.task.id} {batch.label}: {counts.jobs_listed} job(s), matched "
                      f"{dict(counts.matched_by)}, already matched {counts.already_matched}, "

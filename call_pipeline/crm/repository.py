@@ -268,6 +268,31 @@ def fetch_leads_without_identity(conn: Connection, task_id: int, limit: int = 20
     return count, ids
 
 
+# ---- which jobs a run works on (contract: "Which jobs a run works on") ------------------------
+
+
+def count_held_jobs(conn: Connection, task_id: int) -> int:
+    """Distinct jobs the task's leads hold: compared with the group's size, whether paging can
+    find a job no lead has."""
+    stmt = select(func.count(func.distinct(_L.c.call_job_id))).where(_L.c.task_id == task_id,
+                                                                      _has_text(_L.c.call_job_id))
+    return int(conn.execute(stmt).scalar_one() or 0)
+
+
+def fetch_job_ids_needing_work(conn: Connection, task_id: int) -> list[str]:
+    """Jobs of the task's leads that steps 3 to 5 still have work for: a status empty or not
+    terminal, a terminal status and no follow-up, a succeeded call with no recording."""
+    stmt = (
+        select(_L.c.call_job_id)
+        .where(_L.c.task_id == task_id, _has_text(_L.c.call_job_id),
+               or_(_not_terminal(),
+                   and_(_L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)), _L.c.leads_follow_id.is_(None)),
+                   and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))))
+        .order_by(_L.c.id)
+    )
+    return [row.call_job_id for row in conn.execute(stmt)]
+
+
 # ---- step 3: call results ---------------------------------------------------------------------
 
 

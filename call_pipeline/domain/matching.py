@@ -57,6 +57,10 @@ class ParsedPage:
     jobs: list[JobContacts]
     total_count: int
     problems: list[str] = field(default_factory=list)
+    # What the cloud says of the page itself (contract: "Pages are what the cloud sent"): the
+    # PageSize it echoes (None: absent or not a number) and the length of its List.
+    page_size: int | None = None
+    listed: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,16 @@ def parse_jobs_page(body: dict) -> ParsedPage:
         references += [clean_text(c.get("ReferenceId")) for c in contacts]
         phones = [clean_text(c.get("PhoneNumber")) for c in contacts]
         jobs.append(JobContacts(job_id, _unique(references), _unique(phones)))
-    return ParsedPage(jobs, total, problems)
+    return ParsedPage(jobs, total, problems, page_size=_echoed_size(container.get("PageSize")), listed=len(items))
+
+
+def _echoed_size(raw: object) -> int | None:
+    text = clean_text(raw)
+    try:
+        size = int(float(text)) if text is not None else 0
+    except ValueError:
+        return None
+    return size if size > 0 else None
 
 
 @dataclass

@@ -123,6 +123,8 @@ def handle(state: SimulatorState, action: str, params: dict[str, str], base_url:
             job_ids, group_id = _request_targets(state, params)
             if action == "DownloadRecording" and params.get("TaskId"):
                 state.count_download_recording_call(params["TaskId"])
+            if action == "ListJobs":
+                state.count_list_jobs_ids(len(_indexed_list(params, "JobId")))
             fault = state.take_fault("outboundbot", action, job_ids=job_ids, job_group_id=group_id,
                                      page_number=_int(params, "PageNumber") if action == "ListJobsByGroup"
                                      else None)
@@ -216,6 +218,7 @@ def _page(params: dict[str, str]) -> tuple[int, int]:
 def _list_jobs_by_group(state: SimulatorState, params: dict[str, str], base_url: str) -> dict:
     gid = _group_or_error(state, params)
     number, size = _page(params)
+    size = state.capped_page_size(number, size)
     status, reason = params.get("JobStatus"), params.get("JobFailureReason")
     jobs = [state.jobs[j] for j in state.group_jobs[gid]]
     if status:

@@ -15,6 +15,7 @@ Control plane (JSON over HTTP; each also a method of ``SimulatorState``):
 ``DELETE /__sim/faults``               clear faults → ``clear_faults``
 ``POST   /__sim/latency``              ``{"outboundbot_ms": 30, "dashscope_ms": 500}`` → ``set_latency``
 ``POST   /__sim/qps``                  ``{"cap": 50}`` (null: no cap) → ``set_qps_cap``
+``POST   /__sim/page_size_cap``        ``{"cap": 50, "from_page": 1}`` (null: no cap) → ``set_page_size_cap``
 ``GET    /__sim/stats``                counters → ``stats``
 ``POST   /__sim/reset_stats``          → ``reset_stats``
 ``POST   /__sim/job_groups``           a job group dict, or ``{"job_groups": [...]}`` → ``add_job_group``
@@ -73,6 +74,9 @@ def _control(state: SimulatorState, method: str, path: str, body: Any) -> tuple[
     if route == ("POST", "/__sim/qps"):
         state.set_qps_cap(b.get("cap"))
         return 200, {"ok": True, "cap": state.qps_cap}
+    if route == ("POST", "/__sim/page_size_cap"):
+        state.set_page_size_cap(b.get("cap"), int(b.get("from_page") or 1))
+        return 200, {"ok": True, "page_size_cap": state.page_size_cap}
     if route == ("GET", "/__sim/stats"):
         return 200, state.stats()
     if route == ("POST", "/__sim/reset_stats"):

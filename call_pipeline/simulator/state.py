@@ -118,6 +118,10 @@ class SimulatorState:
         self.qps_cap: int | None = None
         # Jobs deleted from the cloud: ListJobs and DescribeJob no longer return them.
         self.jobs_gone: set[str] = set()
+        # (cap, from page): ListJobsByGroup answers pages of at most `cap` jobs, as a cloud that
+        # caps PageSize does, from that page number on (1: every page; more: a cloud whose answers
+        # change size midway). See set_page_size_cap.
+        self.page_size_cap: tuple[int, int] | None = None
         self._reset_stats_locked()
 
     # -- data ----------------------------------------------------------------------------------
@@ -404,6 +408,18 @@ class SimulatorState:
         with self.lock:
             self.qps_cap = None if cap is None else int(cap)
 
+    def set_page_size_cap(self, cap: int | None, from_page: int = 1) -> None:
+        """ListJobsByGroup serves at most `cap` jobs a page, and echoes that PageSize (pages are
+        cut at the capped size), for pages numbered `from_page` and after; None: no cap."""
+        with self.lock:
+            self.page_size_cap = None if cap is None else (max(1, int(cap)), max(1, int(from_page)))
+
+    def capped_page_size(self, page_number: int, page_size: int) -> int:
+        with self.lock:
+            if self.page_size_cap is None or page_number < self.page_size_cap[1]:
+                return page_size
+            return min(page_size, self.page_size_cap[0])
+
     # -- stats ---------------------------------------------------------------------------------
 
     def _reset_stats_locked(self) -> None:
@@ -411,6 +427,8 @@ class SimulatorState:
                                        "dashscope_requests": 0, "max_llm_in_flight": 0,
                                        "max_outboundbot_in_flight": 0}
         self._action_counts: Counter[str] = Counter()
+        # Job ids named by ListJobs requests, in all (a run asks only about jobs not terminal yet)
+        self._list_jobs_ids = 0
         self._ds_counts: Counter[str] = Counter()
         self._per_second: Counter[int] = Counter()
         self._arrivals: list[float] = []
@@ -447,6 +465,7 @@ class SimulatorState:
             self.outboundbot_latency_ms = self.dashscope_latency_ms = 0.0
             self.qps_cap = None
             self.jobs_gone.clear()
+            self.page_size_cap = None
             self.reset_stats()
 
     @property
@@ -479,6 +498,7 @@ class SimulatorState:
                 "recording_downloads": self._stats["recording_downloads"],
                 "download_recording_tasks": len(self._downloads_by_task),
                 "download_recording_repeats": sum(n - 1 for n in self._downloads_by_task.values()),
+                "list_jobs_job_ids": self._list_jobs_ids,
 
                 "llm_in_flight": self._llm_in_flight,
                 "max_llm_in_flight": self._stats["max_llm_in_flight"],
@@ -534,6 +554,10 @@ class SimulatorState:
             if throttled:
                 self._stats["throttled"] += 1
             return throttled
+
+    def count_list_jobs_ids(self, count: int) -> None:
+        with self.lock:
+            self._list_jobs_ids += count
 
     def count_download_recording_call(self, task_id: str) -> None:
         """Counts a DownloadRecording request for the task (``stats`` tells repeated ones)."""

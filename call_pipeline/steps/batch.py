@@ -11,19 +11,26 @@ from call_pipeline.domain.counts import StepCounts
 
 @dataclass(frozen=True)
 class PageRequest:
-    """A batch of `page_count` consecutive pages of the task's job group, from `page_number`."""
+    """A batch of `page_count` consecutive pages of the task's job group, from `page_number`;
+    or, with `job_ids`, batch number `page_number` of the task's matched jobs that still need work
+    (a run that lists no pages: `page_count` 0)."""
 
     task: TaskRow
     page_number: int
     page_size: int
     page_count: int = 1
+    job_ids: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
+        if self.job_ids is not None:
+            return f"jobs batch {self.page_number}"
         return batch_label(self.page_number, self.page_count)
 
     @property
     def mapping_key(self) -> str:
+        if self.job_ids is not None:
+            return f"jobs_{self.page_number}"
         last = self.page_number + self.page_count - 1
         return f"page_{self.page_number}" if self.page_count == 1 else f"pages_{self.page_number}_{last}"
 
@@ -40,6 +47,8 @@ class PageBatch:
 
     @property
     def label(self) -> str:
+        if self.page_count == 0:
+            return f"jobs batch {self.page_number}"
         return batch_label(self.page_number, self.page_count)
 
 

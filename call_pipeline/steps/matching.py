@@ -11,6 +11,7 @@ from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import MASKED_PHONE_EXAMPLES, StepCounts
 from call_pipeline.domain.matching import legacy_leads_ids, match_jobs_to_leads, parse_jobs_page
+from call_pipeline.domain.paging import IncompleteListing, page_shortfall
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.batch import PageBatch, PageRequest
 
@@ -24,9 +25,15 @@ PAGES_IN_FLIGHT = 4
 def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: PageRequest, now: datetime,
                         logger: logging.Logger | None = None) -> PageBatch:
     """One ListJobsByGroup call per page, a few at once (a failed call fails the batch: the op
-    retries it), then one read of the leads the batch's jobs can concern and one bulk write."""
+    retries it), then one read of the leads the batch's jobs can concern and one bulk write.
+    A page that is not whole (contract: "Pages are what the cloud sent") fails the batch with
+    IncompleteListing, before anything is written: the run must not conclude on a partial listing.
+    A batch of jobs drawn from the CRM (`request.job_ids`: a run that lists no pages) has nothing
+    to match; its jobs go on to steps 3 to 5."""
     logger = logger or log
     task = request.task
+    if request.job_ids is not None:
+        return PageBatch(task.id, request.page_number, request.job_ids, StepCounts(batches=1), 0)
     pages = {}
 
     def fetch(number: int):
@@ -35,6 +42,12 @@ def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: Page
     call_and_write(range(request.page_number, request.page_number + request.page_count), fetch, pages.update,
                    threads=PAGES_IN_FLIGHT, batch_size=request.page_count, max_wait_s=0.0,
                    name="call-pipeline-pages")
+    shortfalls = [problem for number in sorted(pages)
+                  if (problem := page_shortfall(number, request.page_size, pages[number]))]
+    if shortfalls:
+        raise IncompleteListing(f"task {task.id} {request.label}: the job group's listing is incomplete, "
+                                f"nothing of this batch is matched (tried again by the op's retry and the "
+                                f"next run): {'; '.join(shortfalls)}")
     jobs = []
     for number in sorted(pages):  # matched in the group's order, whichever page came first
         for problem in pages[number].problems:

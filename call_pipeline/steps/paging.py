@@ -1,38 +1,45 @@
-"""The fan-out: how many pages the job group has, and the batches of pages the run maps over."""
+"""The fan-out: the batches the run maps over, either the job group's pages (laid out as the
+cloud answers them) or, when no page can hold a job the task lacks, the task's jobs that still
+need work, drawn from the CRM (contract: "Which jobs a run works on")."""
 
 from __future__ import annotations
 
-from call_pipeline.clients.outboundbot import OutboundBotClient
+from collections.abc import Sequence
+
+from call_pipeline.clients.outboundbot import LIST_JOBS_MAX_IDS, OutboundBotClient
 from call_pipeline.crm.repository import TaskRow
 from call_pipeline.domain.matching import parse_jobs_page
+from call_pipeline.domain.paging import LEAD_BATCH_SHARE, PageLayout, batch_job_ids, batch_pages, page_layout
 from call_pipeline.steps.batch import PageRequest
+
+__all__ = ["LEAD_BATCH_SHARE", "batch_pages", "count_job_pages", "job_group_layout", "plan_batches",
+           "plan_work_batches"]
+
+
+def job_group_layout(client: OutboundBotClient, job_group_id: str, page_size: int) -> PageLayout:
+    """The group's TotalCount and the page size the cloud uses, from one ListJobsByGroup call."""
+    return page_layout(page_size, parse_jobs_page(client.list_jobs_by_group(job_group_id, 1, page_size)))
 
 
 def count_job_pages(client: OutboundBotClient, job_group_id: str, page_size: int) -> int:
     """Pages of the job group, from one ListJobsByGroup call for its TotalCount."""
-    total = parse_jobs_page(client.list_jobs_by_group(job_group_id, 1, page_size)).total_count
-    return (total + page_size - 1) // page_size
-
-
-# The first batch is this share of the others (at least one page): its recordings and LLM calls
-# start after an eighth of the matching and results work, while the next batch is matched beside
-# it and ready before the first one's calls end (measured against a quarter and against none:
-# README, Performance).
-LEAD_BATCH_SHARE = 8
-
-
-def batch_pages(pages: int, pages_per_batch: int) -> list[tuple[int, int]]:
-    """(first page, page count) of each batch: a lead batch of `pages_per_batch // 8` pages (at
-    least one), then batches of up to `pages_per_batch` consecutive pages."""
-    if pages_per_batch < 1:
-        raise ValueError(f"pages_per_batch must be at least 1, got {pages_per_batch}")
-    lead = min(pages, max(1, pages_per_batch // LEAD_BATCH_SHARE))
-    if lead < 1:
-        return []
-    return [(1, lead)] + [(first, min(pages_per_batch, pages - first + 1))
-                          for first in range(lead + 1, pages + 1, pages_per_batch)]
+    return job_group_layout(client, job_group_id, page_size).pages
 
 
 def plan_batches(client: OutboundBotClient, task: TaskRow, page_size: int, pages_per_batch: int) -> list[PageRequest]:
-    pages = count_job_pages(client, task.job_group_id or "", page_size)
-    return [PageRequest(task, first, page_size, count) for first, count in batch_pages(pages, pages_per_batch)]
+    """The group's pages in batches, each page asked at the size the cloud answered page 1 with."""
+    layout = job_group_layout(client, task.job_group_id or "", page_size)
+    return [PageRequest(task, first, layout.page_size, count)
+            for first, count in batch_pages(layout.pages, pages_per_batch)]
+
+
+def plan_work_batches(task: TaskRow, job_ids: Sequence[str], page_size: int,
+                      pages_per_batch: int) -> list[PageRequest]:
+    """Batches of the task's matched jobs that still need work, numbered 1, 2, …: no page is
+    listed for them (step 2 has nothing to do), steps 3 to 5 work on them as on a page's jobs.
+    A "page" of them is `page_size` rounded down to whole ListJobs calls (99 ids), so that a batch
+    of jobs still calling makes no call for a handful of ids (pages of 100: 198 + 402 jobs took
+    3 + 5 calls where 7 do)."""
+    unit = page_size - page_size % LIST_JOBS_MAX_IDS if page_size >= LIST_JOBS_MAX_IDS else page_size
+    return [PageRequest(task, number, page_size, 0, job_ids=ids)
+            for number, ids in enumerate(batch_job_ids(job_ids, unit, pages_per_batch), start=1)]

@@ -65,6 +65,20 @@ def test_list_jobs_by_group_omits_tasks_and_filters(sim, client):
     assert body.jobs.total_count == sum(1 for j in group["jobs"] if j["FailureReason"] == reason)
 
 
+def test_a_page_size_cap_serves_and_echoes_smaller_pages(sim, client):
+    group = _load(sim, 130)
+    assert requests.post(f"{sim.url}/__sim/page_size_cap", json={"cap": 50}).json()["ok"] is True
+    pages = [_page(client, "jg-1", number, 100).body.jobs for number in (1, 2, 3)]
+    assert [(p.page_size, len(p.list), p.total_count) for p in pages] == [(50, 50, 130), (50, 50, 130), (50, 30, 130)]
+    assert [j.job_id for p in pages for j in p.list] == [j["JobId"] for j in group["jobs"]]
+    assert _page(client, "jg-1", 1, 20).body.jobs.page_size == 20  # smaller sizes are served as asked
+    # from page 2 on only: a cloud whose answers change size midway
+    requests.post(f"{sim.url}/__sim/page_size_cap", json={"cap": 50, "from_page": 2})
+    assert [_page(client, "jg-1", n, 100).body.jobs.page_size for n in (1, 2)] == [100, 50]
+    requests.post(f"{sim.url}/__sim/page_size_cap", json={"cap": None})
+    assert len(_page(client, "jg-1", 1, 100).body.jobs.list) == 100
+
+
 def test_unknown_job_group_is_an_invalid_parameter(sim, client):
     with pytest.raises(ClientException) as e:
         _page(client, "jg-nope", 1, 10)

@@ -38,3 +38,17 @@ def test_every_page_in_exactly_one_batch_in_order(pages, per_batch):
 def test_a_batch_has_at_least_one_page():
     with pytest.raises(ValueError, match="at least 1"):
         batch_pages(10, 0)
+
+
+def test_a_run_without_pages_batches_its_jobs_in_whole_list_jobs_calls():
+    from call_pipeline.crm.repository import TaskRow
+    from call_pipeline.steps.paging import plan_work_batches
+
+    task = TaskRow(1, "t", 2, "jg-1", 9)
+    ids = [f"j{i}" for i in range(600)]
+    plan = plan_work_batches(task, ids, 100, 20)
+    assert [len(request.job_ids) for request in plan] == [198, 402]  # 2 + 5 ListJobs calls, not 3 + 5
+    assert [request.mapping_key for request in plan] == ["jobs_1", "jobs_2"]
+    assert all(request.page_count == 0 for request in plan)
+    assert [len(request.job_ids) for request in plan_work_batches(task, ids[:90], 50, 2)] == [50, 40]
+    assert [request.job_ids for request in plan_work_batches(task, [], 100, 20)] == [()]
