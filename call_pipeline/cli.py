@@ -129,18 +129,21 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """A Celery worker for the `celery` executor's steps, on the given queues."""
-    from call_pipeline.celery_app import QUEUES
+    """A Celery worker for the `celery` executor's steps and the `CeleryRunLauncher`'s runs
+    (queue `runs`), on the given queues."""
+    from call_pipeline.celery_app import WORKER_QUEUES
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - set(QUEUES))
+    unknown = sorted(set(queues) - set(WORKER_QUEUES))
     if not queues or unknown:
-        print(f"error: --queues takes some of {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
+        print(f"error: --queues takes some of {', '.join(WORKER_QUEUES)}; got {args.queues!r}", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "celery", "-A", "call_pipeline.celery_app", "worker",
                "-Q", ",".join(queues), "--loglevel", args.loglevel, "--prefetch-multiplier", "1"]
     if args.concurrency:
         command += ["--concurrency", str(args.concurrency)]
+    if args.pool:
+        command += ["--pool", args.pool]
     if args.name:
         command += ["--hostname", args.name]
     os.execv(sys.executable, command)
@@ -187,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="the UI's folder (default: data/ui)")
     p.set_defaults(func=_ui)
 
-    p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps")
+    p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps and the runs queue's runs")
     p.add_argument("--queues", required=True,
-                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue")
+                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue, runs")
     p.add_argument("--concurrency", type=int, default=None, help="worker processes (default: Celery's, the CPUs)")
     p.add_argument("--name", default=None, help="the worker's name (Celery's --hostname, e.g. ai-1@%%h)")
+    p.add_argument("--pool", choices=("prefork", "threads", "solo"), default=None,
+                   help="Celery's pool (default prefork: a process per slot)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_worker)
 
