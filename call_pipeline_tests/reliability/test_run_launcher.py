@@ -254,7 +254,8 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
         failed = wait_for_run(instance, processes, lambda runs: next(
             (r for r in runs if r.run_id == killed_run.run_id and r.is_finished), None), "the killed run", skip=skip)
         assert failed.status == dg.DagsterRunStatus.FAILURE
-        assert any("Celery worker stopped while it ran" in m for m in event_messages(instance, [failed.run_id]))
+        assert any("Celery worker stopped while it ran" in (e.message or "") for e in instance.all_logs(
+            failed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE))
         retry = wait_for_run(instance, processes, lambda runs: next(
             (r for r in runs if r.tags.get("dagster/parent_run_id") == failed.run_id and r.is_finished), None),
             "the retry", skip=skip)
