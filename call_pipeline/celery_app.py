@@ -8,7 +8,6 @@ pool process that already holds the definitions and one Dagster instance, not a 
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 from celery.result import allow_join_result
@@ -67,15 +66,12 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
     """dagster-celery's run task (`CeleryRunLauncher.launch_run` sends it by name), on the
     worker's own instance. A run that is STARTED already when its task begins had a worker that
     died under it (RabbitMQ delivers the message again only when the one that held it is gone):
-    it is failed here, with the reason, so that its run retry takes over. SIGTERM (the UI's
-    "terminate": `CeleryRunLauncher.terminate` revokes the task with it) interrupts the run as
-    Dagster's own run process would be interrupted: it ends CANCELED, and the pool process lives on."""
+    it is failed here, with the reason, so that its run retry takes over."""
     from dagster import DagsterRunStatus
     from dagster._cli.api import _execute_run_command_body
     from dagster._core.events import JobFailureData, RunFailureReason
     from dagster._grpc.types import ExecuteRunArgs
     from dagster._serdes import unpack_value
-    from dagster._utils.interrupts import capture_interrupts
 
     args = unpack_value(execute_job_args_packed, as_type=ExecuteRunArgs)
     instance = worker_instance()
@@ -89,13 +85,8 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
     # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
     # in a task unless allowed (its guard is against a worker waiting for its own queue: the
     # steps go to the seed's queues, the run to `runs`).
-    pool_sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        with allow_join_result(), capture_interrupts():
-            return _execute_run_command_body(
-                instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,
-                set_exit_code_on_failure=bool(args.set_exit_code_on_failure
-                                              if args.set_exit_code_on_failure is not None else True))
-    finally:
-        # capture_interrupts leaves SIGTERM on the pool's SIGINT handler: Celery's own comes back
-        signal.signal(signal.SIGTERM, pool_sigterm)
+    with allow_join_result():
+        return _execute_run_command_body(
+            instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,
+            set_exit_code_on_failure=bool(args.set_exit_code_on_failure
+                                          if args.set_exit_code_on_failure is not None else True))
