@@ -314,7 +314,8 @@ def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="measured: the worker logs 'Terminating <task> (15)' for the revoke, yet the "
                                        "run goes on to SUCCESS, with or without Dagster's interrupt handlers in "
-                                       "the task (a bare Celery task is interrupted): not found yet")
+                                       "the task, and so it does after a SIGTERM sent straight to the pool process "
+                                       "(a bare Celery task there is interrupted): cause not found yet")
 def test_a_run_terminated_from_the_ui_is_canceled_and_its_pool_process_lives_on(
         mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials, tmp_path):
     """The UI's "Terminate" (the webserver's terminateRun): CeleryRunLauncher.terminate revokes the
