@@ -343,3 +343,20 @@ def test_a_run_terminated_from_the_ui_is_canceled_and_its_pool_process_lives_on(
         rerun = wait_for_finished(instance, processes, submit_run(processes, scenario.task_id))
         assert rerun.status == dg.DagsterRunStatus.SUCCESS
         assert run_pid(instance, rerun.run_id) == pid  # the same pool process (concurrency 1) lived on
+
+
+@pytest.mark.slow
+def test_the_multiprocess_executor_cannot_start_steps_in_a_prefork_pool_process(
+        mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials, tmp_path):
+    """Why the run workers' executor is not `multiprocess`: a prefork pool process is daemonic, and
+    a daemonic process may not start children, so the run fails at its first step."""
+    scenario = scenarios.mixed(task_id=7460, n_leads=5, seed=99)
+    with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
+                    CALL_PIPELINE_EXECUTOR="multiprocess", CALL_PIPELINE_SENSOR_TICK_SECONDS="100000") as (
+            instance, processes, _):
+        scenario.install(mariadb_url, simulator)
+        instance.add_dynamic_partitions("call_tasks", [str(scenario.task_id)])
+        run = wait_for_finished(instance, processes, submit_run(processes, scenario.task_id))
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        assert_ran_in_the_run_worker(instance, processes, run.run_id)
+    assert "daemonic processes are not allowed to have children" in processes.output(RUNS_WORKER)
