@@ -1,16 +1,24 @@
-"""The Celery app of the `celery` executor's workers (`call-pipeline worker`): dagster-celery's
-task, on the broker and result backend of CALL_PIPELINE_CELERY_BROKER / _BACKEND, listening on the
-seed's queues (each with priorities, as the ops' `dagster-celery/priority` tags ask)."""
+"""The Celery app of `call-pipeline worker`: dagster-celery's step task (the `celery` executor's
+steps, on the seed's queues, each with priorities as the ops' `dagster-celery/priority` tags ask)
+and its run task (runs launched by the instance's `CeleryRunLauncher`, on the `runs` queue), on
+the broker and result backend of CALL_PIPELINE_CELERY_BROKER / _BACKEND.
+
+The worker imports the project once, before it forks its pool processes; a run is then a call in a
+pool process that already holds the definitions and one Dagster instance, not a new process."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.result import allow_join_result
+from celery.signals import worker_process_shutdown
+from dagster_celery.config import TASK_EXECUTE_JOB_NAME
 from dagster_celery.make_app import make_app
-from dagster_celery.tasks import create_task
+from dagster_celery.tasks import create_resume_job_task, create_task
 from kombu import Queue
 
+from call_pipeline.queues import WORKER_QUEUES
 from call_pipeline.settings import SETTINGS
-
-QUEUES = ("sync_queue", "query_queue", "download_queue", "ai_queue")
 
 app = make_app({"broker": SETTINGS.celery_broker, "backend": SETTINGS.celery_backend,
                 "include": ["call_pipeline.definitions"], "config_source": {
@@ -19,6 +27,62 @@ app = make_app({"broker": SETTINGS.celery_broker, "backend": SETTINGS.celery_bac
                     "task_acks_late": True,
                 }})
 app.conf.task_queues = [Queue(name, routing_key=f"{name}.#", queue_arguments={"x-max-priority": 10})
-                        for name in ("dagster", *QUEUES)]
+                        for name in ("dagster", *WORKER_QUEUES)]
 
 execute_plan = create_task(app)
+resume_job = create_resume_job_task(app)
+
+_instance: Any = None
+
+
+def worker_instance() -> Any:
+    """The Dagster instance ($DAGSTER_HOME) of this pool process, opened at its first run and
+    kept: opening it (its storage's engine) is part of what a run would otherwise pay each time."""
+    global _instance  # noqa: PLW0603 - one per process, by design
+    if _instance is None:
+        import dagster as dg
+
+        _instance = dg.DagsterInstance.get()
+    return _instance
+
+
+@worker_process_shutdown.connect
+def _dispose_instance(**_kwargs: Any) -> None:
+    if _instance is not None:
+        _instance.dispose()
+
+
+# Late acknowledgement, also when the pool process dies under the task: the message goes back to
+# the queue and its next delivery fails the run (below), whether the whole worker or only its
+# pool process was killed; the run retry then runs it. (Acknowledged instead, the task's result
+# would say FAILURE, which run monitoring reads only every poll interval; killed with its whole
+# worker, the result stays STARTED, which monitoring reads as "running" for max_runtime_seconds.)
+@app.task(bind=True, name=TASK_EXECUTE_JOB_NAME, track_started=True, acks_late=True, reject_on_worker_lost=True)
+def execute_job(self: Any, execute_job_args_packed: Any) -> int:
+    """dagster-celery's run task (`CeleryRunLauncher.launch_run` sends it by name), on the
+    worker's own instance. A run that is STARTED already when its task begins had a worker that
+    died under it (RabbitMQ delivers the message again only when the one that held it is gone):
+    it is failed here, with the reason, so that its run retry takes over."""
+    from dagster import DagsterRunStatus
+    from dagster._cli.api import _execute_run_command_body
+    from dagster._core.events import JobFailureData, RunFailureReason
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster._serdes import unpack_value
+
+    args = unpack_value(execute_job_args_packed, as_type=ExecuteRunArgs)
+    instance = worker_instance()
+    run = instance.get_run_by_id(args.run_id)
+    if run is not None and run.status == DagsterRunStatus.STARTED:
+        instance.report_run_failed(
+            run, f"The run's Celery worker stopped while it ran (task {self.request.id} delivered again to "
+                 f"{self.request.hostname}); marking the run failed so that its retry runs it.",
+            job_failure_data=JobFailureData(error=None, failure_reason=RunFailureReason.RUN_WORKER_RESTART))
+        return 1
+    # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
+    # in a task unless allowed (its guard is against a worker waiting for its own queue: the
+    # steps go to the seed's queues, the run to `runs`).
+    with allow_join_result():
+        return _execute_run_command_body(
+            instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,
+            set_exit_code_on_failure=bool(args.set_exit_code_on_failure
+                                          if args.set_exit_code_on_failure is not None else True))

@@ -85,21 +85,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """A Celery worker for the `celery` executor's steps, or for the runs of the instance's
-    `CeleryRunLauncher` (the `runs` queue), on the given queues."""
-    from call_pipeline.celery_app import QUEUES
-    from call_pipeline.serve import RUNS_QUEUE
+    """A Celery worker for the `celery` executor's steps and the `CeleryRunLauncher`'s runs
+    (queue `runs`), on the given queues."""
+    from call_pipeline.queues import WORKER_QUEUES
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - {*QUEUES, RUNS_QUEUE})
+    unknown = sorted(set(queues) - set(WORKER_QUEUES))
     if not queues or unknown:
-        print(f"error: --queues takes some of {', '.join((*QUEUES, RUNS_QUEUE))}; got {args.queues!r}",
-              file=sys.stderr)
+        print(f"error: --queues takes some of {', '.join(WORKER_QUEUES)}; got {args.queues!r}", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "celery", "-A", "call_pipeline.celery_app", "worker",
                "-Q", ",".join(queues), "--loglevel", args.loglevel, "--prefetch-multiplier", "1"]
     if args.concurrency:
         command += ["--concurrency", str(args.concurrency)]
+    if args.pool:
+        command += ["--pool", args.pool]
     if args.name:
         command += ["--hostname", args.name]
     os.execv(sys.executable, command)
@@ -157,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                         "dagster.yaml (default: data under the current folder)")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps")
+    p = sub.add_parser("worker", help="a Celery worker for the celery executor's steps and the runs queue's runs")
     p.add_argument("--queues", required=True,
-                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue; runs")
+                   help="comma-separated: sync_queue, query_queue, download_queue, ai_queue, runs")
     p.add_argument("--concurrency", type=int, default=None, help="worker processes (default: Celery's, the CPUs)")
     p.add_argument("--name", default=None, help="the worker's name (Celery's --hostname, e.g. ai-1@%%h)")
+    p.add_argument("--pool", choices=("prefork", "threads", "solo"), default=None,
+                   help="Celery's pool (default prefork: a process per slot)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_worker)
 

@@ -16,6 +16,7 @@ from typing import get_args
 
 import dagster as dg
 
+from call_pipeline import queues
 from call_pipeline.settings import SETTINGS, ExecutorName, PipelineSettings, env_name
 
 # Forked step processes start from a server that has these imported already: Dagster, the
@@ -64,7 +65,7 @@ def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:
         # With priorities alone the executor would start step 5 of every ready batch before any
         # step 4 (and the reverse): a cap per kind keeps slots for the other kind.
         "tag_concurrency_limits": [{"key": QUEUE_TAG, "value": queue, "limit": per_queue}
-                                   for queue in ("ai_queue", "download_queue")],
+                                   for queue in (queues.AI_QUEUE, queues.DOWNLOAD_QUEUE)],
     }
 
 

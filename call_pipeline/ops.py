@@ -9,6 +9,7 @@ import re
 import dagster as dg
 from pydantic import Field
 
+from call_pipeline import queues
 from call_pipeline.clients.outboundbot import OutboundBotError
 from call_pipeline.clients.webhook import post_json
 from call_pipeline.crm import repository as repo
@@ -18,6 +19,7 @@ from call_pipeline.domain.job_groups import parse_job_group
 from call_pipeline.domain.paging import group_jobs_of_progress_tag, needs_paging
 from call_pipeline.domain.summary import describe_given_up, render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
+from call_pipeline.queues import celery_tags
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
 from call_pipeline.settings import SETTINGS
@@ -36,10 +38,10 @@ from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_l
 LATE_JOBS_TAG = "call_pipeline/late_jobs"
 
 # The seed's Celery queues and priorities (higher runs first).
-SYNC_QUEUE = {"dagster-celery/queue": "sync_queue", "dagster-celery/priority": "5"}
-QUERY_QUEUE = {"dagster-celery/queue": "query_queue", "dagster-celery/priority": "6"}
-DOWNLOAD_QUEUE = {"dagster-celery/queue": "download_queue", "dagster-celery/priority": "3"}
-AI_QUEUE = {"dagster-celery/queue": "ai_queue", "dagster-celery/priority": "4"}
+SYNC_TAGS = celery_tags(queues.SYNC_QUEUE)
+QUERY_TAGS = celery_tags(queues.QUERY_QUEUE)
+DOWNLOAD_TAGS = celery_tags(queues.DOWNLOAD_QUEUE)
+AI_TAGS = celery_tags(queues.AI_QUEUE)
 
 # Executors start the ready step with the highest `dagster/priority` first. Later steps of a
 # batch's chain rank higher, so that a batch goes through steps 2 to 5 before the next batch is
@@ -161,7 +163,7 @@ def _load_task(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: Ou
 # (0.3 s) before the first page, measured on the multiprocess executor (README, Performance).
 @dg.op(out={"task": dg.Out(repo.TaskRow, is_required=False), "plan": dg.Out(list[PageRequest], is_required=False),
             "pages": dg.DynamicOut(PageRequest, is_required=False)},
-       tags=SYNC_QUEUE, pool="sync_queue", retry_policy=API_RETRY_POLICY)
+       tags=SYNC_TAGS, pool=queues.SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
 def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, crm: CrmDatabase,
                    outboundbot: OutboundBotResource):
     """Checks the run's task (step 1: a task that no longer qualifies yields nothing, so every
@@ -209,7 +211,7 @@ def _plan_run(context: dg.OpExecutionContext, task: repo.TaskRow, config: Paging
     return plan
 
 
-@dg.op(tags={**SYNC_QUEUE, **CHAIN_PRIORITY[2]}, pool="sync_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**SYNC_TAGS, **CHAIN_PRIORITY[2]}, pool=queues.SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
                    outboundbot: OutboundBotResource) -> PageBatch:
     """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
@@ -225,7 +227,7 @@ def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDa
     return batch
 
 
-@dg.op(tags={**QUERY_QUEUE, **CHAIN_PRIORITY[3]}, pool="query_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**QUERY_TAGS, **CHAIN_PRIORITY[3]}, pool=queues.QUERY_QUEUE, retry_policy=API_RETRY_POLICY)
 def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                        outboundbot: OutboundBotResource) -> PageBatch | None:
     """Step 3 for the batch's jobs whose status is empty or not terminal."""
@@ -238,7 +240,7 @@ def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, 
                      batch.page_count)
 
 
-@dg.op(tags={**DOWNLOAD_QUEUE, **CHAIN_PRIORITY[4]}, pool="download_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**DOWNLOAD_TAGS, **CHAIN_PRIORITY[4]}, pool=queues.DOWNLOAD_QUEUE, retry_policy=API_RETRY_POLICY)
 def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                      outboundbot: OutboundBotResource,
                      recording_archive: RecordingArchiveResource) -> BatchResult | None:
@@ -253,7 +255,7 @@ def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, cr
     return BatchResult(batch.page_number, report.counts)
 
 
-@dg.op(tags={**AI_QUEUE, **CHAIN_PRIORITY[5]}, pool="ai_queue", retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**AI_TAGS, **CHAIN_PRIORITY[5]}, pool=queues.AI_QUEUE, retry_policy=API_RETRY_POLICY)
 def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                       dashscope: DashScopeResource) -> BatchResult | None:
     """Step 5 for the batch's leads with a terminal status and no follow-up; returns once they
@@ -304,7 +306,7 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
 
 # One op after `.collect()`, not one per duty: each step process's start (0.3 s) came after the
 # last batch, on every run's critical path (README, Performance). Each duty is safe to redo.
-@dg.op(tags=SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
+@dg.op(tags=SYNC_TAGS, retry_policy=API_RETRY_POLICY)
 def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
                        batches: list[PageBatch | None], recordings: list[BatchResult | None],
                        follow_ups: list[BatchResult | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
@@ -378,7 +380,7 @@ def _alert_given_up(context: dg.OpExecutionContext, crm: CrmDatabase, task: repo
         repo.mark_given_up_alerted(conn, task.id, given_up, crm.now())
 
 
-@dg.op(tags=SYNC_QUEUE)
+@dg.op(tags=SYNC_TAGS)
 def advance_all_task_states(context: dg.OpExecutionContext, crm: CrmDatabase) -> dict:
     """For the schedule: evaluate every task at 2 or 3, whether or not a run came by lately,
     except a task whose last sync run failed or is still under way (that run, or its rerun,

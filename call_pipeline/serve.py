@@ -39,12 +39,13 @@ from typing import Any
 import psutil
 import yaml
 
+from call_pipeline.queues import STEP_QUEUES
+
 # The code location, as workspace.yaml names it: a module of the installed package, not a path
 # into a checkout.
 WORKSPACE_ARGS = ("-m", "call_pipeline.definitions", "-a", "defs")
 CELERY_RUN_LAUNCHER = "CeleryRunLauncher"
 # The queue deploy/dagster.yaml's CeleryRunLauncher sends runs to (its `default_queue`).
-RUNS_QUEUE = "runs"
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.5
 
@@ -147,14 +148,13 @@ def celery_run_queue(config: Mapping[str, Any], env: Mapping[str, str]) -> str |
 def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool, host: str, port: int,
                   python: str = sys.executable) -> list[Service]:
     """What one machine runs for the instance `config` and the settings in `env`."""
-    from call_pipeline.celery_app import QUEUES
     from call_pipeline.settings import PipelineSettings, from_env
 
     services: list[Service] = []
     worker = (python, "-m", "call_pipeline.cli", "worker")
     # Celery names a worker `celery@host` unless told: two on one machine would share the name.
     if from_env(PipelineSettings, env, secrets_as_env_vars=False).executor == "celery":
-        services.append(Service("step worker", (*worker, "--queues", ",".join(QUEUES), "--name", "steps@%h")))
+        services.append(Service("step worker", (*worker, "--queues", ",".join(STEP_QUEUES), "--name", "steps@%h")))
     run_queue = celery_run_queue(config, env)
     if run_queue is not None:
         services.append(Service("run worker", (*worker, "--queues", run_queue, "--name", "runs@%h")))

@@ -122,3 +122,17 @@ def test_ui_started_in_the_background_stops_every_process_on_sigterm(tmp_path):
         for port_ in (port, sim_port):
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", port_), timeout=1).close()
+
+
+def test_worker_takes_the_runs_queue_and_a_pool(monkeypatch, capsys):
+    """`call-pipeline worker --queues runs` is the run launcher's worker (the production tests start
+    it for real); an unknown queue is refused with the list of known ones."""
+    from call_pipeline import cli
+
+    started = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: started.append(argv))
+    assert cli.main(["worker", "--queues", "runs", "--concurrency", "4", "--pool", "threads"]) == 0
+    argv = started[0]
+    assert argv[argv.index("-Q") + 1] == "runs" and argv[argv.index("--pool") + 1] == "threads"
+    assert cli.main(["worker", "--queues", "runs,nosuch"]) == 2
+    assert "runs" in capsys.readouterr().err

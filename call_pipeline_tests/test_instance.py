@@ -51,3 +51,18 @@ def test_a_run_prints_info_and_up(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "info line of the op" in err and "STEP_SUCCESS" not in err
     assert "debug line of the op" not in err and " - DEBUG - " not in err
+
+
+def test_production_runs_are_celery_tasks_on_the_queue_the_run_workers_listen_to():
+    """deploy/dagster.yaml's launcher sends runs to the queue `call-pipeline worker --queues runs`
+    consumes, on the broker and backend the workers use (the same settings, from the environment)."""
+    from call_pipeline.celery_app import RUNS_QUEUE, WORKER_QUEUES, app
+    from call_pipeline.settings import PipelineSettings, env_name
+
+    launcher = _load("production")["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_celery.launcher", "CeleryRunLauncher")
+    assert launcher["config"]["default_queue"] == RUNS_QUEUE and RUNS_QUEUE in WORKER_QUEUES
+    assert launcher["config"]["broker"] == {"env": env_name(PipelineSettings, "celery_broker")}
+    assert launcher["config"]["backend"] == {"env": env_name(PipelineSettings, "celery_backend")}
+    assert RUNS_QUEUE in {queue.name for queue in app.conf.task_queues}
+    assert "execute_job" in app.tasks and "resume_job" in app.tasks

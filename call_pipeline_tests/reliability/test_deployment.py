@@ -3,7 +3,8 @@ instance (deploy/dagster.yaml: queued runs, run retries, run monitoring), the ce
 RabbitMQ as broker and Redis for results and for the shared limits, step outputs in an
 S3-compatible bucket (moto's server), and two Celery workers, each with a home folder and a state
 folder of its own (as on two machines): one on sync_queue,query_queue, one on
-download_queue,ai_queue. The sensor launches the runs of two tasks through the daemon."""
+download_queue,ai_queue; runs are Celery tasks (CeleryRunLauncher) run by a third worker on the
+queue `runs`. The sensor launches the runs of two tasks through the daemon."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, 
 RESULT_BACKEND = "redis://127.0.0.1:6379/0"
 BIN = Path(sys.executable).parent
 QUEUES_OF = {"sync-query": "sync_queue,query_queue", "download-ai": "download_queue,ai_queue"}
+RUNS_WORKER = "runs"
 WORKER_OF_QUEUE = {"sync_queue": "sync-query", "query_queue": "sync-query", "download_queue": "download-ai",
                    "ai_queue": "download-ai"}
 
@@ -50,6 +52,7 @@ class Processes:
 
     def __init__(self, logs: Path) -> None:
         self.logs, self.running = logs, {}
+        self.webserver_url = ""
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -81,8 +84,10 @@ class Processes:
 
 @contextlib.contextmanager
 def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, redis_prefix: str,
-               dagster_mysql_env: dict, s3, **extra_env: str):
-    """The daemon, the webserver and the two workers up; yields (instance, processes, env)."""
+               dagster_mysql_env: dict, s3, runs_concurrency: int = 2, runs_pool: str = "prefork",
+               **extra_env: str):
+    """The daemon, the webserver, the two step workers and the run worker up; yields
+    (instance, processes, env)."""
     bucket = s3.new_bucket()
     env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, **extra_env.pop("knobs", {})),
                          dagster_home=tmp_path / "unused", **{
@@ -109,8 +114,10 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
                                       "-p", str(port)], ops_env)
         for name in QUEUES_OF:
             start_worker(processes, env, tmp_path, name)
+        start_worker(processes, env, tmp_path, RUNS_WORKER, concurrency=runs_concurrency, pool=runs_pool)
         processes.check_alive()
-        _wait_for_workers(broker_url, [f"{name}@localhost" for name in QUEUES_OF])
+        _wait_for_workers(broker_url, [f"{name}@localhost" for name in (*QUEUES_OF, RUNS_WORKER)])
+        processes.webserver_url = f"http://127.0.0.1:{port}"
         _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok, 120, "the webserver")
         yield instance, processes, env
     finally:
@@ -121,10 +128,13 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
             os.environ.pop(name, None)
 
 
-def start_worker(processes: Processes, env: dict, tmp_path: Path, name: str, suffix: str = "") -> None:
+def start_worker(processes: Processes, env: dict, tmp_path: Path, name: str, suffix: str = "",
+                 concurrency: int = 2, pool: str = "prefork") -> None:
     home = _home(tmp_path / f"{name}{suffix}_home")
-    processes.start(name + suffix, [sys.executable, "-m", "call_pipeline.cli", "worker", "--queues", QUEUES_OF[name],
-                                    "--concurrency", "2", "--name", f"{name}{suffix}@localhost"],
+    queues = QUEUES_OF.get(name, name)
+    processes.start(name + suffix, [sys.executable, "-m", "call_pipeline.cli", "worker", "--queues", queues,
+                                    "--concurrency", str(concurrency), "--pool", pool,
+                                    "--name", f"{name}{suffix}@localhost"],
                     {**env, "DAGSTER_HOME": str(home), "CALL_PIPELINE_STATE_DIR": str(home / "limits")})
 
 
