@@ -19,8 +19,8 @@ import yaml
 
 from call_pipeline.cli import main
 from call_pipeline.crm.database import PROJECT_ROOT
+from call_pipeline.queues import RUNS_QUEUE
 from call_pipeline.serve import (
-    RUNS_QUEUE,
     ServeError,
     celery_run_queue,
     packaged_instance_yaml,
