@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leads", type=int, default=200, help="leads (and jobs) per task (200)")
     p.add_argument("--spread", type=float, default=240.0, help="the calls of every live task end over this (240 s)")
     p.add_argument("--production", action="store_true",
-                   help="the production shape: CRM and Dagster instance on MariaDB (deploy/dagster.yaml), "
-                        "limits in Redis, a RabbitMQ vhost of the benchmark's own")
+                   help="the production shape: CRM and Dagster instance on MariaDB (deploy/dagster.yaml: runs on "
+                        "a Celery run worker, in process), limits in Redis, a RabbitMQ vhost of the benchmark's own")
     p.add_argument("--outboundbot-latency-ms", type=float, default=30.0, help="per OutboundBot call (30)")
     p.add_argument("--llm-latency-ms", type=float, default=300.0, help="per LLM call (300)")
     p.add_argument("--qps-cap", type=int, default=50, help="the cloud's OutboundBot cap, and OUTBOUNDBOT_MAX_QPS (50)")
@@ -478,7 +478,9 @@ def dagster_home(args: argparse.Namespace, workdir: str) -> Iterator[str]:
         if args.production:
             os.environ.update(stack.enter_context(mysql_instance_env()))
             prefix = f"call_pipeline_bench_{uuid.uuid4().hex[:8]}"
-            os.environ.update({"CALL_PIPELINE_REDIS_URL": REDIS_URL, "CALL_PIPELINE_REDIS_KEY_PREFIX": prefix})
+            # the executor inside a run worker of deploy/dagster.yaml's CeleryRunLauncher (README, Executors)
+            os.environ.update({"CALL_PIPELINE_REDIS_URL": REDIS_URL, "CALL_PIPELINE_REDIS_KEY_PREFIX": prefix,
+                               "CALL_PIPELINE_EXECUTOR": "in_process"})
             stack.callback(_drop_redis_keys, prefix)
             vhost = private_vhost()
             if vhost is not None:

@@ -63,3 +63,62 @@ def test_each_task_has_its_own_job_group_leads_and_phones(tmp_path):
 def test_one_task_is_the_default_and_needs_no_daemon():
     args = bench.build_parser().parse_args([])
     assert args.tasks == 1 and args.max_runs == 3
+
+
+# ---- `call-pipeline bench --live` ----------------------------------------------------------------
+
+
+def test_live_calls_end_within_the_spread_in_order_and_the_same_each_time():
+    from call_pipeline.bench_live import call_schedule
+
+    jobs = {"jg-1": [f"a{n}" for n in range(50)], "jg-2": [f"b{n}" for n in range(50)]}
+    plan = call_schedule(jobs, 240.0, seed=3)
+    assert len(plan) == 100 and {job for _, _, job in plan} == {*jobs["jg-1"], *jobs["jg-2"]}
+    assert [at for at, _, _ in plan] == sorted(at for at, _, _ in plan)
+    assert all(0 <= at <= 240 for at, _, _ in plan) and plan[-1][0] - plan[0][0] > 120
+    assert plan == call_schedule(jobs, 240.0, seed=3) and plan != call_schedule(jobs, 240.0, seed=4)
+
+
+def test_live_freshness_percentiles_are_of_the_measured_delays():
+    from call_pipeline.bench_live import LiveFigures
+
+    figures = LiveFigures(1, 0, 20, latencies=[float(n) for n in range(1, 21)])
+    assert (figures.percentile(0.50), figures.percentile(0.95)) == (10.0, 19.0)
+    assert figures.as_dict()["freshness_s"]["max"] == 20.0
+
+
+def test_the_live_cloud_rings_until_a_call_is_ended_then_answers_its_outcome(tmp_path):
+    """The benchmark's cloud, through the real SDK: a live task's jobs are Executing until the
+    benchmark ends them; an idle task's stay Scheduling."""
+    import argparse
+
+    from call_pipeline.bench_live import LiveCloud
+    from call_pipeline.clients.outboundbot import OutboundBotClient
+    from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES
+    from call_pipeline.resources import OutboundBotResource
+
+    args = argparse.Namespace(seed=1, outboundbot_latency_ms=0.0, llm_latency_ms=0.0, qps_cap=1000)
+    with bench.crm_database("sqlite", str(tmp_path)) as url:
+        live = bench.seed_task(url, 6, "jg-live", 0)
+        idle = bench.seed_task(url, 4, "jg-idle", 6)
+        cloud = LiveCloud(url, [live], [idle], args)
+        try:
+            client = OutboundBotClient(OutboundBotResource(
+                access_key_id="ak", access_key_secret="sk", instance_id="i", endpoint=cloud.endpoint,
+                protocol="http"))
+            jobs = cloud.jobs["jg-live"]
+            assert list(cloud.jobs) == ["jg-live"] and len(jobs) == 6
+
+            def statuses(group: str) -> dict[str, str]:
+                listed = client.list_jobs_by_group(group, 1, 100)["Jobs"]["List"]
+                return {job["JobId"]: job["Status"] for job in listed}
+
+            assert set(statuses("jg-live").values()) == {"Executing"}
+            assert set(statuses("jg-idle").values()) == {"Scheduling"}
+            ended_at = cloud.end_calls("jg-live", jobs[:2])
+            now = statuses("jg-live")
+            assert {now[job] for job in jobs[:2]} <= TERMINAL_JOB_STATUSES
+            assert {now[job] for job in jobs[2:]} == {"Executing"}
+            assert ended_at > 0 and cloud.stats()["outboundbot_requests"] == 3
+        finally:
+            cloud.stop()
