@@ -154,7 +154,7 @@ def create_crm_tables(engine: Engine, *, replace: bool = False) -> None:
     `replace` is set, which drops and recreates them (demo and test databases only)."""
     existing = existing_crm_tables(engine)
     if existing and not replace:
-        ensure_pipeline_tables(engine)
+        ensure_pipeline_tables(engine, force=True)
         raise CrmTablesExistError(
             f"the database already has CRM tables {existing}; refusing to touch them "
             "(pass --replace to drop and recreate them, for a demo or test database only)"

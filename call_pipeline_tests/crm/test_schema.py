@@ -96,7 +96,7 @@ def test_an_existing_crm_gets_the_pipelines_own_table_and_keeps_its_own(crm_url)
     call_pipeline_unit_failures.drop(engine)
     from call_pipeline.crm import database
 
-    database._pipeline_tables_ensured.discard(crm_url)
+    database._pipeline_tables_ensured.clear()  # a new process
     get_crm_engine(crm_url)  # the pipeline's first use in a process
     assert "call_pipeline_unit_failures" in sa.inspect(engine).get_table_names()
     with engine.connect() as conn:
