@@ -956,19 +956,19 @@ def main(argv: list[str] | None = None) -> int:
 
             import dagster as dg
 
-            from call_pipeline.settings import SETTINGS
+            from call_pipeline.settings import settings
 
-            executor = SETTINGS.executor
+            executor = settings().executor
             figures["executor"] = executor
             if executor == "multiprocess":
-                figures.update(max_concurrent=SETTINGS.max_concurrent_steps,
-                               per_queue=SETTINGS.max_concurrent_steps_per_queue)
+                figures.update(max_concurrent=settings().max_concurrent_steps,
+                               per_queue=settings().max_concurrent_steps_per_queue)
             print(f"simulator: OutboundBot {args.outboundbot_latency_ms:g} ms/call, cap "
                   f"{qps_cap or 'none'} req/s; LLM {args.llm_latency_ms:g} ms/call; pipeline "
                   f"OUTBOUNDBOT_MAX_QPS={os.environ['OUTBOUNDBOT_MAX_QPS']}, "
                   f"DASHSCOPE_MAX_CONCURRENCY={args.llm_concurrency}; executor {executor}"
-                  + (f" (max_concurrent {SETTINGS.max_concurrent_steps}, per queue "
-                     f"{SETTINGS.max_concurrent_steps_per_queue})" if executor == "multiprocess" else "")
+                  + (f" (max_concurrent {settings().max_concurrent_steps}, per queue "
+                     f"{settings().max_concurrent_steps_per_queue})" if executor == "multiprocess" else "")
                   + f"; set-up {time.perf_counter() - setup_started:.1f} s", flush=True)
             if many:
                 print(f"daemon: instance on {figures['instance']} (max_concurrent_runs "
@@ -997,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "code": "ServiceUnavailable", "times": None})
                     args.max_runs = 1
                     print(f"lasting fault: {args.lasting_fault} answers 503 for good; op retries "
-                          f"{SETTINGS.op_max_retries}, first delay {SETTINGS.op_retry_delay_seconds} s", flush=True)
+                          f"{settings().op_max_retries}, first delay {settings().op_retry_delay_seconds} s", flush=True)
                 with dg.DagsterInstance.get() as instance, \
                         celery_workers(args.workers if executor == "celery" else 0, args.worker_concurrency,
                                        home) as workers:

@@ -18,9 +18,9 @@ from dagster_celery.tasks import create_resume_job_task, create_task
 from kombu import Queue
 
 from call_pipeline.queues import WORKER_QUEUES
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 
-app = make_app({"broker": SETTINGS.celery_broker, "backend": SETTINGS.celery_backend,
+app = make_app({"broker": settings().celery_broker, "backend": settings().celery_backend,
                 "include": ["call_pipeline.definitions"], "config_source": {
                     # one step at a time per worker process: a long step-5 batch does not hold others back
                     "worker_prefetch_multiplier": 1,

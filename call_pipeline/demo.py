@@ -252,10 +252,10 @@ def run_round(instance, label: str, warnings_by_task: dict[int, list[str]]) -> l
     import dagster as dg
 
     from call_pipeline.definitions import defs
-    from call_pipeline.sensors import call_task_sensor
+    from call_pipeline.sensors import make_call_task_sensor
 
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources)
-    result = call_task_sensor.evaluate_tick(context)
+    result = make_call_task_sensor().evaluate_tick(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     job = defs.resolve_job_def("sync_call_task")

@@ -23,7 +23,7 @@ from call_pipeline.domain.followups import (
     parse_llm_answer,
     plan_follow_up,
 )
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.give_up import UnitLedger
 
@@ -51,7 +51,7 @@ def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
     has none yet (no terminal status). An LLM outage (the account's or the service's failure,
     `LlmError.is_outage`) is no verdict on the lead: it raises, and the lead's unit fails."""
     plan = plan_follow_up(lead.call_status, lead.call_conversation, call_ended=lead.call_ended, now=now,
-                          grace_seconds=SETTINGS.transcript_grace_seconds)
+                          grace_seconds=settings().transcript_grace_seconds)
     if plan == "skip":
         return None
     if plan == "basic":
@@ -85,7 +85,7 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
     answered = [False]  # some LLM call of the step answered: the service was up
     with engine.connect() as conn:
         leads = repo.fetch_leads_needing_follow_up(conn, task_id, job_ids, now=clock(),
-                                                   transcript_grace_seconds=SETTINGS.transcript_grace_seconds)
+                                                   transcript_grace_seconds=settings().transcript_grace_seconds)
 
     def decide(lead: repo.LeadForFollowUp) -> _Decided:
         try:
