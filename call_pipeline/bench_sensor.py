@@ -22,6 +22,7 @@ import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType
 
 from call_pipeline import sensors
+from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline.settings import settings
 
 
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict:
         resources = {"crm": CrmDatabase(url=crm_url), "outboundbot": OutboundBotResource(
             access_key_id="ak", access_key_secret="sk", instance_id="bench", endpoint=simulator.endpoint,
             protocol="http", max_qps=1000)}
-        job = defs.resolve_job_def("sync_call_task")
+        job = defs.resolve_job_def(SYNC_JOB_NAME)
         clock = SimulatedClock(time.time())
         stack.callback(setattr, sensors, "time", sensors.time)
         sensors.time = clock

@@ -18,6 +18,7 @@ from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm import repository
 from call_pipeline.crm.database import DEFAULT_DATA_DIR, create_crm_engine, create_crm_tables
 from call_pipeline.crm.schema import call_tasks, leads_task_list
+from call_pipeline.run_status import SYNC_JOB_NAME
 
 DEMO_DIR = DEFAULT_DATA_DIR / "demo"
 DEMO_CRM_URL = f"sqlite:///{DEMO_DIR / 'crm.sqlite3'}"
@@ -258,7 +259,7 @@ def run_round(instance, label: str, warnings_by_task: dict[int, list[str]]) -> l
     result = make_call_task_sensor().evaluate_tick(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     outcomes = []
     for run_request in result.run_requests or []:
         # The console shows errors; the warnings (what the edge cases did) are printed below the

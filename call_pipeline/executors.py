@@ -17,6 +17,7 @@ from typing import get_args
 import dagster as dg
 
 from call_pipeline import queues
+from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline.settings import ExecutorName, PipelineSettings, env_name, settings
 
 # Forked step processes start from a server that has these imported already: Dagster, the
@@ -29,7 +30,6 @@ PRELOADED_MODULES = ["call_pipeline.definitions", "pandas", "alibabacloud_outbou
 QUEUE_TAG = "dagster-celery/queue"
 # Dagster's multiprocess executor puts this module first in the forkserver's preload list.
 _EXECUTOR_MODULE = "dagster._core.executor.multiprocess"
-SYNC_JOB_NAME = "sync_call_task"
 
 
 def runs_sync_job(argv: Sequence[str]) -> bool:

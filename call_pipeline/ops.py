@@ -85,6 +85,13 @@ def _not_run(context: dg.OpExecutionContext) -> None:
 
 
 TASK_NAME_TAG = "call_pipeline/task_name"
+
+
+def task_name_tag_value(task_name: str) -> str:
+    """The task's name as its runs' TASK_NAME_TAG holds it: cut at 200 characters, as a label
+    (the full name stays in the CRM)."""
+    return task_name[:200]
+
 # The job group's progress ("jobs/completed") the run started from; see _tag_progress.
 PROGRESS_TAG = "call_pipeline/progress"
 # The job group's Status (Executing, Paused, ...) the run started from, for its summary and the
@@ -97,8 +104,9 @@ def _tag_task_name(context: dg.OpExecutionContext, task: repo.TaskRow) -> None:
     """Every run of a task carries its name, whoever launched it: the sensors set it, and a run
     launched otherwise (a backfill, the Launchpad) gets it here; re-executions and run retries
     copy their parent's tags."""
-    if context.run.tags.get(TASK_NAME_TAG) != task.task_name[:200]:
-        context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: task.task_name[:200]})
+    name = task_name_tag_value(task.task_name)
+    if context.run.tags.get(TASK_NAME_TAG) != name:
+        context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: name})
 
 
 def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) -> None:

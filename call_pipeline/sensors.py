@@ -27,7 +27,7 @@ from call_pipeline.domain.job_groups import (
     track_stopped_group,
 )
 from call_pipeline.jobs import sync_call_task
-from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG
+from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG, task_name_tag_value
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
@@ -194,7 +194,7 @@ def call_task_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if run_key is None:
             quiet.append(str(task.id))
             continue
-        tags = {TASK_NAME_TAG: task.task_name[:200], PROGRESS_TAG: progress}
+        tags = {TASK_NAME_TAG: task_name_tag_value(task.task_name), PROGRESS_TAG: progress}
         if group is not None and group.status:
             tags[GROUP_STATUS_TAG] = group.status
         run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key, tags=tags))
@@ -259,7 +259,7 @@ def late_jobs_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if key not in known:
             new_keys.append(key)
         requests.append(dg.RunRequest(partition_key=key, run_key=run_key,
-                                      tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task.task_name[:200]}))
+                                      tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task_name_tag_value(task.task_name)}))
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],

@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 
 from call_pipeline.definitions import defs
-from call_pipeline.run_status import RETRY_GRACE_SECONDS, partitions_with_active_runs
+from call_pipeline.run_status import RETRY_GRACE_SECONDS, SYNC_JOB_NAME, partitions_with_active_runs
 from call_pipeline.sensors import make_call_task_sensor, why_run
 from call_pipeline.settings import settings
 from call_pipeline_tests.pipeline_harness import create_task
@@ -64,7 +64,7 @@ def test_sensor_requests_runs_for_active_tasks_only_and_adds_their_partitions(ma
 def test_sensor_does_not_relaunch_a_task_with_a_queued_or_running_run(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"]), str(tasks["calls_done"])])
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     # (a QUEUED run needs a code-location origin to be created; it is filtered the same way)
     for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):
         run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])}, status=status)
@@ -120,7 +120,7 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
     schedule = defs.resolve_schedule_def("advance_task_states_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedule.cron_schedule == settings().state_schedule_cron
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     assert job.partitions_def.name == "call_tasks"
     tags = {node.name: node.definition.tags for node in job.graph.nodes}
     assert tags["match_job_page"]["dagster-celery/queue"] == "sync_queue"
@@ -184,7 +184,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
 def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"])])
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])},
                                       status=dg.DagsterRunStatus.STARTED)
     instance.report_run_failed(run)
@@ -216,7 +216,7 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
     from call_pipeline_tests.test_sync_job import create_task_leads
 
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     tasks = {}
     for n in range(100):
         group_id = f"jg-quiet-{n}"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from call_pipeline.domain.followups import SOURCE_AI_FALLBACK, SOURCE_LLM, SOURCE_NO_CONVERSATION
 from call_pipeline.domain.task_state import TASK_TYPE_NAMES
 
 _VERDICTS = ((0, "cannot tell"), (1, "interested"), (2, "not interested"))
-_SOURCES = (("llm", "AI analysis"), ("no_conversation", "no conversation"), ("ai_fallback", "AI fallback"))
+_SOURCES = ((SOURCE_LLM, "AI analysis"), (SOURCE_NO_CONVERSATION, "no conversation"),
+            (SOURCE_AI_FALLBACK, "AI fallback"))
 _MATCH_ROWS = (
     ("reference_id", "leads matched by reference_id"),
     ("legacy_reference_id", "leads matched by legacy reference id"),
@@ -68,7 +70,7 @@ def render_run_summary(stats: dict) -> str:
     sources = stats.get("follow_ups_by_source") or {}
     verdict_count = {v: _first(_lookup(verdicts, v), stats.get(f"follow_ups:{v}")) for v, _ in _VERDICTS}
     source_count = {k: _first(sources.get(k), stats.get(f"source:{k}")) for k, _ in _SOURCES}
-    fallbacks = _first(stats.get("ai_fallbacks"), source_count["ai_fallback"])
+    fallbacks = _first(stats.get("ai_fallbacks"), source_count[SOURCE_AI_FALLBACK])
     unmatched_failed = _first(stats.get("unmatched_leads_failed"), stats.get("unmatched_marked_failed"))
 
     rows: list[tuple[str, str]] = [("jobs listed", _number(stats.get("jobs_listed")))]

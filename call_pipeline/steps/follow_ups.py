@@ -15,6 +15,9 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.domain.followups import (
+    PLAN_BASIC,
+    PLAN_SKIP,
+    SOURCE_LLM,
     FollowUp,
     InvalidLlmAnswer,
     ai_fallback_follow_up,
@@ -52,9 +55,9 @@ def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
     `LlmError.is_outage`) is no verdict on the lead: it raises, and the lead's unit fails."""
     plan = plan_follow_up(lead.call_status, lead.call_conversation, call_ended=lead.call_ended, now=now,
                           grace_seconds=settings().transcript_grace_seconds)
-    if plan == "skip":
+    if plan == PLAN_SKIP:
         return None
-    if plan == "basic":
+    if plan == PLAN_BASIC:
         return basic_follow_up(lead.call_status or "")
     try:
         answer = llm.complete(build_llm_messages(lead.call_conversation or "[]", now))
@@ -103,7 +106,7 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
                 failed[item.lead.lead_row_id] = (item.lead, item.error)
                 _log_failed(logger, task_id, item.lead, item.error)
             elif item.follow_up is not None:
-                answered[0] = answered[0] or item.follow_up.source == "llm"
+                answered[0] = answered[0] or item.follow_up.source == SOURCE_LLM
                 items.append((item.lead, item.follow_up))
         if not items:
             return

@@ -76,7 +76,7 @@ def reliability_sync_job() -> dg.JobDefinition:
     """`sync_call_task` with the resources above bound, on its own (default) executor (module
     scope: reconstructable)."""
     return dg.Definitions(jobs=[sync_call_task], resources=resources_for_tests()).resolve_job_def(
-        "sync_call_task")
+        sync_call_task.name)
 
 
 def reliability_sync_job_in_process() -> dg.JobDefinition:
