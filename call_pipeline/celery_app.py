@@ -1,5 +1,5 @@
 """The Celery app of `call-pipeline worker`: dagster-celery's step task (the `celery` executor's
-steps, on the seed's queues, each with priorities as the ops' `dagster-celery/priority` tags ask)
+steps, on the design's queues, each with priorities as the ops' `dagster-celery/priority` tags ask)
 and its run task (runs launched by the instance's `CeleryRunLauncher`, on the `runs` queue), on
 the broker and result backend of CALL_PIPELINE_CELERY_BROKER / _BACKEND.
 
@@ -80,7 +80,7 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
         return 1
     # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
     # in a task unless allowed (its guard is against a worker waiting for its own queue: the
-    # steps go to the seed's queues, the run to `runs`).
+    # steps go to the design's queues, the run to `runs`).
     with allow_join_result():
         return _execute_run_command_body(
             instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,

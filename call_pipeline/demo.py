@@ -120,13 +120,6 @@ def demo_special_cases(task_id: int, spec: DemoTask) -> dict[int, list[str]]:
     return {}
 
 
-@dataclass
-class DemoEnvironment:
-    crm_url: str
-    simulator: object
-    tasks: dict[int, DemoTask]
-
-
 def prepare_environment(crm_url: str, simulator_handle, data_dir: Path) -> None:
     """Point the pipeline's settings at the demo CRM, its folder and the local simulator (before
     the definitions load and read them)."""

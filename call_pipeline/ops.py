@@ -1,6 +1,6 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
 calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
-Tags and pools carry the seed's Celery queues so that the `dagster-celery` executor routes each
+Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
 op to its queue and pools bound each kind of work across runs."""
 
 
@@ -37,7 +37,7 @@ from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_l
 # The tag of runs that the late-jobs sensor requests for a task at 4 (its group grew).
 LATE_JOBS_TAG = "call_pipeline/late_jobs"
 
-# The seed's Celery queues and priorities (higher runs first).
+# The design's Celery queues and priorities (higher runs first).
 SYNC_TAGS = celery_tags(queues.SYNC_QUEUE)
 QUERY_TAGS = celery_tags(queues.QUERY_QUEUE)
 DOWNLOAD_TAGS = celery_tags(queues.DOWNLOAD_QUEUE)

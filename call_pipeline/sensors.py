@@ -104,7 +104,7 @@ def last_completed_run(instance: dg.DagsterInstance, task_id: int) -> dg.RunReco
     return records[0] if records else None
 
 
-def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
+def run_key_for(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
     """Why the task needs a run now, as its run key (keys are remembered forever), or None. Each
     key holds the window of CALL_PIPELINE_SENSOR_INTERVAL_SECONDS it was asked in: a run that
     failed for good (its retries too) is asked again in the next window, not never."""
@@ -189,7 +189,7 @@ def call_task_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
             continue
         group = groups.get(task.job_group_id or "")
         progress = progress_tag(group)
-        run_key = why_run(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
+        run_key = run_key_for(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
                           now)
         if run_key is None:
             quiet.append(str(task.id))

@@ -7,7 +7,7 @@ import pytest
 
 from call_pipeline.definitions import defs
 from call_pipeline.run_status import RETRY_GRACE_SECONDS, SYNC_JOB_NAME, partitions_with_active_runs
-from call_pipeline.sensors import make_call_task_sensor, why_run
+from call_pipeline.sensors import make_call_task_sensor, run_key_for
 from call_pipeline.settings import settings
 from call_pipeline_tests.pipeline_harness import create_task
 
@@ -85,12 +85,12 @@ def test_a_task_gets_a_run_only_when_there_is_work():
 
     now = 1_000_000.0
     window = int(now // settings().sensor_interval_seconds)
-    assert why_run(7, "10/3", 0, None, now) == f"task-7-first-10/3-{window}"
-    assert why_run(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
-    assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == f"task-7-progress-10/4-{window}"
-    assert why_run(7, "unknown", 0, Last("10/3", now - 60), now) is None
-    assert why_run(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
-    late = why_run(7, "10/3", 0, Last("10/3", now - settings().sensor_max_interval_seconds), now)
+    assert run_key_for(7, "10/3", 0, None, now) == f"task-7-first-10/3-{window}"
+    assert run_key_for(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
+    assert run_key_for(7, "10/4", 0, Last("10/3", now - 60), now) == f"task-7-progress-10/4-{window}"
+    assert run_key_for(7, "unknown", 0, Last("10/3", now - 60), now) is None
+    assert run_key_for(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
+    late = run_key_for(7, "10/3", 0, Last("10/3", now - settings().sensor_max_interval_seconds), now)
     assert late.startswith("task-7-every-")
 
 
@@ -104,9 +104,9 @@ def test_a_task_whose_runs_failed_for_good_is_asked_again_in_the_next_window():
     now = 1_000_000.0
     later = now + settings().sensor_interval_seconds
     for last, progress in ((None, "10/3"), (Synced(), "10/4")):
-        first = why_run(7, progress, 0, last, now)
-        assert first == why_run(7, progress, 0, last, now + 1)  # one run per window
-        assert why_run(7, progress, 0, last, later) not in (None, first)
+        first = run_key_for(7, progress, 0, last, now)
+        assert first == run_key_for(7, progress, 0, last, now + 1)  # one run per window
+        assert run_key_for(7, progress, 0, last, later) not in (None, first)
 
 
 def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance, simulator):

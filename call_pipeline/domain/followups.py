@@ -78,7 +78,7 @@ def plan_follow_up(call_status: str | None, call_conversation: str | None, *, ca
 
 
 def basic_follow_up(call_status: str) -> FollowUp:
-    """Case B, with the seed's remarks word for word (the CRM's users know them)."""
+    """Case B, with the design's remarks word for word (the CRM's users know them)."""
     status = clean_text(call_status)
     if status == "Failed":
         remark = "呼叫失败；"
@@ -90,7 +90,7 @@ def basic_follow_up(call_status: str) -> FollowUp:
 
 
 def ai_fallback_follow_up(reason: str) -> FollowUp:
-    """The seed's rule when the LLM fails or answers nonsense: a basic record a person follows up."""
+    """The design's rule when the LLM fails or answers nonsense: a basic record a person follows up."""
     short = " ".join(str(reason or "").split())
     if len(short) > _REASON_LENGTH:
         short = short[: _REASON_LENGTH - 1] + "…"

@@ -67,7 +67,6 @@ from __future__ import annotations
 import json
 import random
 import uuid
-import zlib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -622,8 +621,3 @@ def load_scenario_file(path: str | Path) -> list[dict]:
 
 def save_scenario_file(path: str | Path, groups: list[dict]) -> None:
     Path(path).write_text(json.dumps({"job_groups": groups}, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed derived from arbitrary values, stable across processes (unlike hash())."""
-    return zlib.crc32(":".join(map(str, parts)).encode())

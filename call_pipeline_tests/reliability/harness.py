@@ -293,12 +293,6 @@ def subprocess_env(base: dict[str, str], dagster_home: Path, **extra: str) -> di
     return env
 
 
-def prepare_dagster_home(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return path
-
-
 def start_run_process(task_id: int, env: dict[str, str], log_path: Path, *,
                       page_size: int = DEFAULT_PAGE_SIZE, from_failure_of: str | None = None,
                       executor: str | None = None) -> subprocess.Popen:
