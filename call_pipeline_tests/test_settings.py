@@ -14,7 +14,15 @@ import call_pipeline.definitions  # noqa: F401  (as any test module does: the de
 from call_pipeline.clients.limits import default_state_dir
 from call_pipeline.crm.database import PROJECT_ROOT
 from call_pipeline.resources import RESOURCE_SETTINGS, DashScopeResource, OutboundBotResource, RecordingArchiveResource
-from call_pipeline.settings import PipelineSettings, SettingError, env_name, from_env, secret_variables, settings
+from call_pipeline.settings import (
+    PipelineSettings,
+    SettingError,
+    env_name,
+    from_env,
+    secret_variables,
+    settings,
+    settings_table,
+)
 
 
 def test_unset_and_empty_variables_take_the_declared_defaults():
@@ -74,7 +82,14 @@ def test_each_variable_has_one_setting():
     assert "OUTBOUNDBOT_MAX_QPS" not in secret_variables(*RESOURCE_SETTINGS)
 
 
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of a settings table, by variable: [variable, default, meaning]."""
+    return {cells[0]: cells for cells in ([cell.strip() for cell in line.strip().strip("|").split(" | ")]
+                                          for line in markdown.splitlines() if line.startswith("| `"))}
+
+
 def test_the_readme_lists_every_setting():
+    """README's table is `call-pipeline settings`' cell by cell: variable, default and meaning."""
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Settings"):]
     section = section[:section.index("\n## ", 5)]
@@ -82,6 +97,10 @@ def test_the_readme_lists_every_setting():
         for field, info in model.model_fields.items():
             if isinstance(info.json_schema_extra, dict):
                 assert f"| `{env_name(model, field)}` |" in section, env_name(model, field)
+    in_readme, in_code = _table_rows(section), _table_rows(settings_table(*RESOURCE_SETTINGS, PipelineSettings))
+    assert list(in_readme) == list(in_code)
+    for variable, cells in in_code.items():
+        assert in_readme[variable] == cells, variable
 
 
 def test_the_test_session_keeps_its_limiter_files_in_its_own_folder(tmp_path_factory):
