@@ -425,8 +425,10 @@ def launch_run(instance, task_id: int, run_config: dict, workers: list[int]) -> 
     from dagster._grpc.types import ExecuteRunArgs
     from dagster_shared.serdes import serialize_value
 
+    from call_pipeline.run_status import SYNC_JOB_NAME
+
     recon_job = ReconstructableRepository.for_module(
-        "call_pipeline.definitions", "defs", working_directory=os.getcwd()).get_reconstructable_job("sync_call_task")
+        "call_pipeline.definitions", "defs", working_directory=os.getcwd()).get_reconstructable_job(SYNC_JOB_NAME)
     run = instance.create_run_for_job(job_def=recon_job.get_definition(), run_config=run_config,
                                       tags={"dagster/partition": str(task_id)},
                                       job_code_origin=recon_job.get_python_origin())
@@ -505,7 +507,6 @@ def _kill_group(process) -> None:
 
 # ---- many tasks, through the daemon ---------------------------------------------------------------
 
-SYNC_JOB = "sync_call_task"
 
 
 def _project_root() -> str:
@@ -681,7 +682,7 @@ def wait_for_tasks(instance, crm_url: str, task_ids: list[int], daemon: Daemon, 
 
     from call_pipeline.crm.database import create_crm_engine
     from call_pipeline.crm.schema import call_tasks
-    from call_pipeline.run_status import ACTIVE_RUN_STATUSES, partitions_with_active_runs
+    from call_pipeline.run_status import ACTIVE_RUN_STATUSES, SYNC_JOB_NAME, partitions_with_active_runs
 
     engine = create_crm_engine(crm_url)
     done_at: dict[int, float] = {}
@@ -699,7 +700,7 @@ def wait_for_tasks(instance, crm_url: str, task_ids: list[int], daemon: Daemon, 
                         done_at[task_id] = now
             if now - last_poll >= 1.0:
                 last_poll = now
-                runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB))
+                runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME))
                 counts = _run_statuses(runs)
                 line = (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no run yet") + \
                     f"; tasks at 4: {len(done_at)}/{len(task_ids)}"
@@ -708,7 +709,7 @@ def wait_for_tasks(instance, crm_url: str, task_ids: list[int], daemon: Daemon, 
                     seen, last_change = state, now
                 active = any(run.status in ACTIVE_RUN_STATUSES for run in runs)
                 finished = len(done_at) == len(task_ids) and not active and \
-                    not partitions_with_active_runs(instance, SYNC_JOB)
+                    not partitions_with_active_runs(instance, SYNC_JOB_NAME)
                 stalled = not finished and not active and now - last_change >= stall_s
                 if line != shown and (now - last_print >= 5.0 or finished or stalled):
                     print(f"  {now - daemon.started_at:7.1f} s  runs: {line}", flush=True)
@@ -727,12 +728,14 @@ def wait_for_tasks(instance, crm_url: str, task_ids: list[int], daemon: Daemon, 
 def _stalled(instance, task_ids: list[int], done_at: dict[int, float], quiet_s: float) -> str:
     import dagster as dg
 
+    from call_pipeline.run_status import SYNC_JOB_NAME
+
     left = []
     for task_id in task_ids:
         if task_id in done_at:
             continue
-        runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB, tags={"dagster/partition": str(task_id)}),
-                                 limit=1)
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(job_name=SYNC_JOB_NAME, tags={"dagster/partition": str(task_id)}), limit=1)
         last = (f"last run {runs[0].run_id[:8]} {runs[0].status.value}"
                 + (", dagster/will_retry=" + runs[0].tags["dagster/will_retry"]
                    if "dagster/will_retry" in runs[0].tags else "")) if runs else "no run"
@@ -747,8 +750,10 @@ def daemon_run_figures(instance, t0: float) -> list[RunFigures]:
     import dagster as dg
     from dagster._core.events import DagsterEventType
 
+    from call_pipeline.run_status import SYNC_JOB_NAME
+
     figures = []
-    for record in reversed(instance.get_run_records(filters=dg.RunsFilter(job_name=SYNC_JOB))):
+    for record in reversed(instance.get_run_records(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME))):
         run = record.dagster_run
         entries = instance.all_logs(run.run_id)
         queued = launched = None
@@ -886,14 +891,14 @@ def needed_calls(url: str, task_id: int) -> dict:
     and DownloadRecording calls (succeeded calls with an attempt)."""
     from call_pipeline.crm.database import create_crm_engine
     from call_pipeline.crm.schema import leads_task_list as L
-    from call_pipeline.domain.followups import plan_follow_up
+    from call_pipeline.domain.followups import PLAN_LLM, plan_follow_up
 
     engine = create_crm_engine(url)
     llm = recordings = 0
     with engine.connect() as conn:
         for status, conversation, call_task_id in conn.execute(
                 sa.select(L.c.call_status, L.c.call_conversation, L.c.call_task_id).where(L.c.task_id == task_id)):
-            llm += plan_follow_up(status, conversation) == "llm"
+            llm += plan_follow_up(status, conversation) == PLAN_LLM
             recordings += status == "Succeeded" and bool(call_task_id)
     engine.dispose()
     return {"llm": llm, "recordings": recordings}
@@ -956,19 +961,19 @@ def main(argv: list[str] | None = None) -> int:
 
             import dagster as dg
 
-            from call_pipeline.settings import SETTINGS
+            from call_pipeline.settings import settings
 
-            executor = SETTINGS.executor
+            executor = settings().executor
             figures["executor"] = executor
             if executor == "multiprocess":
-                figures.update(max_concurrent=SETTINGS.max_concurrent_steps,
-                               per_queue=SETTINGS.max_concurrent_steps_per_queue)
+                figures.update(max_concurrent=settings().max_concurrent_steps,
+                               per_queue=settings().max_concurrent_steps_per_queue)
             print(f"simulator: OutboundBot {args.outboundbot_latency_ms:g} ms/call, cap "
                   f"{qps_cap or 'none'} req/s; LLM {args.llm_latency_ms:g} ms/call; pipeline "
                   f"OUTBOUNDBOT_MAX_QPS={os.environ['OUTBOUNDBOT_MAX_QPS']}, "
                   f"DASHSCOPE_MAX_CONCURRENCY={args.llm_concurrency}; executor {executor}"
-                  + (f" (max_concurrent {SETTINGS.max_concurrent_steps}, per queue "
-                     f"{SETTINGS.max_concurrent_steps_per_queue})" if executor == "multiprocess" else "")
+                  + (f" (max_concurrent {settings().max_concurrent_steps}, per queue "
+                     f"{settings().max_concurrent_steps_per_queue})" if executor == "multiprocess" else "")
                   + f"; set-up {time.perf_counter() - setup_started:.1f} s", flush=True)
             if many:
                 print(f"daemon: instance on {figures['instance']} (max_concurrent_runs "
@@ -997,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "code": "ServiceUnavailable", "times": None})
                     args.max_runs = 1
                     print(f"lasting fault: {args.lasting_fault} answers 503 for good; op retries "
-                          f"{SETTINGS.op_max_retries}, first delay {SETTINGS.op_retry_delay_seconds} s", flush=True)
+                          f"{settings().op_max_retries}, first delay {settings().op_retry_delay_seconds} s", flush=True)
                 with dg.DagsterInstance.get() as instance, \
                         celery_workers(args.workers if executor == "celery" else 0, args.worker_concurrency,
                                        home) as workers:

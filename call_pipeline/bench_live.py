@@ -51,6 +51,7 @@ from call_pipeline.bench import (
     seed_task,
     task_outcome,
 )
+from call_pipeline.run_status import SYNC_JOB_NAME
 
 REDIS_URL = os.environ.get("CALL_PIPELINE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SHARES = {"Succeeded": 0.65, "Failed": 0.30, "Cancelled": 0.05}
@@ -417,7 +418,7 @@ def run_figures(instance, since: float) -> tuple[Counter, int, int, float]:
     statuses: Counter = Counter()
     launched = launched_since = 0
     longest = 0.0
-    for record in instance.get_run_records(filters=dg.RunsFilter(job_name="sync_call_task")):
+    for record in instance.get_run_records(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME)):
         statuses[record.dagster_run.status.value.lower()] += 1
         queued = started = None
         for entry in instance.all_logs(record.dagster_run.run_id, of_type={
@@ -553,7 +554,7 @@ def wait_for_first_syncs(instance, serve: Serve, tasks: int, timeout_s: float) -
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         serve.check()
-        runs = instance.get_runs(filters=dg.RunsFilter(job_name="sync_call_task"))
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME))
         done = {run.tags.get("dagster/partition") for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
         if len(done) >= tasks:
             return len(runs)

@@ -22,7 +22,8 @@ import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType
 
 from call_pipeline import sensors
-from call_pipeline.settings import SETTINGS
+from call_pipeline.run_status import SYNC_JOB_NAME
+from call_pipeline.settings import settings
 
 
 class SimulatedClock:
@@ -83,7 +84,7 @@ def measure(args: argparse.Namespace) -> dict:
     for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "OUTBOUNDBOT_INSTANCE_ID",
                  "DASHSCOPE_API_KEY"):
         os.environ.setdefault(name, "bench")
-    tick = SETTINGS.sensor_tick_seconds
+    tick = settings().sensor_tick_seconds
     ticks = int(args.hours * 3600 // tick)
     every_ticks = max(1, int(args.every_minutes * 60 // tick))
     calls = ticks // every_ticks + 1
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict:
         resources = {"crm": CrmDatabase(url=crm_url), "outboundbot": OutboundBotResource(
             access_key_id="ak", access_key_secret="sk", instance_id="bench", endpoint=simulator.endpoint,
             protocol="http", max_qps=1000)}
-        job = defs.resolve_job_def("sync_call_task")
+        job = defs.resolve_job_def(SYNC_JOB_NAME)
         clock = SimulatedClock(time.time())
         stack.callback(setattr, sensors, "time", sensors.time)
         sensors.time = clock
@@ -107,6 +108,7 @@ def measure(args: argparse.Namespace) -> dict:
         list_job_groups_before = simulator.state.stats()["requests"].get("ListJobGroups", 0)
         evaluation_s = 0.0
         cursor = None
+        sensor = sensors.make_call_task_sensor()
         for n in range(ticks + 1):
             if n and n % every_ticks == 0:
                 for task_id in list(groups)[:args.progressing]:
@@ -116,7 +118,7 @@ def measure(args: argparse.Namespace) -> dict:
             context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
                                               cursor=cursor)
             started = time.perf_counter()
-            result = sensors.call_task_sensor.evaluate_tick(context)
+            result = sensor.evaluate_tick(context)
             evaluation_s += time.perf_counter() - started
             cursor = result.cursor or cursor  # as the daemon hands it to the next tick
             for request in result.dynamic_partitions_requests or []:
@@ -132,7 +134,7 @@ def measure(args: argparse.Namespace) -> dict:
                                               run_id=run.run_id, timestamp=clock.now)
             clock.now += tick
         calls_made = simulator.state.stats()["requests"].get("ListJobGroups", 0) - list_job_groups_before
-    interval_runs = args.tasks * int(args.hours * 3600 // SETTINGS.sensor_interval_seconds)
+    interval_runs = args.tasks * int(args.hours * 3600 // settings().sensor_interval_seconds)
     return {"ticks": ticks + 1, "runs": sum(runs.values()), "by_reason": dict(runs),
             "list_job_groups_calls": calls_made, "tick_ms": 1000 * evaluation_s / (ticks + 1),
             "before": interval_runs}
@@ -143,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     figures = measure(args)
     hours = args.hours
     print(f"{args.tasks} active tasks, {args.progressing} of them with a call finishing every "
-          f"{args.every_minutes:g} min, {hours:g} simulated hour(s), a tick every {SETTINGS.sensor_tick_seconds} s")
+          f"{args.every_minutes:g} min, {hours:g} simulated hour(s), a tick every {settings().sensor_tick_seconds} s")
     print(f"  runs asked for: {figures['runs']} ({figures['runs'] / hours:.0f} per hour), by reason "
           f"{figures['by_reason']}")
     print(f"  ListJobGroups calls: {figures['list_job_groups_calls']} for {figures['ticks']} ticks; "
           f"one tick took {figures['tick_ms']:.0f} ms")
-    print(f"  a run per task per CALL_PIPELINE_SENSOR_INTERVAL_SECONDS ({SETTINGS.sensor_interval_seconds} s) "
+    print(f"  a run per task per CALL_PIPELINE_SENSOR_INTERVAL_SECONDS ({settings().sensor_interval_seconds} s) "
           f"would be {figures['before']} ({figures['before'] / hours:.0f} per hour)")
     return 0

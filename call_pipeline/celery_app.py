@@ -1,5 +1,5 @@
 """The Celery app of `call-pipeline worker`: dagster-celery's step task (the `celery` executor's
-steps, on the seed's queues, each with priorities as the ops' `dagster-celery/priority` tags ask)
+steps, on the design's queues, each with priorities as the ops' `dagster-celery/priority` tags ask)
 and its run task (runs launched by the instance's `CeleryRunLauncher`, on the `runs` queue), on
 the broker and result backend of CALL_PIPELINE_CELERY_BROKER / _BACKEND.
 
@@ -18,9 +18,9 @@ from dagster_celery.tasks import create_resume_job_task, create_task
 from kombu import Queue
 
 from call_pipeline.queues import WORKER_QUEUES
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 
-app = make_app({"broker": SETTINGS.celery_broker, "backend": SETTINGS.celery_backend,
+app = make_app({"broker": settings().celery_broker, "backend": settings().celery_backend,
                 "include": ["call_pipeline.definitions"], "config_source": {
                     # one step at a time per worker process: a long step-5 batch does not hold others back
                     "worker_prefetch_multiplier": 1,
@@ -80,7 +80,7 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
         return 1
     # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
     # in a task unless allowed (its guard is against a worker waiting for its own queue: the
-    # steps go to the seed's queues, the run to `runs`).
+    # steps go to the design's queues, the run to `runs`).
     with allow_join_result():
         return _execute_run_command_body(
             instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,

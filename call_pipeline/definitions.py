@@ -1,13 +1,21 @@
 """All of call_pipeline's Dagster definitions, gathered in one place."""
 
+import sys
 
 import dagster as dg
 
-from call_pipeline.jobs import advance_task_states, sync_call_task
-from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import resources_from_env
-from call_pipeline.schedules import advance_task_states_schedule
-from call_pipeline.sensors import call_task_sensor, failure_alert_sensor, late_jobs_sensor
+from call_pipeline.executors import start_forkserver_early
+
+# A run worker of the sync job starts its forkserver before it imports the rest of the project,
+# so that both import side by side; the check on its command line costs nothing elsewhere
+# (call_pipeline/executors.py says why).
+start_forkserver_early(sys.argv)
+
+from call_pipeline.jobs import advance_task_states, sync_call_task  # noqa: E402
+from call_pipeline.partitions import call_tasks_partitions  # noqa: E402
+from call_pipeline.resources import resources_from_env  # noqa: E402
+from call_pipeline.schedules import make_advance_task_states_schedule  # noqa: E402
+from call_pipeline.sensors import failure_alert_sensor, make_call_task_sensor, make_late_jobs_sensor  # noqa: E402
 
 # The CRM table the sync job writes, declared as an external asset with the job's partitions:
 # the UI's "add partition" only offers partitions defs that some asset uses.
@@ -21,7 +29,7 @@ crm_call_task_leads = dg.AssetSpec(
 defs = dg.Definitions(
     assets=[crm_call_task_leads],
     jobs=[sync_call_task, advance_task_states],
-    sensors=[call_task_sensor, late_jobs_sensor, failure_alert_sensor],
-    schedules=[advance_task_states_schedule],
+    sensors=[make_call_task_sensor(), make_late_jobs_sensor(), failure_alert_sensor],
+    schedules=[make_advance_task_states_schedule()],
     resources=resources_from_env(),
 )

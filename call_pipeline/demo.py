@@ -18,6 +18,7 @@ from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm import repository
 from call_pipeline.crm.database import DEFAULT_DATA_DIR, create_crm_engine, create_crm_tables
 from call_pipeline.crm.schema import call_tasks, leads_task_list
+from call_pipeline.run_status import SYNC_JOB_NAME
 
 DEMO_DIR = DEFAULT_DATA_DIR / "demo"
 DEMO_CRM_URL = f"sqlite:///{DEMO_DIR / 'crm.sqlite3'}"
@@ -117,13 +118,6 @@ def demo_special_cases(task_id: int, spec: DemoTask) -> dict[int, list[str]]:
             first + 6: ["planed_time_zero"],
         }
     return {}
-
-
-@dataclass
-class DemoEnvironment:
-    crm_url: str
-    simulator: object
-    tasks: dict[int, DemoTask]
 
 
 def prepare_environment(crm_url: str, simulator_handle, data_dir: Path) -> None:
@@ -252,13 +246,13 @@ def run_round(instance, label: str, warnings_by_task: dict[int, list[str]]) -> l
     import dagster as dg
 
     from call_pipeline.definitions import defs
-    from call_pipeline.sensors import call_task_sensor
+    from call_pipeline.sensors import make_call_task_sensor
 
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources)
-    result = call_task_sensor.evaluate_tick(context)
+    result = make_call_task_sensor().evaluate_tick(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     outcomes = []
     for run_request in result.run_requests or []:
         # The console shows errors; the warnings (what the edge cases did) are printed below the

@@ -17,7 +17,8 @@ from typing import get_args
 import dagster as dg
 
 from call_pipeline import queues
-from call_pipeline.settings import SETTINGS, ExecutorName, PipelineSettings, env_name
+from call_pipeline.run_status import SYNC_JOB_NAME
+from call_pipeline.settings import ExecutorName, PipelineSettings, env_name, settings
 
 # Forked step processes start from a server that has these imported already: Dagster, the
 # project, the SDKs and pandas (which the project imports only where it uses them, so that the
@@ -29,7 +30,6 @@ PRELOADED_MODULES = ["call_pipeline.definitions", "pandas", "alibabacloud_outbou
 QUEUE_TAG = "dagster-celery/queue"
 # Dagster's multiprocess executor puts this module first in the forkserver's preload list.
 _EXECUTOR_MODULE = "dagster._core.executor.multiprocess"
-SYNC_JOB_NAME = "sync_call_task"
 
 
 def runs_sync_job(argv: Sequence[str]) -> bool:
@@ -50,7 +50,7 @@ def start_forkserver_early(argv: Sequence[str]) -> bool:
     worker's on the machine's other core. Dagster's executor then finds it running with the
     same preload list and uses it; the forkserver ends with the worker, as it would have.
     Multiprocessing has no option for this, hence the hand-written start."""
-    if SETTINGS.executor != "multiprocess" or not runs_sync_job(argv):
+    if settings().executor != "multiprocess" or not runs_sync_job(argv):
         return False
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([_EXECUTOR_MODULE, *PRELOADED_MODULES])
@@ -73,7 +73,7 @@ def celery_config() -> dict:
     def from_each_process(field: str) -> dict | str:
         # a password in a broker URL never enters the run config
         env = env_name(PipelineSettings, field)
-        return {"env": env} if os.environ.get(env) else getattr(SETTINGS, field)
+        return {"env": env} if os.environ.get(env) else getattr(settings(), field)
 
     return {"broker": from_each_process("celery_broker"), "backend": from_each_process("celery_backend"),
             "include": ["call_pipeline.definitions"]}
@@ -81,12 +81,12 @@ def celery_config() -> dict:
 
 def sync_executor(name: str | None = None) -> dg.ExecutorDefinition:
     """The executor named by `name` (default: CALL_PIPELINE_EXECUTOR)."""
-    name = name or SETTINGS.executor
+    name = name or settings().executor
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
         return dg.multiprocess_executor.configured(
-            multiprocess_config(SETTINGS.max_concurrent_steps, SETTINGS.max_concurrent_steps_per_queue),
+            multiprocess_config(settings().max_concurrent_steps, settings().max_concurrent_steps_per_queue),
             name="multiprocess")
     if name == "celery":
         from dagster_celery import celery_executor

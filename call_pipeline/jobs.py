@@ -14,12 +14,14 @@ from call_pipeline.ops import (
     match_job_page,
 )
 from call_pipeline.partitions import call_tasks_partitions
+from call_pipeline.run_status import SYNC_JOB_NAME
 
 # Run retries re-execute only the failed mapped step and what follows it, on the same partition.
 RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
 
 
 @dg.job(
+    name=SYNC_JOB_NAME,
     partitions_def=call_tasks_partitions,
     executor_def=sync_executor(),
     tags=RUN_RETRY_TAGS,

@@ -1,6 +1,6 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
 calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
-Tags and pools carry the seed's Celery queues so that the `dagster-celery` executor routes each
+Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
 op to its queue and pools bound each kind of work across runs."""
 
 
@@ -22,7 +22,7 @@ from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.queues import celery_tags
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.call_results import update_call_results
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
@@ -37,7 +37,7 @@ from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_l
 # The tag of runs that the late-jobs sensor requests for a task at 4 (its group grew).
 LATE_JOBS_TAG = "call_pipeline/late_jobs"
 
-# The seed's Celery queues and priorities (higher runs first).
+# The design's Celery queues and priorities (higher runs first).
 SYNC_TAGS = celery_tags(queues.SYNC_QUEUE)
 QUERY_TAGS = celery_tags(queues.QUERY_QUEUE)
 DOWNLOAD_TAGS = celery_tags(queues.DOWNLOAD_QUEUE)
@@ -48,18 +48,19 @@ AI_TAGS = celery_tags(queues.AI_QUEUE)
 # matched (depth first): the first recordings and LLM calls start after one batch, not after all.
 CHAIN_PRIORITY = {step: {"dagster/priority": str(step)} for step in (2, 3, 4, 5)}
 
-API_RETRY_POLICY = dg.RetryPolicy(
-    max_retries=SETTINGS.op_max_retries,
-    delay=SETTINGS.op_retry_delay_seconds,
-    backoff=dg.Backoff.EXPONENTIAL,
-    jitter=dg.Jitter.PLUS_MINUS,
-)
+
+
+def api_retry_policy() -> dg.RetryPolicy:
+    """The retries of an op that calls a cloud, from CALL_PIPELINE_OP_MAX_RETRIES and
+    CALL_PIPELINE_OP_RETRY_DELAY_SECONDS as they are when the ops are defined."""
+    return dg.RetryPolicy(max_retries=settings().op_max_retries, delay=settings().op_retry_delay_seconds,
+                          backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
 class PagingConfig(dg.Config):
-    page_size: int = Field(default=SETTINGS.page_size, ge=1,
+    page_size: int = Field(default=settings().page_size, ge=1,
                            description="ListJobsByGroup page size (CALL_PIPELINE_PAGE_SIZE).")
-    pages_per_batch: int = Field(default=SETTINGS.pages_per_batch, ge=1,
+    pages_per_batch: int = Field(default=settings().pages_per_batch, ge=1,
                                  description="Pages whose jobs one mapped chain (steps 2-5) works on together; "
                                              "the first batch is an eighth of it, at least one page "
                                              "(CALL_PIPELINE_PAGES_PER_BATCH).")
@@ -84,6 +85,13 @@ def _not_run(context: dg.OpExecutionContext) -> None:
 
 
 TASK_NAME_TAG = "call_pipeline/task_name"
+
+
+def task_name_tag_value(task_name: str) -> str:
+    """The task's name as its runs' TASK_NAME_TAG holds it: cut at 200 characters, as a label
+    (the full name stays in the CRM)."""
+    return task_name[:200]
+
 # The job group's progress ("jobs/completed") the run started from; see _tag_progress.
 PROGRESS_TAG = "call_pipeline/progress"
 # The job group's Status (Executing, Paused, ...) the run started from, for its summary and the
@@ -96,8 +104,9 @@ def _tag_task_name(context: dg.OpExecutionContext, task: repo.TaskRow) -> None:
     """Every run of a task carries its name, whoever launched it: the sensors set it, and a run
     launched otherwise (a backfill, the Launchpad) gets it here; re-executions and run retries
     copy their parent's tags."""
-    if context.run.tags.get(TASK_NAME_TAG) != task.task_name[:200]:
-        context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: task.task_name[:200]})
+    name = task_name_tag_value(task.task_name)
+    if context.run.tags.get(TASK_NAME_TAG) != name:
+        context.instance.add_run_tags(context.run_id, {TASK_NAME_TAG: name})
 
 
 def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) -> None:
@@ -121,7 +130,7 @@ def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) ->
 
 def _ledger(context: dg.OpExecutionContext, crm: CrmDatabase) -> UnitLedger:
     """Where the run counts the units of one lead that fail (contract §12), once per run."""
-    return UnitLedger(crm.engine, context.run_id, SETTINGS.max_unit_attempts)
+    return UnitLedger(crm.engine, context.run_id, settings().max_unit_attempts)
 
 
 def _raise_if_failed(report: StepReport, what: str) -> None:
@@ -163,7 +172,7 @@ def _load_task(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: Ou
 # (0.3 s) before the first page, measured on the multiprocess executor (README, Performance).
 @dg.op(out={"task": dg.Out(repo.TaskRow, is_required=False), "plan": dg.Out(list[PageRequest], is_required=False),
             "pages": dg.DynamicOut(PageRequest, is_required=False)},
-       tags=SYNC_TAGS, pool=queues.SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
+       tags=SYNC_TAGS, pool=queues.SYNC_QUEUE, retry_policy=api_retry_policy())
 def list_job_pages(context: dg.OpExecutionContext, config: PagingConfig, crm: CrmDatabase,
                    outboundbot: OutboundBotResource):
     """Checks the run's task (step 1: a task that no longer qualifies yields nothing, so every
@@ -211,7 +220,7 @@ def _plan_run(context: dg.OpExecutionContext, task: repo.TaskRow, config: Paging
     return plan
 
 
-@dg.op(tags={**SYNC_TAGS, **CHAIN_PRIORITY[2]}, pool=queues.SYNC_QUEUE, retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**SYNC_TAGS, **CHAIN_PRIORITY[2]}, pool=queues.SYNC_QUEUE, retry_policy=api_retry_policy())
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
                    outboundbot: OutboundBotResource) -> PageBatch:
     """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
@@ -227,7 +236,7 @@ def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDa
     return batch
 
 
-@dg.op(tags={**QUERY_TAGS, **CHAIN_PRIORITY[3]}, pool=queues.QUERY_QUEUE, retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**QUERY_TAGS, **CHAIN_PRIORITY[3]}, pool=queues.QUERY_QUEUE, retry_policy=api_retry_policy())
 def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                        outboundbot: OutboundBotResource) -> PageBatch | None:
     """Step 3 for the batch's jobs whose status is empty or not terminal."""
@@ -240,7 +249,7 @@ def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, 
                      batch.page_count)
 
 
-@dg.op(tags={**DOWNLOAD_TAGS, **CHAIN_PRIORITY[4]}, pool=queues.DOWNLOAD_QUEUE, retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**DOWNLOAD_TAGS, **CHAIN_PRIORITY[4]}, pool=queues.DOWNLOAD_QUEUE, retry_policy=api_retry_policy())
 def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                      outboundbot: OutboundBotResource,
                      recording_archive: RecordingArchiveResource) -> BatchResult | None:
@@ -255,7 +264,7 @@ def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, cr
     return BatchResult(batch.page_number, report.counts)
 
 
-@dg.op(tags={**AI_TAGS, **CHAIN_PRIORITY[5]}, pool=queues.AI_QUEUE, retry_policy=API_RETRY_POLICY)
+@dg.op(tags={**AI_TAGS, **CHAIN_PRIORITY[5]}, pool=queues.AI_QUEUE, retry_policy=api_retry_policy())
 def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
                       dashscope: DashScopeResource) -> BatchResult | None:
     """Step 5 for the batch's leads with a terminal status and no follow-up; returns once they
@@ -306,7 +315,7 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
 
 # One op after `.collect()`, not one per duty: each step process's start (0.3 s) came after the
 # last batch, on every run's critical path (README, Performance). Each duty is safe to redo.
-@dg.op(tags=SYNC_TAGS, retry_policy=API_RETRY_POLICY)
+@dg.op(tags=SYNC_TAGS, retry_policy=api_retry_policy())
 def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
                        batches: list[PageBatch | None], recordings: list[BatchResult | None],
                        follow_ups: list[BatchResult | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
@@ -358,20 +367,20 @@ def _alert_given_up(context: dg.OpExecutionContext, crm: CrmDatabase, task: repo
     """One alert for the units given up since the task's last one (contract §12), then they are
     marked alerted; a post that fails is tried again by the task's next run."""
     context.log.warning(f"task {task.id}: {len(given_up)} unit(s) of one lead given up: " + "; ".join(named))
-    if SETTINGS.alert_webhook_url:
+    if settings().alert_webhook_url:
         # Imported here: the sensors module imports the job, which imports these ops.
         import os
 
         from call_pipeline.sensors import SECRET_VARIABLES
 
         secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
-        error = (f"{len(given_up)} unit(s) of one lead failed in {SETTINGS.max_unit_attempts} runs and were "
+        error = (f"{len(given_up)} unit(s) of one lead failed in {settings().max_unit_attempts} runs and were "
                  f"given up: " + "; ".join(named))
         alert = Alert(task_id=str(task.id), task_name=task.task_name, run_id=context.run_id, job=context.job_name,
                       step="units given up", error=scrub(error, secrets),
-                      run_url=f"{SETTINGS.ui_base_url}/runs/{context.run_id}")
+                      run_url=f"{settings().ui_base_url}/runs/{context.run_id}")
         try:
-            post_json(SETTINGS.alert_webhook_url, alert_payload(alert, SETTINGS.alert_format))
+            post_json(settings().alert_webhook_url, alert_payload(alert, settings().alert_format))
         except Exception as exc:
             context.log.warning(f"task {task.id}: the alert for the units given up was not posted (posted by the "
                                 f"next run): {type(exc).__name__}: {scrub(str(exc), secrets)}")

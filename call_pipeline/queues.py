@@ -1,5 +1,6 @@
-"""The seed's Celery queues (one per kind of step) and the queue of runs: their one home. Ops carry
-them as tags and pools, the Celery app declares them, `serve` and `worker` start workers on them."""
+"""The Celery queues of the design (seed/design-zh.md), one per kind of step, and the queue of
+runs: their one home. Ops carry them as tags and pools, the Celery app declares them, `serve` and
+`worker` start workers on them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ STEP_QUEUES = (SYNC_QUEUE, QUERY_QUEUE, DOWNLOAD_QUEUE, AI_QUEUE)
 RUNS_QUEUE = "runs"
 WORKER_QUEUES = (*STEP_QUEUES, RUNS_QUEUE)
 
-# The seed's priorities (higher runs first), as dagster-celery reads them from op tags.
+# The design's priorities (higher runs first), as dagster-celery reads them from op tags.
 PRIORITY = {SYNC_QUEUE: 5, QUERY_QUEUE: 6, DOWNLOAD_QUEUE: 3, AI_QUEUE: 4}
 
 

@@ -19,7 +19,7 @@ from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
-from call_pipeline.settings import SETTINGS, env_field, from_env
+from call_pipeline.settings import env_field, from_env, settings
 
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
@@ -144,17 +144,17 @@ RESOURCE_SETTINGS = (CrmDatabase, OutboundBotResource, DashScopeResource, Record
 
 def io_manager_from_settings() -> dg.ConfigurableIOManagerFactory | dg.ConfigurableIOManager:
     """Step outputs in the instance's storage folder, or in CALL_PIPELINE_IO_STORE (s3://...)."""
-    if not SETTINGS.io_store:
+    if not settings().io_store:
         return ReexecutionSafeFilesystemIOManager()
-    parsed = urlparse(SETTINGS.io_store)
+    parsed = urlparse(settings().io_store)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"CALL_PIPELINE_IO_STORE must be s3://bucket/prefix, got {SETTINGS.io_store!r}")
+        raise ValueError(f"CALL_PIPELINE_IO_STORE must be s3://bucket/prefix, got {settings().io_store!r}")
     from dagster_aws.s3 import S3Resource
 
     from call_pipeline.s3_io_manager import ReexecutionSafeS3PickleIOManager
 
     return ReexecutionSafeS3PickleIOManager(
-        s3_resource=S3Resource(endpoint_url=SETTINGS.io_s3_endpoint), s3_bucket=parsed.netloc,
+        s3_resource=S3Resource(endpoint_url=settings().io_s3_endpoint), s3_bucket=parsed.netloc,
         s3_prefix=parsed.path.strip("/") or "dagster")
 
 

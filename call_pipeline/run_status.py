@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-SYNC_JOB = "sync_call_task"
+# The sync job's name, for every place that finds its runs or its definition.
+SYNC_JOB_NAME = "sync_call_task"
 WILL_RETRY_TAG = "dagster/will_retry"
 # The daemon launches a run's retry within seconds of its failure. A failed run marked
 # `dagster/will_retry` whose retry has not come after this long (the retry could not be launched)
@@ -30,12 +31,12 @@ UNFINISHED_RUN_STATUSES = {*ACTIVE_RUN_STATUSES, dg.DagsterRunStatus.FAILURE, dg
 
 
 def last_sync_run_status(instance: dg.DagsterInstance, task_id: int) -> dg.DagsterRunStatus | None:
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB, tags={"dagster/partition": str(task_id)}),
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME, tags={"dagster/partition": str(task_id)}),
                              limit=1)
     return runs[0].status if runs else None
 
 
-def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str = SYNC_JOB,
+def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str = SYNC_JOB_NAME,
                                 now: float | None = None) -> set[str]:
     """Partitions with a queued or running run, or whose failed run Dagster will retry and has not
     yet (the daemon sets `dagster/will_retry`; for at most RETRY_GRACE_SECONDS after the failure):

@@ -27,11 +27,11 @@ from call_pipeline.domain.job_groups import (
     track_stopped_group,
 )
 from call_pipeline.jobs import sync_call_task
-from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG
+from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG, task_name_tag_value
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
-from call_pipeline.settings import SETTINGS, PipelineSettings, secret_variables
+from call_pipeline.settings import PipelineSettings, secret_variables, settings
 
 JOB_GROUPS_PAGE_SIZE = 100
 
@@ -104,11 +104,11 @@ def last_completed_run(instance: dg.DagsterInstance, task_id: int) -> dg.RunReco
     return records[0] if records else None
 
 
-def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
+def run_key_for(task_id: int, progress: str, work_left: int, last: dg.RunRecord | None, now: float) -> str | None:
     """Why the task needs a run now, as its run key (keys are remembered forever), or None. Each
     key holds the window of CALL_PIPELINE_SENSOR_INTERVAL_SECONDS it was asked in: a run that
     failed for good (its retries too) is asked again in the next window, not never."""
-    window = int(now // SETTINGS.sensor_interval_seconds)
+    window = int(now // settings().sensor_interval_seconds)
     if last is None:
         return f"task-{task_id}-first-{progress}-{window}"
     if progress != "unknown" and last.dagster_run.tags.get(PROGRESS_TAG) != progress:
@@ -116,8 +116,8 @@ def why_run(task_id: int, progress: str, work_left: int, last: dg.RunRecord | No
     if work_left:
         return f"task-{task_id}-work-{window}"
     ended = last.end_time or last.start_time or last.create_timestamp.timestamp()
-    if now - ended >= SETTINGS.sensor_max_interval_seconds:
-        return f"task-{task_id}-every-{int(now // SETTINGS.sensor_max_interval_seconds)}"
+    if now - ended >= settings().sensor_max_interval_seconds:
+        return f"task-{task_id}-every-{int(now // settings().sensor_max_interval_seconds)}"
     return None
 
 
@@ -138,7 +138,7 @@ def check_stopped_groups(context: dg.SensorEvaluationContext, tasks: list[repo.T
             if isinstance(raw, list) and len(raw) == 3 else None
         group = groups.get(task.job_group_id or "")
         status = (group.status or None) if group is not None else None
-        stopped, due = track_stopped_group(previous, status, now, SETTINGS.stalled_group_seconds)
+        stopped, due = track_stopped_group(previous, status, now, settings().stalled_group_seconds)
         if stopped is not None and due and _post_stopped_group_alert(context, task, stopped, now):
             stopped = replace(stopped, alerted_at=now)
         if stopped is not None:
@@ -151,17 +151,17 @@ def _post_stopped_group_alert(context: dg.SensorEvaluationContext, task: repo.Ta
     """True once the operator has been told (posted, or logged when no webhook is set)."""
     since = datetime.fromtimestamp(stopped.since, UTC).isoformat(timespec="seconds")
     message = (f"task {task.id} ({task.task_name}): job group {task.job_group_id} has been {stopped.status} "
-               f"since {since} (longer than {SETTINGS.stalled_group_seconds} s); the task stays at 2 until it "
+               f"since {since} (longer than {settings().stalled_group_seconds} s); the task stays at 2 until it "
                "calls again")
-    if not SETTINGS.alert_webhook_url:
+    if not settings().alert_webhook_url:
         context.log.warning(message + " (no CALL_PIPELINE_ALERT_WEBHOOK_URL: logged only)")
         return True
     alert = StoppedGroupAlert(
         task_id=str(task.id), task_name=task.task_name, job_group_id=task.job_group_id or "", status=stopped.status,
         stopped_since=since, stopped_hours=round((now - stopped.since) / 3600, 1),
-        task_url=f"{SETTINGS.ui_base_url}/assets/crm/leads_task_list?view=partitions&partition={task.id}")
+        task_url=f"{settings().ui_base_url}/assets/crm/leads_task_list?view=partitions&partition={task.id}")
     try:
-        status = post_json(SETTINGS.alert_webhook_url, stopped_group_payload(alert, SETTINGS.alert_format))
+        status = post_json(settings().alert_webhook_url, stopped_group_payload(alert, settings().alert_format))
     except requests.RequestException as exc:
         context.log.warning(f"{message}; the alert could not be posted, tried again next tick: "
                             f"{type(exc).__name__}")
@@ -170,20 +170,8 @@ def _post_stopped_group_alert(context: dg.SensorEvaluationContext, task: repo.Ta
     return True
 
 
-@dg.sensor(
-    job=sync_call_task,
-    minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds a partition per active call task (task_type 2 or 3 with a job group) and requests a "
-    "run when there is work: its job group's progress (ListJobGroups filtered by creation time, or "
-    "DescribeJobGroup per task, whichever is fewer calls) changed since its last completed run, the CRM "
-    "still holds work for it (a unit that failed), or "
-    "CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS passed; never while it has a queued or running run or a "
-    "failed run that Dagster will retry. A task whose group is Paused, Draft or Initializing for longer than "
-    "CALL_PIPELINE_STALLED_GROUP_SECONDS raises an alert, at most once a day per task.",
-)
-def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> dg.SensorResult:
+def call_task_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
+                          outboundbot: OutboundBotResource) -> dg.SensorResult:
     with crm.engine.connect() as conn:
         tasks = repo.fetch_active_tasks(conn)
         work = repo.count_lead_work(conn, [task.id for task in tasks], **_hot_lead_work(crm))
@@ -201,12 +189,12 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
             continue
         group = groups.get(task.job_group_id or "")
         progress = progress_tag(group)
-        run_key = why_run(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
+        run_key = run_key_for(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
                           now)
         if run_key is None:
             quiet.append(str(task.id))
             continue
-        tags = {TASK_NAME_TAG: task.task_name[:200], PROGRESS_TAG: progress}
+        tags = {TASK_NAME_TAG: task_name_tag_value(task.task_name), PROGRESS_TAG: progress}
         if group is not None and group.status:
             tags[GROUP_STATUS_TAG] = group.status
         run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key, tags=tags))
@@ -224,23 +212,31 @@ def call_task_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     )
 
 
-@dg.sensor(
-    job=sync_call_task,
-    minimum_interval_seconds=SETTINGS.sensor_tick_seconds,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Checks the tasks concluded (at 4) within CALL_PIPELINE_RECONCILE_DAYS for jobs that came "
-    "late: their groups read with ListJobGroups filtered by creation time or DescribeJobGroup per task "
-    "(whichever is fewer calls), each group's TotalJobs against the task's matched "
-    "leads. A task whose group grew, or whose late leads still need work, gets a run; it stays at 4.",
-)
-def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource) -> dg.SensorResult | dg.SkipReason:
-    since = crm.now() - timedelta(days=SETTINGS.reconcile_days)
+def make_call_task_sensor() -> dg.SensorDefinition:
+    """call_task_sensor, ticking every CALL_PIPELINE_SENSOR_TICK_SECONDS as it is when the definitions load."""
+    return dg.sensor(
+        name="call_task_sensor",
+        job=sync_call_task,
+        minimum_interval_seconds=settings().sensor_tick_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Adds a partition per active call task (task_type 2 or 3 with a job group) and requests a "
+        "run when there is work: its job group's progress (ListJobGroups filtered by creation time, or "
+        "DescribeJobGroup per task, whichever is fewer calls) changed since its last completed run, the CRM "
+        "still holds work for it (a unit that failed), or "
+        "CALL_PIPELINE_SENSOR_MAX_INTERVAL_SECONDS passed; never while it has a queued or running run or a "
+        "failed run that Dagster will retry. A task whose group is Paused, Draft or Initializing for longer than "
+        "CALL_PIPELINE_STALLED_GROUP_SECONDS raises an alert, at most once a day per task.",
+    )(call_task_sensor_tick)
+
+
+def late_jobs_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
+                          outboundbot: OutboundBotResource) -> dg.SensorResult | dg.SkipReason:
+    since = crm.now() - timedelta(days=settings().reconcile_days)
     with crm.engine.connect() as conn:
         tasks = repo.fetch_recently_concluded_tasks(conn, since)
         work = repo.count_lead_work(conn, [task.id for task in tasks], **_hot_lead_work(crm))
     if not tasks:
-        return dg.SkipReason(f"no task concluded in the last {SETTINGS.reconcile_days} day(s)")
+        return dg.SkipReason(f"no task concluded in the last {settings().reconcile_days} day(s)")
     memory = load_cursor(context.cursor)
     watched = {task.job_group_id for task in tasks if task.job_group_id}
     progress = read_watched_groups(outboundbot.get_client(), watched, memory.get("created") or {}, context.log)
@@ -257,13 +253,13 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
         if task.id in late:
             run_key = f"late-{task.id}-{late[task.id]}"  # once per size of the group
         elif work[task.id].calling or work[task.id].work_left:
-            run_key = f"late-{task.id}-work-{int(now // SETTINGS.sensor_interval_seconds)}"
+            run_key = f"late-{task.id}-work-{int(now // settings().sensor_interval_seconds)}"
         else:
             continue
         if key not in known:
             new_keys.append(key)
         requests.append(dg.RunRequest(partition_key=key, run_key=run_key,
-                                      tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task.task_name[:200]}))
+                                      tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task_name_tag_value(task.task_name)}))
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[call_tasks_partitions.build_add_request(new_keys)] if new_keys else [],
@@ -272,10 +268,24 @@ def late_jobs_sensor(context: dg.SensorEvaluationContext, crm: CrmDatabase,
     )
 
 
+def make_late_jobs_sensor() -> dg.SensorDefinition:
+    """late_jobs_sensor, ticking every CALL_PIPELINE_SENSOR_TICK_SECONDS as it is when the definitions load."""
+    return dg.sensor(
+        name="late_jobs_sensor",
+        job=sync_call_task,
+        minimum_interval_seconds=settings().sensor_tick_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Checks the tasks concluded (at 4) within CALL_PIPELINE_RECONCILE_DAYS for jobs that came "
+        "late: their groups read with ListJobGroups filtered by creation time or DescribeJobGroup per task "
+        "(whichever is fewer calls), each group's TotalJobs against the task's matched "
+        "leads. A task whose group grew, or whose late leads still need work, gets a run; it stays at 4.",
+    )(late_jobs_sensor_tick)
+
+
 def _hot_lead_work(crm: CrmDatabase) -> dict:
     """With a hot-lead webhook, an interested lead not posted yet is work left: the run that
     concluded a task may have failed to post it, and only a later run posts it."""
-    if not SETTINGS.hot_lead_webhook_url:
+    if not settings().hot_lead_webhook_url:
         return {}
     ensure_pipeline_tables(crm.engine)
     return {"unposted_hot_leads": True}
@@ -304,7 +314,7 @@ def alert_for(context: dg.RunFailureSensorContext) -> Alert:
     secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
     return Alert(task_id=run.tags.get("dagster/partition", ""), task_name=run.tags.get(TASK_NAME_TAG, ""),
                  run_id=run.run_id, job=run.job_name, step=step, error=scrub(error, secrets),
-                 run_url=f"{SETTINGS.ui_base_url}/runs/{run.run_id}")
+                 run_url=f"{settings().ui_base_url}/runs/{run.run_id}")
 
 
 @dg.run_failure_sensor(
@@ -314,8 +324,8 @@ def alert_for(context: dg.RunFailureSensorContext) -> Alert:
     "alerts), in CALL_PIPELINE_ALERT_FORMAT (json, dingtalk, wecom, feishu, slack).",
 )
 def failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
-    if not SETTINGS.alert_webhook_url:
+    if not settings().alert_webhook_url:
         return
     alert = alert_for(context)
-    status = post_json(SETTINGS.alert_webhook_url, alert_payload(alert, SETTINGS.alert_format))
+    status = post_json(settings().alert_webhook_url, alert_payload(alert, settings().alert_format))
     context.log.info(f"alert for run {alert.run_id} (task {alert.task_id}) posted: HTTP {status}")

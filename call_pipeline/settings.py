@@ -5,13 +5,15 @@
   declared with `env_field`; `from_env` builds a resource from them. Secrets become Dagster
   `EnvVar`s, resolved inside each process and never stored in run config, tags or logs.
 - The others (how often things run, retries, the executor, alerts, where step outputs live) are
-  the fields of `PipelineSettings`, read once when the definitions load: `SETTINGS`.
+  the fields of `PipelineSettings`, read from the environment the first time `settings()` is
+  called (when the definitions load, or later), then kept; `settings.cache_clear()` reads them again.
 
 A value that does not parse stops the loading with the variable's name and what it must be.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
@@ -203,4 +205,9 @@ def settings_table(*models: type[BaseModel]) -> str:
     return "\n".join(rows)
 
 
-SETTINGS: PipelineSettings = from_env(PipelineSettings, secrets_as_env_vars=False)
+@functools.cache
+def settings() -> PipelineSettings:
+    """The pipeline's settings, read from the environment at the first call, not at import: a
+    variable set after the package is imported (a test's fixture, a command's option) is seen
+    as long as nothing asked for the settings before."""
+    return from_env(PipelineSettings, secrets_as_env_vars=False)

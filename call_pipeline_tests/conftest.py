@@ -12,11 +12,12 @@ import sqlalchemy as sa
 
 from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables
+from call_pipeline.settings import settings
 
 MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_TEST_MYSQL_URL", "mysql+pymysql://root:@127.0.0.1:3306")
 
 # Op retries back off for seconds in production; in tests a retry happens at once. Set before
-# call_pipeline.settings is first imported.
+# the ops are defined (their retry policy reads the settings then).
 os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "0")
 os.environ.setdefault("CALL_PIPELINE_OP_MAX_RETRIES", "1")
 
@@ -29,11 +30,13 @@ def _limits_state_dir(tmp_path_factory) -> Iterator[None]:
     """Each test session keeps its rate-limiter files apart from any other run on the machine."""
     previous = os.environ.get("CALL_PIPELINE_STATE_DIR")
     os.environ["CALL_PIPELINE_STATE_DIR"] = str(tmp_path_factory.mktemp("limits"))
+    settings.cache_clear()  # collecting the tests may have read the settings already
     yield
     if previous is None:
         os.environ.pop("CALL_PIPELINE_STATE_DIR", None)
     else:
         os.environ["CALL_PIPELINE_STATE_DIR"] = previous
+    settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

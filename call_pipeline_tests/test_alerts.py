@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from call_pipeline.sensors import failure_alert_sensor
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, create_task, run_sync
 
 
@@ -44,9 +44,9 @@ def webhook():
 @pytest.mark.parametrize("fmt", ["json", "dingtalk", "wecom", "feishu", "slack"])
 def test_a_failed_run_posts_one_alert(mariadb_url, simulator, webhook, monkeypatch, fmt):
     url, received = webhook
-    monkeypatch.setattr(SETTINGS, "alert_webhook_url", url)
-    monkeypatch.setattr(SETTINGS, "alert_format", fmt)
-    monkeypatch.setattr(SETTINGS, "ui_base_url", "http://dagster.internal:3000")
+    monkeypatch.setattr(settings(), "alert_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_format", fmt)
+    monkeypatch.setattr(settings(), "ui_base_url", "http://dagster.internal:3000")
     monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", TEST_ACCESS_KEY_SECRET)
     task_id = create_task(mariadb_url, name="双十一到店邀约", job_group_id="jg-alert",
                           leads=[{"leads_id": 1, "leads_phone": "13800138000"}])

@@ -10,7 +10,7 @@ import time
 import dagster as dg
 import pytest
 
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_sync_job import create_task_leads
@@ -90,7 +90,7 @@ NO_CONVERSATION = "外呼已完成，但暂无通话内容；"
 
 
 def test_a_late_transcript_is_waited_for_and_analysed_when_it_comes(mariadb_url, simulator, instance, monkeypatch):
-    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 300)
+    monkeypatch.setattr(settings(), "transcript_grace_seconds", 300)
     task_id, group = a_task(mariadb_url, simulator, "jg-late", 4, {1: "transcript_late:3600"})
     late = job_of(group, 1)
     assert run_sync(mariadb_url, simulator, task_id, instance).success
@@ -124,14 +124,14 @@ def test_a_late_transcript_is_waited_for_and_analysed_when_it_comes(mariadb_url,
 
 def test_a_transcript_that_never_comes_gets_the_basic_record_after_the_grace(mariadb_url, simulator, instance,
                                                                            monkeypatch):
-    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 300)
+    monkeypatch.setattr(settings(), "transcript_grace_seconds", 300)
     task_id, group = a_task(mariadb_url, simulator, "jg-never", 2, {1: "transcript_late:3600"})
     loaded = time.time()
     assert run_sync(mariadb_url, simulator, task_id, instance).success
     assert snapshot(mariadb_url, task_id).leads[1]["leads_follow_id"] is None
 
     # the grace passes (a grace of 1 s, two seconds after the call ended as the job was loaded)
-    monkeypatch.setattr(SETTINGS, "transcript_grace_seconds", 1)
+    monkeypatch.setattr(settings(), "transcript_grace_seconds", 1)
     time.sleep(max(0.0, loaded + 2 - time.time()))
     assert run_sync(mariadb_url, simulator, task_id, instance).success
     crm = snapshot(mariadb_url, task_id)

@@ -10,7 +10,7 @@ import pytest
 from call_pipeline.cli import main
 from call_pipeline.definitions import defs
 from call_pipeline.resources import resources_from_env
-from call_pipeline.sensors import call_task_sensor, late_jobs_sensor
+from call_pipeline.sensors import make_call_task_sensor, make_late_jobs_sensor
 from call_pipeline_tests.pipeline_harness import create_task
 
 CREDENTIALS = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "OUTBOUNDBOT_INSTANCE_ID",
@@ -50,7 +50,7 @@ def test_the_schedules_job_without_the_crm_url_stops_and_names_it(without_crm_ur
         advance_task_states.execute_in_process(instance=instance, resources=resources_from_env())
 
 
-@pytest.mark.parametrize("sensor", [call_task_sensor, late_jobs_sensor], ids=lambda s: s.name)
+@pytest.mark.parametrize("sensor", [make_call_task_sensor(), make_late_jobs_sensor()], ids=lambda s: s.name)
 def test_a_sensor_tick_without_the_crm_url_fails_and_names_it(without_crm_url, instance, sensor):
     resources = resources_from_env()
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs,

@@ -99,8 +99,8 @@ def _execute_run_argv(job_name: str) -> list[str]:
 
 
 def test_the_run_worker_of_the_sync_job_is_told_apart():
-    from call_pipeline.executors import SYNC_JOB_NAME
     from call_pipeline.jobs import sync_call_task
+    from call_pipeline.run_status import SYNC_JOB_NAME
 
     assert sync_call_task.name == SYNC_JOB_NAME
     assert runs_sync_job(_execute_run_argv("sync_call_task"))

@@ -17,7 +17,7 @@ from call_pipeline.crm.database import create_crm_engine
 from call_pipeline.crm.schema import call_pipeline_hot_leads_posted
 from call_pipeline.domain.alerts import hot_lead, hot_lead_payload
 from call_pipeline.ops import CRM_ASSET_KEY
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_sync_job import create_task_leads
@@ -100,8 +100,8 @@ def lead_of(post: dict, fmt: str) -> int:
 def test_each_interested_lead_is_posted_once_with_its_phone_masked(mariadb_url, simulator, instance, webhook,
                                                                     monkeypatch, fmt):
     url, hook = webhook
-    monkeypatch.setattr(SETTINGS, "hot_lead_webhook_url", url)
-    monkeypatch.setattr(SETTINGS, "alert_format", fmt)
+    monkeypatch.setattr(settings(), "hot_lead_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_format", fmt)
     task_id, verdicts = a_task(mariadb_url, simulator, f"jg-hot-{fmt}")
     assert run_sync(mariadb_url, simulator, task_id, instance).success
     crm = snapshot(mariadb_url, task_id)
@@ -135,8 +135,8 @@ def test_each_interested_lead_is_posted_once_with_its_phone_masked(mariadb_url, 
 def test_a_failed_post_is_made_by_a_later_run_and_no_lead_twice(mariadb_url, simulator, instance, webhook,
                                                                 monkeypatch):
     url, hook = webhook
-    monkeypatch.setattr(SETTINGS, "hot_lead_webhook_url", url)
-    monkeypatch.setattr(SETTINGS, "alert_format", "json")
+    monkeypatch.setattr(settings(), "hot_lead_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_format", "json")
     task_id, verdicts = a_task(mariadb_url, simulator, "jg-hot-500")
     hook.failing = True
     first = run_sync(mariadb_url, simulator, task_id, instance)

@@ -17,7 +17,7 @@ from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import call_tasks
 from call_pipeline.definitions import defs
 from call_pipeline.resources import CrmDatabase
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.simulator.scenarios import DEFAULT_BASE_TIME_MS, build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, pipeline_resources
 
@@ -96,7 +96,7 @@ def test_sensors_calls_per_tick_grow_with_the_watched_tasks_not_with_the_instanc
     before = math.ceil(all_groups / sensors.JOB_GROUPS_PAGE_SIZE)  # the unfiltered listing, every tick
 
     figures = {}
-    for sensor in (sensors.call_task_sensor, sensors.late_jobs_sensor):
+    for sensor in (sensors.make_call_task_sensor(), sensors.make_late_jobs_sensor()):
         tick = Ticks(sensor, instance, mariadb_url, simulator)
         results, calls = zip(*(tick() for _ in range(3)), strict=True)
         figures[sensor.name] = [sum(c.values()) for c in calls]
@@ -104,11 +104,11 @@ def test_sensors_calls_per_tick_grow_with_the_watched_tasks_not_with_the_instanc
         assert all(sum(c.values()) <= min(before, WATCHED + 1) for c in calls), calls
         # once the creation times are known: at most the pages of the groups created since the oldest
         # watched one (the listing stops once every watched group is found)
-        created_since = WATCHED if sensor is sensors.call_task_sensor else 2 * WATCHED
+        created_since = WATCHED if sensor.name == "call_task_sensor" else 2 * WATCHED
         for later in calls[1:]:
             assert set(later) == {"ListJobGroups"}, later
             assert later["ListJobGroups"] <= math.ceil(created_since / sensors.JOB_GROUPS_PAGE_SIZE), later
-        if sensor is sensors.call_task_sensor:
+        if sensor.name == "call_task_sensor":
             # every task's group was read: a first run for each, tagged with its progress and status
             requests = results[0].run_requests
             assert len(requests) == WATCHED
@@ -163,9 +163,9 @@ class Clock:
 def test_a_group_stopped_past_the_threshold_alerts_once_a_day_and_one_stopped_shorter_does_not(
         mariadb_url, instance, simulator, webhook, monkeypatch):
     url, received = webhook
-    monkeypatch.setattr(SETTINGS, "alert_webhook_url", url)
-    monkeypatch.setattr(SETTINGS, "alert_format", "json")
-    monkeypatch.setattr(SETTINGS, "stalled_group_seconds", 600)
+    monkeypatch.setattr(settings(), "alert_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_format", "json")
+    monkeypatch.setattr(settings(), "stalled_group_seconds", 600)
     clock = Clock(1_780_000_000.0)
     monkeypatch.setattr(sensors, "time", clock)
     paused = create_task(mariadb_url, name="暂停的活动", job_group_id="jg-paused")
@@ -175,7 +175,7 @@ def test_a_group_stopped_past_the_threshold_alerts_once_a_day_and_one_stopped_sh
     simulator.state.add_job_group({"JobGroupId": "jg-later", "jobs": []})
     simulator.state.add_job_group({"JobGroupId": "jg-draft", "Status": "Draft", "jobs": []})  # the scenario flag
     simulator.state.set_job_group_status("jg-paused", "Paused")
-    tick = Ticks(sensors.call_task_sensor, instance, mariadb_url, simulator)
+    tick = Ticks(sensors.make_call_task_sensor(), instance, mariadb_url, simulator)
 
     tick()  # first seen stopped: jg-paused and jg-draft
     assert received == []
@@ -204,18 +204,18 @@ def test_a_group_stopped_past_the_threshold_alerts_once_a_day_and_one_stopped_sh
 def test_a_failed_alert_post_is_tried_again_at_the_next_tick(mariadb_url, instance, simulator, webhook,
                                                               monkeypatch):
     url, received = webhook
-    monkeypatch.setattr(SETTINGS, "alert_webhook_url", url.replace("/hook", "/down"))
-    monkeypatch.setattr(SETTINGS, "stalled_group_seconds", 600)
+    monkeypatch.setattr(settings(), "alert_webhook_url", url.replace("/hook", "/down"))
+    monkeypatch.setattr(settings(), "stalled_group_seconds", 600)
     clock = Clock(1_780_000_000.0)
     monkeypatch.setattr(sensors, "time", clock)
     task_id = create_task(mariadb_url, job_group_id="jg-p")
     simulator.state.add_job_group({"JobGroupId": "jg-p", "Status": "Paused", "jobs": []})
-    tick = Ticks(sensors.call_task_sensor, instance, mariadb_url, simulator)
+    tick = Ticks(sensors.make_call_task_sensor(), instance, mariadb_url, simulator)
     tick()
     clock.now += 601
     tick()  # the webhook answers 503 (after the client's retries): not remembered as sent
     assert json.loads(tick.cursor)["stopped"][str(task_id)][2] is None and received == []
-    monkeypatch.setattr(SETTINGS, "alert_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_webhook_url", url)
     clock.now += 30
     tick()
     assert [a["task_id"] for a in received] == [str(task_id)]

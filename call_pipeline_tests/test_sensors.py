@@ -6,9 +6,9 @@ import dagster as dg
 import pytest
 
 from call_pipeline.definitions import defs
-from call_pipeline.run_status import RETRY_GRACE_SECONDS, partitions_with_active_runs
-from call_pipeline.sensors import call_task_sensor, why_run
-from call_pipeline.settings import SETTINGS
+from call_pipeline.run_status import RETRY_GRACE_SECONDS, SYNC_JOB_NAME, partitions_with_active_runs
+from call_pipeline.sensors import make_call_task_sensor, run_key_for
+from call_pipeline.settings import settings
 from call_pipeline_tests.pipeline_harness import create_task
 
 
@@ -37,7 +37,7 @@ def evaluate(instance, crm_url, simulator, cursor=None):
     resources = {"crm": resources["crm"], "outboundbot": resources["outboundbot"]}
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
                                       cursor=cursor)
-    return call_task_sensor.evaluate_tick(context)
+    return make_call_task_sensor().evaluate_tick(context)
 
 
 def make_tasks(crm_url):
@@ -64,7 +64,7 @@ def test_sensor_requests_runs_for_active_tasks_only_and_adds_their_partitions(ma
 def test_sensor_does_not_relaunch_a_task_with_a_queued_or_running_run(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"]), str(tasks["calls_done"])])
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     # (a QUEUED run needs a code-location origin to be created; it is filtered the same way)
     for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):
         run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])}, status=status)
@@ -84,13 +84,13 @@ def test_a_task_gets_a_run_only_when_there_is_work():
             self.end_time, self.start_time = ended, ended
 
     now = 1_000_000.0
-    window = int(now // SETTINGS.sensor_interval_seconds)
-    assert why_run(7, "10/3", 0, None, now) == f"task-7-first-10/3-{window}"
-    assert why_run(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
-    assert why_run(7, "10/4", 0, Last("10/3", now - 60), now) == f"task-7-progress-10/4-{window}"
-    assert why_run(7, "unknown", 0, Last("10/3", now - 60), now) is None
-    assert why_run(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
-    late = why_run(7, "10/3", 0, Last("10/3", now - SETTINGS.sensor_max_interval_seconds), now)
+    window = int(now // settings().sensor_interval_seconds)
+    assert run_key_for(7, "10/3", 0, None, now) == f"task-7-first-10/3-{window}"
+    assert run_key_for(7, "10/3", 0, Last("10/3", now - 60), now) is None  # nothing changed
+    assert run_key_for(7, "10/4", 0, Last("10/3", now - 60), now) == f"task-7-progress-10/4-{window}"
+    assert run_key_for(7, "unknown", 0, Last("10/3", now - 60), now) is None
+    assert run_key_for(7, "10/3", 2, Last("10/3", now - 60), now).startswith("task-7-work-")
+    late = run_key_for(7, "10/3", 0, Last("10/3", now - settings().sensor_max_interval_seconds), now)
     assert late.startswith("task-7-every-")
 
 
@@ -102,11 +102,11 @@ def test_a_task_whose_runs_failed_for_good_is_asked_again_in_the_next_window():
         end_time = start_time = 0.0
 
     now = 1_000_000.0
-    later = now + SETTINGS.sensor_interval_seconds
+    later = now + settings().sensor_interval_seconds
     for last, progress in ((None, "10/3"), (Synced(), "10/4")):
-        first = why_run(7, progress, 0, last, now)
-        assert first == why_run(7, progress, 0, last, now + 1)  # one run per window
-        assert why_run(7, progress, 0, last, later) not in (None, first)
+        first = run_key_for(7, progress, 0, last, now)
+        assert first == run_key_for(7, progress, 0, last, now + 1)  # one run per window
+        assert run_key_for(7, progress, 0, last, later) not in (None, first)
 
 
 def test_sensor_with_no_active_task_requests_nothing(mariadb_url, instance, simulator):
@@ -119,8 +119,8 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
     assert defs.resolve_sensor_def("call_task_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     schedule = defs.resolve_schedule_def("advance_task_states_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    assert schedule.cron_schedule == SETTINGS.state_schedule_cron
-    job = defs.resolve_job_def("sync_call_task")
+    assert schedule.cron_schedule == settings().state_schedule_cron
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     assert job.partitions_def.name == "call_tasks"
     tags = {node.name: node.definition.tags for node in job.graph.nodes}
     assert tags["match_job_page"]["dagster-celery/queue"] == "sync_queue"
@@ -135,7 +135,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     """The late-jobs sensor sees (one call) that a concluded task's group grew and
     requests a run; the run matches the new job and completes its lead; the task stays at 4."""
     from call_pipeline.ops import LATE_JOBS_TAG
-    from call_pipeline.sensors import late_jobs_sensor
+    from call_pipeline.sensors import make_late_jobs_sensor
     from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources, run_sync, snapshot
     from call_pipeline_tests.test_sync_job import create_task_leads
@@ -158,7 +158,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
         nonlocal cursor
         context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=defs, resources=resources,
                                           cursor=cursor)
-        result = late_jobs_sensor.evaluate_tick(context)
+        result = make_late_jobs_sensor().evaluate_tick(context)
         cursor = result.cursor or cursor
         return result
 
@@ -184,7 +184,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
 def test_sensor_leaves_a_failed_run_to_its_automatic_retry(mariadb_url, instance, simulator):
     tasks = make_tasks(mariadb_url)
     instance.add_dynamic_partitions("call_tasks", [str(tasks["calling"])])
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     run = instance.create_run_for_job(job, tags={"dagster/partition": str(tasks["calling"])},
                                       status=dg.DagsterRunStatus.STARTED)
     instance.report_run_failed(run)
@@ -216,7 +216,7 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
     from call_pipeline_tests.test_sync_job import create_task_leads
 
-    job = defs.resolve_job_def("sync_call_task")
+    job = defs.resolve_job_def(SYNC_JOB_NAME)
     tasks = {}
     for n in range(100):
         group_id = f"jg-quiet-{n}"

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import dagster as dg
 import pytest
 
+import call_pipeline.definitions  # noqa: F401  (as any test module does: the definitions read the settings)
+from call_pipeline.clients.limits import default_state_dir
 from call_pipeline.crm.database import PROJECT_ROOT
 from call_pipeline.resources import RESOURCE_SETTINGS, DashScopeResource, OutboundBotResource, RecordingArchiveResource
-from call_pipeline.settings import PipelineSettings, SettingError, env_name, from_env, secret_variables
+from call_pipeline.settings import (
+    PipelineSettings,
+    SettingError,
+    env_name,
+    from_env,
+    secret_variables,
+    settings,
+    settings_table,
+)
 
 
 def test_unset_and_empty_variables_take_the_declared_defaults():
@@ -67,7 +82,14 @@ def test_each_variable_has_one_setting():
     assert "OUTBOUNDBOT_MAX_QPS" not in secret_variables(*RESOURCE_SETTINGS)
 
 
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of a settings table, by variable: [variable, default, meaning]."""
+    return {cells[0]: cells for cells in ([cell.strip() for cell in line.strip().strip("|").split(" | ")]
+                                          for line in markdown.splitlines() if line.startswith("| `"))}
+
+
 def test_the_readme_lists_every_setting():
+    """README's table is `call-pipeline settings`' cell by cell: variable, default and meaning."""
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Settings"):]
     section = section[:section.index("\n## ", 5)]
@@ -75,3 +97,44 @@ def test_the_readme_lists_every_setting():
         for field, info in model.model_fields.items():
             if isinstance(info.json_schema_extra, dict):
                 assert f"| `{env_name(model, field)}` |" in section, env_name(model, field)
+    in_readme, in_code = _table_rows(section), _table_rows(settings_table(*RESOURCE_SETTINGS, PipelineSettings))
+    assert list(in_readme) == list(in_code)
+    for variable, cells in in_code.items():
+        assert in_readme[variable] == cells, variable
+
+
+def test_the_test_session_keeps_its_limiter_files_in_its_own_folder(tmp_path_factory):
+    """conftest sets CALL_PIPELINE_STATE_DIR after the definitions were imported (and read the
+    settings); the limiters still use it."""
+    state_dir = Path(os.environ["CALL_PIPELINE_STATE_DIR"])
+    assert tmp_path_factory.getbasetemp() in state_dir.parents
+    assert settings().state_dir == str(state_dir)
+    assert default_state_dir() == state_dir
+
+
+_AFTER_IMPORT = """
+import os, sys
+import call_pipeline, call_pipeline.settings, call_pipeline.clients.limits
+assert call_pipeline.settings.settings.cache_info().currsize == 0, "importing the package read the settings"
+os.environ["CALL_PIPELINE_STATE_DIR"] = sys.argv[1]
+print(call_pipeline.clients.limits.default_state_dir())
+"""
+
+
+def test_a_state_dir_set_after_the_package_is_imported_takes_effect(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "CALL_PIPELINE_STATE_DIR"}
+    done = subprocess.run([sys.executable, "-c", _AFTER_IMPORT, str(tmp_path)], env=env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path)
+
+
+def test_cache_clear_reads_the_environment_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALL_PIPELINE_STATE_DIR", str(tmp_path))
+    settings.cache_clear()
+    try:
+        assert default_state_dir() == tmp_path
+    finally:
+        monkeypatch.undo()
+        settings.cache_clear()
+    assert default_state_dir() != tmp_path

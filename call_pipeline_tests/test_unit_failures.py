@@ -15,7 +15,7 @@ from call_pipeline.crm.schema import call_pipeline_unit_failures
 from call_pipeline.domain.followups import AI_UNAVAILABLE_REMARK_PREFIX
 from call_pipeline.ops import LATE_JOBS_TAG
 from call_pipeline.sensors import alert_for, failure_alert_sensor
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_alerts import webhook  # noqa: F401 - the local HTTP server fixture
@@ -84,7 +84,7 @@ def unit_failures(crm_url: str, task_id: int) -> list[dict]:
 
 def test_an_llm_outage_writes_no_verdict_and_a_later_run_asks_again(mariadb_url, simulator, instance,
                                                                     monkeypatch):
-    monkeypatch.setattr(SETTINGS, "max_unit_attempts", 2)
+    monkeypatch.setattr(settings(), "max_unit_attempts", 2)
     task_id, jobs = make_task(mariadb_url, simulator, "jg-arrears", count=4)
     simulator.state.inject_fault(action="dashscope", status=400, code="Arrearage", times=None)
 
@@ -122,9 +122,9 @@ def test_a_unit_that_keeps_failing_is_given_up_and_the_task_concludes(crm_url, s
                                                                         monkeypatch, webhook):  # noqa: F811
     mariadb_url = crm_url  # and SQLite, the embedded default
     url, received = webhook
-    monkeypatch.setattr(SETTINGS, "max_unit_attempts", 2)
-    monkeypatch.setattr(SETTINGS, "alert_webhook_url", url)
-    monkeypatch.setattr(SETTINGS, "alert_format", "json")
+    monkeypatch.setattr(settings(), "max_unit_attempts", 2)
+    monkeypatch.setattr(settings(), "alert_webhook_url", url)
+    monkeypatch.setattr(settings(), "alert_format", "json")
     task_id, jobs = make_task(mariadb_url, simulator, "jg-poison")
     poison_job, deleted_job = jobs[POISON_RECORDING]["JobId"], jobs[DELETED_JOB]["JobId"]
     simulator.state.inject_fault(action="DownloadRecording", status=404, code="Recording.NotExist",
@@ -183,7 +183,7 @@ def test_a_follow_up_that_only_its_lead_keeps_failing_is_given_up(mariadb_url, s
     """The service answers every lead but one, whose request it fails every time (a 500 past the
     retries): that is the lead's, not an outage of the account, so it counts; after 2 runs the
     lead gets the basic record and the task concludes."""
-    monkeypatch.setattr(SETTINGS, "max_unit_attempts", 2)
+    monkeypatch.setattr(settings(), "max_unit_attempts", 2)
     task_id, _ = make_task(mariadb_url, simulator, "jg-poison-llm", count=4, extra={3: ["llm:poison"]})
     simulator.state.inject_fault(action="dashscope", status=500, code="InternalError", times=None,
                                  match_text="[[llm:poison]]")

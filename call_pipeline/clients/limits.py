@@ -24,10 +24,10 @@ from pathlib import Path
 def default_state_dir() -> Path:
     """Where the limiters keep their files: `CALL_PIPELINE_STATE_DIR`, else the Dagster home,
     else the system temp folder. Every process of one Dagster instance resolves the same folder."""
-    from call_pipeline.settings import SETTINGS
+    from call_pipeline.settings import settings
 
-    if SETTINGS.state_dir:
-        return Path(SETTINGS.state_dir)
+    if settings().state_dir:
+        return Path(settings().state_dir)
     dagster_home = os.environ.get("DAGSTER_HOME")
     if dagster_home:
         return Path(dagster_home) / "call_pipeline_limits"
@@ -182,21 +182,21 @@ def _turnstile(path: Path) -> Iterator[None]:
 def rate_limiter(name: str, rate: float):
     """The account's rate limit `name`: through Redis when CALL_PIPELINE_REDIS_URL is set (every
     machine), else in this machine's files."""
-    from call_pipeline.settings import SETTINGS
+    from call_pipeline.settings import settings
 
-    if SETTINGS.redis_url:
+    if settings().redis_url:
         from call_pipeline.clients.redis_limits import RedisRateLimiter
 
-        return RedisRateLimiter(SETTINGS.redis_url, name, rate, SETTINGS.redis_key_prefix)
+        return RedisRateLimiter(settings().redis_url, name, rate, settings().redis_key_prefix)
     return SharedRateLimiter(name, rate)
 
 
 def concurrency_limit(name: str, slots: int):
     """The account's concurrency limit `name`, as `rate_limiter` chooses where it lives."""
-    from call_pipeline.settings import SETTINGS
+    from call_pipeline.settings import settings
 
-    if SETTINGS.redis_url:
+    if settings().redis_url:
         from call_pipeline.clients.redis_limits import RedisLeaseSemaphore
 
-        return RedisLeaseSemaphore(SETTINGS.redis_url, name, slots, SETTINGS.redis_key_prefix)
+        return RedisLeaseSemaphore(settings().redis_url, name, slots, settings().redis_key_prefix)
     return SharedSemaphore(name, slots)

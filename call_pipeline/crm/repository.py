@@ -172,9 +172,8 @@ def count_lead_work(conn: Connection, task_ids: Sequence[int], *, unposted_hot_l
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
     kinds = [_is_blank(_L.c.call_status),
-             and_(terminal, _L.c.leads_follow_id.is_(None)),
-             and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url),
-                  not_(_given_up(UNIT_RECORDING)))]
+             _needs_follow_up(),
+             _needs_recording()]
     if unposted_hot_leads:
         kinds.append(and_(_L.c.is_interested == 1, _L.c.leads_follow_id.is_not(None),
                           not_(_L.c.id.in_(select(_H.c.lead_row_id).where(_H.c.task_id.in_(list(task_ids)))))))
@@ -285,15 +284,28 @@ def fetch_job_ids_needing_work(conn: Connection, task_id: int) -> list[str]:
     stmt = (
         select(_L.c.call_job_id)
         .where(_L.c.task_id == task_id, _has_text(_L.c.call_job_id),
-               or_(_not_terminal(),
-                   and_(_L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)), _L.c.leads_follow_id.is_(None)),
-                   and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))))
+               or_(_not_terminal(), _needs_follow_up(), _lacks_recording()))
         .order_by(_L.c.id)
     )
     return [row.call_job_id for row in conn.execute(stmt)]
 
 
 # ---- step 3: call results ---------------------------------------------------------------------
+
+
+def _lacks_recording():
+    """A succeeded call (with the call task id its recording is asked by) without a recording."""
+    return and_(_L.c.call_status == SUCCEEDED, _has_text(_L.c.call_task_id), _is_blank(_L.c.recording_url))
+
+
+def _needs_recording():
+    """Step 4's work: a lead without a recording, unless its recording was given up."""
+    return and_(_lacks_recording(), not_(_given_up(UNIT_RECORDING)))
+
+
+def _needs_follow_up():
+    """Step 5's work: a terminal call status and no follow-up yet."""
+    return and_(_L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)), _L.c.leads_follow_id.is_(None))
 
 
 def _not_terminal():
@@ -444,10 +456,7 @@ def fetch_leads_needing_recording(
         select(_L.c.id, _L.c.call_job_id, _L.c.call_task_id)
         .where(
             _L.c.task_id == task_id,
-            _L.c.call_status == SUCCEEDED,
-            _has_text(_L.c.call_task_id),
-            _is_blank(_L.c.recording_url),
-            not_(_given_up(UNIT_RECORDING)),
+            _needs_recording(),
         )
         .order_by(_L.c.id)
     )
@@ -486,8 +495,7 @@ def fetch_leads_needing_follow_up(
             .where(
                 _L.c.task_id == task_id,
                 _has_text(_L.c.call_job_id),
-                _L.c.leads_follow_id.is_(None),
-                _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)),
+                _needs_follow_up(),
                 not_(_awaiting_transcript(now, transcript_grace_seconds)),
             )
             .order_by(_L.c.id)
@@ -501,8 +509,7 @@ def fetch_leads_needing_follow_up(
         .where(
             _L.c.task_id == task_id,
             _has_text(_L.c.call_job_id),
-            _L.c.leads_follow_id.is_(None),
-            _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES)),
+            _needs_follow_up(),
         )
         .order_by(_L.c.id)
     )

@@ -15,6 +15,14 @@ AI_UNAVAILABLE_REMARK_PREFIX = "AI分析不可用"
 MAX_REMARK_LENGTH = 1000
 INTEREST_VALUES = frozenset({0, 1, 2})
 
+# What `plan_follow_up` decides for a lead (contract "Follow-up cases" A, B, C).
+FollowUpPlan = Literal["llm", "basic", "skip"]
+PLAN_LLM: FollowUpPlan = "llm"
+PLAN_BASIC: FollowUpPlan = "basic"
+PLAN_SKIP: FollowUpPlan = "skip"
+# Where a written follow-up came from (`FollowUp.source`, the run summary's counts).
+SOURCE_LLM, SOURCE_NO_CONVERSATION, SOURCE_AI_FALLBACK = "llm", "no_conversation", "ai_fallback"
+
 _REASON_LENGTH = 200
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _DATETIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M")
@@ -28,7 +36,7 @@ class FollowUp:
     leads_remark: str
     is_interested: int
     next_follow_time: datetime | None
-    source: str  # "llm" | "no_conversation" | "ai_fallback"
+    source: str  # SOURCE_LLM, SOURCE_NO_CONVERSATION or SOURCE_AI_FALLBACK
 
 
 class InvalidLlmAnswer(ValueError):
@@ -59,18 +67,18 @@ def transcript_pending(call_status: str | None, call_conversation: str | None, c
 
 
 def plan_follow_up(call_status: str | None, call_conversation: str | None, *, call_ended: datetime | None = None,
-                   now: datetime | None = None, grace_seconds: float = 0) -> Literal["llm", "basic", "skip"]:
+                   now: datetime | None = None, grace_seconds: float = 0) -> FollowUpPlan:
     """Contract "Follow-up cases": A → "llm", B → "basic", C (no terminal status yet, or a
     transcript still awaited: see `transcript_pending`) → "skip"."""
     if clean_text(call_status) not in TERMINAL_JOB_STATUSES:
-        return "skip"
+        return PLAN_SKIP
     if transcript_pending(call_status, call_conversation, call_ended, now, grace_seconds):
-        return "skip"
-    return "llm" if _conversation_entries(call_conversation) is not None else "basic"
+        return PLAN_SKIP
+    return PLAN_LLM if _conversation_entries(call_conversation) is not None else PLAN_BASIC
 
 
 def basic_follow_up(call_status: str) -> FollowUp:
-    """Case B, with the seed's remarks word for word (the CRM's users know them)."""
+    """Case B, with the design's remarks word for word (the CRM's users know them)."""
     status = clean_text(call_status)
     if status == "Failed":
         remark = "呼叫失败；"
@@ -78,17 +86,17 @@ def basic_follow_up(call_status: str) -> FollowUp:
         remark = "外呼已完成，但暂无通话内容；"
     else:
         remark = f"外呼状态：{status}；"
-    return FollowUp(remark, 0, None, "no_conversation")
+    return FollowUp(remark, 0, None, SOURCE_NO_CONVERSATION)
 
 
 def ai_fallback_follow_up(reason: str) -> FollowUp:
-    """The seed's rule when the LLM fails or answers nonsense: a basic record a person follows up."""
+    """The design's rule when the LLM fails or answers nonsense: a basic record a person follows up."""
     short = " ".join(str(reason or "").split())
     if len(short) > _REASON_LENGTH:
         short = short[: _REASON_LENGTH - 1] + "…"
     detail = f"（{short}）" if short else ""
     remark = f"{AI_UNAVAILABLE_REMARK_PREFIX}{detail}，请人工跟进；"
-    return FollowUp(remark[:MAX_REMARK_LENGTH], 0, None, "ai_fallback")
+    return FollowUp(remark[:MAX_REMARK_LENGTH], 0, None, SOURCE_AI_FALLBACK)
 
 
 def _defuse(text: str) -> str:
@@ -226,5 +234,5 @@ def parse_llm_answer(text: str, now: datetime) -> FollowUp:
         leads_remark=_remark(answer["leads_remark"]),
         is_interested=_interest(answer["is_interested"]),
         next_follow_time=_next_time(answer.get("next_follow_time"), now),
-        source="llm",
+        source=SOURCE_LLM,
     )

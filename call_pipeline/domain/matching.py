@@ -236,7 +236,7 @@ def match_jobs_to_leads(jobs: list[JobContacts], leads: pd.DataFrame, task_id: i
     """Pair one page of jobs with the task's leads (contract: "Matching", "One job, one lead").
 
     `leads` holds the task's leads_task_list rows with columns id, leads_id, reference_id,
-    leads_phone and call_job_id. Beyond the brief: a job whose reference id names a lead that
+    leads_phone and call_job_id. A job whose reference id names a lead that
     already has a job is reported as a conflict and never falls through to phone matching, because
     an explicit reference is proof of identity and a shared phone number is only a guess.
     """

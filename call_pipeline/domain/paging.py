@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from call_pipeline.domain.matching import ParsedPage
 
-# The first batch is this share of the others (at least one page): its recordings and LLM calls
+# The first batch is the others' size divided by this (at least one page): its recordings and LLM calls
 # start after an eighth of the matching and results work, while the next batch is matched beside
 # it and ready before the first one's calls end (measured against a quarter and against none:
 # README, Performance).
-LEAD_BATCH_SHARE = 8
+LEAD_BATCH_DIVISOR = 8
 
 
 class IncompleteListing(RuntimeError):
@@ -94,7 +94,7 @@ def batch_pages(pages: int, pages_per_batch: int) -> list[tuple[int, int]]:
     least one), then batches of up to `pages_per_batch` consecutive pages."""
     if pages_per_batch < 1:
         raise ValueError(f"pages_per_batch must be at least 1, got {pages_per_batch}")
-    lead = min(pages, max(1, pages_per_batch // LEAD_BATCH_SHARE))
+    lead = min(pages, max(1, pages_per_batch // LEAD_BATCH_DIVISOR))
     if lead < 1:
         return []
     return [(1, lead)] + [(first, min(pages_per_batch, pages - first + 1))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
+from call_pipeline.domain.followups import SOURCE_AI_FALLBACK, SOURCE_LLM, SOURCE_NO_CONVERSATION
 from call_pipeline.domain.task_state import TASK_TYPE_NAMES
 
 _VERDICTS = ((0, "cannot tell"), (1, "interested"), (2, "not interested"))
-_SOURCES = (("llm", "AI analysis"), ("no_conversation", "no conversation"), ("ai_fallback", "AI fallback"))
+_SOURCES = ((SOURCE_LLM, "AI analysis"), (SOURCE_NO_CONVERSATION, "no conversation"),
+            (SOURCE_AI_FALLBACK, "AI fallback"))
 _MATCH_ROWS = (
     ("reference_id", "leads matched by reference_id"),
     ("legacy_reference_id", "leads matched by legacy reference id"),
@@ -15,15 +17,6 @@ _MATCH_ROWS = (
     ("already_matched", "jobs already matched (kept)"),
     ("unmatched_jobs", "jobs left unmatched"),
 )
-
-
-def sum_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
-    """Add up per-page count dicts (e.g. MatchResult.counts()) into one."""
-    total: dict[str, int] = {}
-    for part in parts:
-        for key, value in (part or {}).items():
-            total[key] = total.get(key, 0) + int(value or 0)
-    return total
 
 
 def _cell(value: object) -> str:
@@ -46,30 +39,24 @@ def _task_type(value: object) -> str:
     return f"{value} ({name})" if name else _cell(value)
 
 
-def _first(*values: object) -> object:
-    return next((v for v in values if v is not None), None)
-
-
 def render_run_summary(stats: dict) -> str:
     """Markdown table of one task run; missing counts show as 0 and a missing state as —.
 
-    Keys read (all optional): task_id, jobs_listed, the MatchResult.counts() keys summed over pages
-    (nested under match_counts, or flat at the top level), unmatched_leads_failed (or
-    unmatched_marked_failed), statuses ({status: leads}), recordings_fetched, recordings_failed,
-    recordings_invalid_task_id, follow_ups_by_verdict ({0|1|2: leads}, or flat "follow_ups:0" keys),
-    follow_ups_by_source ({"llm"|"no_conversation"|"ai_fallback": leads}, or flat "source:llm"
-    keys), ai_fallbacks (defaults to the "ai_fallback" source count), task_type_before,
-    task_type_after, job_group_status (the group's Status the run started from). Both spellings are
-    read because the ops total their per-page counters into one flat dict.
+    Keys read (all optional; `StepCounts.summary_stats` gives them): task_id, jobs_listed,
+    match_counts (the MatchResult.counts() keys summed over pages), unmatched_leads_failed,
+    statuses ({status: leads}), recordings_fetched, recordings_failed, recordings_invalid_task_id,
+    follow_ups_by_verdict ({0|1|2: leads}), follow_ups_by_source ({"llm"|"no_conversation"|
+    "ai_fallback": leads}), hot_leads_posted, hot_leads_not_posted, units_given_up, given_up,
+    task_type_before, task_type_after, job_group_status (the group's Status the run started from).
     """
-    matched = stats.get("match_counts") or stats
+    matched = stats.get("match_counts") or {}
     statuses = stats.get("statuses") or {}
     verdicts = stats.get("follow_ups_by_verdict") or {}
     sources = stats.get("follow_ups_by_source") or {}
-    verdict_count = {v: _first(_lookup(verdicts, v), stats.get(f"follow_ups:{v}")) for v, _ in _VERDICTS}
-    source_count = {k: _first(sources.get(k), stats.get(f"source:{k}")) for k, _ in _SOURCES}
-    fallbacks = _first(stats.get("ai_fallbacks"), source_count["ai_fallback"])
-    unmatched_failed = _first(stats.get("unmatched_leads_failed"), stats.get("unmatched_marked_failed"))
+    verdict_count = {v: _lookup(verdicts, v) for v, _ in _VERDICTS}
+    source_count = {k: sources.get(k) for k, _ in _SOURCES}
+    fallbacks = source_count[SOURCE_AI_FALLBACK]
+    unmatched_failed = stats.get("unmatched_leads_failed")
 
     rows: list[tuple[str, str]] = [("jobs listed", _number(stats.get("jobs_listed")))]
     rows += [(label, _number(matched.get(key))) for key, label in _MATCH_ROWS]

@@ -60,8 +60,6 @@ INTERESTED = {
 }
 INJECTION_MARKERS = ("忽略", "指令", "标记为", "系统提示", "提示词", "你现在是", "ignore", "instruction",
                      "system prompt", "disregard")
-TRIGGERS = ("garbage", "fenced", "out_of_range", "string_one", "date_words", "past_date", "empty_remark",
-            "long_remark", "missing_field")
 _TRIGGER_RE = re.compile(r"\[\[llm:([a-z_]+)\]\]")
 _ROBOT_SPEAKERS = {"robot", "机器人", "bot", "assistant", "ivr", "agent", "坐席", "客服", "ai", "system"}
 _CONTACT_LINE_RE = re.compile(r"^\s*(?:客户|用户|联系人|contact|customer|user)\s*[:：]\s*(.*)$",

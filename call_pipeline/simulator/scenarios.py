@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import uuid
-import zlib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from call_pipeline.domain.phones import normalize_phone
 
 SHANGHAI = timezone(timedelta(hours=8))
 # A fixed default so that the same seed gives byte-identical groups on every run.
@@ -175,19 +175,9 @@ _INTENT_CALL_END = {
 _DEFAULT_CALL_END = ("SucceededFinish", "1", "ivr")
 
 
-def normalize_phone(phone: str | None) -> str:
-    """Digits only, with a leading 86 / 0086 country code dropped (contract: "Phone numbers")."""
-    digits = re.sub(r"\D", "", phone or "")
-    if digits.startswith("0086"):
-        digits = digits[4:]
-    elif digits.startswith("86") and len(digits) > 11:
-        digits = digits[2:]
-    return digits
-
-
 def format_phone(phone: str | None, fmt: str) -> str:
     """Writes the same digits in one of ``PHONE_FORMATS`` (mobile numbers get the 3-4-4 grouping)."""
-    d = normalize_phone(phone)
+    d = normalize_phone(phone) or ""
     grouped = f"{d[:3]}-{d[3:7]}-{d[7:]}" if len(d) == 11 else d
     spaced = f"{d[:3]} {d[3:7]} {d[7:]}" if len(d) == 11 else d
     return {
@@ -293,7 +283,7 @@ class _JobFactory:
             "ActualTime": actual,
             "EndTime": actual + self.rng.randint(15000, 30000),
             "CallingNumber": self.rng.choice(self.calling_numbers),
-            "CalledNumber": normalize_phone(contact.get("PhoneNumber")),
+            "CalledNumber": normalize_phone(contact.get("PhoneNumber")) or "",
             "CallId": _hex(self.rng),
             "ChatbotId": self.chatbot_id,
             "Duration": 0,
@@ -631,8 +621,3 @@ def load_scenario_file(path: str | Path) -> list[dict]:
 
 def save_scenario_file(path: str | Path, groups: list[dict]) -> None:
     Path(path).write_text(json.dumps({"job_groups": groups}, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed derived from arbitrary values, stable across processes (unlike hash())."""
-    return zlib.crc32(":".join(map(str, parts)).encode())

@@ -259,7 +259,6 @@ class SimulatorHandle:
         self.url = f"http://{self.host}:{self.port}"
         self.endpoint = f"{self.host}:{self.port}"
         self.dashscope_base_url = f"{self.url}/api/v1"
-        self.compatible_base_url = f"{self.url}/compatible-mode/v1"
         self.state: SimulatorState = server.state
         self._stopped = False
 

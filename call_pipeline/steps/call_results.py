@@ -20,7 +20,7 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, CallResult, parse_list_jobs_body
 from call_pipeline.domain.counts import StepReport
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.give_up import UnitLedger
 
@@ -48,7 +48,7 @@ def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int,
     ensure_pipeline_tables(engine)
     with engine.connect() as conn:
         needed = repo.fetch_job_ids_needing_results(conn, task_id, job_ids, now=now,
-                                                    transcript_grace_seconds=SETTINGS.transcript_grace_seconds)
+                                                    transcript_grace_seconds=settings().transcript_grace_seconds)
     report.counts.jobs_queried = len(needed)
     calls = split_for_list_jobs(needed)
     # The same problem of many jobs (say 300 cancelled jobs never dialled) is one line naming

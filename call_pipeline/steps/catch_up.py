@@ -35,9 +35,10 @@ BATCHES_AT_ONCE = 2
 def incomplete_batches(plan: Sequence[PageRequest], recordings: Sequence[BatchResult | None],
                        follow_ups: Sequence[BatchResult | None]) -> list[PageRequest]:
     """The planned batches for which step 4 or step 5 has no result in this run's lineage."""
-    done_4 = {r.page_number for r in recordings if r is not None}
-    done_5 = {r.page_number for r in follow_ups if r is not None}
-    return [request for request in plan if request.page_number not in done_4 or request.page_number not in done_5]
+    recordings_done = {r.page_number for r in recordings if r is not None}
+    follow_ups_done = {r.page_number for r in follow_ups if r is not None}
+    return [request for request in plan
+            if request.page_number not in recordings_done or request.page_number not in follow_ups_done]
 
 
 def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, requests: Sequence[PageRequest],

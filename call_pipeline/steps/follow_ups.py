@@ -15,6 +15,9 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.domain.followups import (
+    PLAN_BASIC,
+    PLAN_SKIP,
+    SOURCE_LLM,
     FollowUp,
     InvalidLlmAnswer,
     ai_fallback_follow_up,
@@ -23,7 +26,7 @@ from call_pipeline.domain.followups import (
     parse_llm_answer,
     plan_follow_up,
 )
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.give_up import UnitLedger
 
@@ -51,10 +54,10 @@ def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
     has none yet (no terminal status). An LLM outage (the account's or the service's failure,
     `LlmError.is_outage`) is no verdict on the lead: it raises, and the lead's unit fails."""
     plan = plan_follow_up(lead.call_status, lead.call_conversation, call_ended=lead.call_ended, now=now,
-                          grace_seconds=SETTINGS.transcript_grace_seconds)
-    if plan == "skip":
+                          grace_seconds=settings().transcript_grace_seconds)
+    if plan == PLAN_SKIP:
         return None
-    if plan == "basic":
+    if plan == PLAN_BASIC:
         return basic_follow_up(lead.call_status or "")
     try:
         answer = llm.complete(build_llm_messages(lead.call_conversation or "[]", now))
@@ -85,7 +88,7 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
     answered = [False]  # some LLM call of the step answered: the service was up
     with engine.connect() as conn:
         leads = repo.fetch_leads_needing_follow_up(conn, task_id, job_ids, now=clock(),
-                                                   transcript_grace_seconds=SETTINGS.transcript_grace_seconds)
+                                                   transcript_grace_seconds=settings().transcript_grace_seconds)
 
     def decide(lead: repo.LeadForFollowUp) -> _Decided:
         try:
@@ -103,7 +106,7 @@ def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequ
                 failed[item.lead.lead_row_id] = (item.lead, item.error)
                 _log_failed(logger, task_id, item.lead, item.error)
             elif item.follow_up is not None:
-                answered[0] = answered[0] or item.follow_up.source == "llm"
+                answered[0] = answered[0] or item.follow_up.source == SOURCE_LLM
                 items.append((item.lead, item.follow_up))
         if not items:
             return

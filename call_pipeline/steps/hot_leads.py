@@ -31,7 +31,7 @@ from call_pipeline.crm import repository as repo
 from call_pipeline.crm.database import ensure_pipeline_tables
 from call_pipeline.domain.alerts import hot_lead, hot_lead_payload
 from call_pipeline.domain.counts import StepReport
-from call_pipeline.settings import SETTINGS
+from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def post_hot_leads(engine: Engine, task_id: int, job_ids: Sequence[str] | None, 
     yet. Without a webhook (CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL unset) it does nothing. Never
     raises: whatever goes wrong is a warning and a count, the lead is posted by a later run."""
     logger = logger or log
-    url = url if url is not None else SETTINGS.hot_lead_webhook_url
-    fmt = fmt or SETTINGS.alert_format
+    url = url if url is not None else settings().hot_lead_webhook_url
+    fmt = fmt or settings().alert_format
     report = StepReport()
     if not url:
         return report

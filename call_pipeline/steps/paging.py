@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from call_pipeline.clients.outboundbot import LIST_JOBS_MAX_IDS, OutboundBotClient
 from call_pipeline.crm.repository import TaskRow
 from call_pipeline.domain.matching import parse_jobs_page
-from call_pipeline.domain.paging import LEAD_BATCH_SHARE, PageLayout, batch_job_ids, batch_pages, page_layout
+from call_pipeline.domain.paging import LEAD_BATCH_DIVISOR, PageLayout, batch_job_ids, batch_pages, page_layout
 from call_pipeline.steps.batch import PageRequest
 
-__all__ = ["LEAD_BATCH_SHARE", "batch_pages", "count_job_pages", "job_group_layout", "plan_batches",
+__all__ = ["LEAD_BATCH_DIVISOR", "batch_pages", "count_job_pages", "job_group_layout", "plan_batches",
            "plan_work_batches"]
 
 

@@ -1,5 +1,5 @@
 from call_pipeline.domain.matching import LeadMatch, MatchResult
-from call_pipeline.domain.summary import describe_given_up, render_run_summary, sum_counts
+from call_pipeline.domain.summary import describe_given_up, render_run_summary
 
 
 def rows(markdown: str) -> dict[str, str]:
@@ -35,7 +35,7 @@ def test_full_stats():
     stats = {
         "task_id": 42,
         "jobs_listed": 5,
-        "match_counts": sum_counts([result.counts(), {"legacy_reference_id": 2}]),
+        "match_counts": {**result.counts(), "legacy_reference_id": 2},
         "unmatched_leads_failed": 4,
         "statuses": {"Succeeded": 3, "Failed": 1, "Executing": 2},
         "recordings_fetched": 3,
@@ -72,42 +72,6 @@ def test_full_stats():
 def test_pipes_in_status_names_do_not_break_the_table():
     markdown = render_run_summary({"statuses": {"A|B": 1}})
     assert "| status A\\|B | 1 |" in markdown
-
-
-def test_sum_counts():
-    assert sum_counts([{"a": 1, "b": 2}, None, {"a": 3}]) == {"a": 4, "b": 2}
-
-
-def test_flat_totals_as_the_ops_collect_them():
-    totals = {
-        "jobs_listed": 9,
-        "reference_id": 3,
-        "legacy_reference_id": 1,
-        "phone": 2,
-        "already_matched": 2,
-        "unmatched_jobs": 1,
-        "unmatched_marked_failed": 5,
-        "recordings_fetched": 4,
-        "recordings_invalid_task_id": 1,
-        "follow_ups:0": 2,
-        "follow_ups:1": 3,
-        "source:llm": 4,
-        "source:ai_fallback": 1,
-        "pages": 1,
-    }
-    table = rows(render_run_summary(totals))
-    assert table["jobs listed"] == "9"
-    assert table["leads matched by reference_id"] == "3"
-    assert table["leads matched by legacy reference id"] == "1"
-    assert table["leads matched by phone"] == "2"
-    assert table["jobs already matched (kept)"] == "2"
-    assert table["unmatched leads marked Failed"] == "5"
-    assert table["recordings skipped (invalid task id)"] == "1"
-    assert table["follow-ups: cannot tell (0)"] == "2"
-    assert table["follow-ups: interested (1)"] == "3"
-    assert table["follow-ups: not interested (2)"] == "0"
-    assert table["follow-ups from AI analysis"] == "4"
-    assert table["AI fallbacks"] == "1"
 
 
 def test_the_summary_shows_the_job_groups_status():

@@ -76,7 +76,7 @@ def reliability_sync_job() -> dg.JobDefinition:
     """`sync_call_task` with the resources above bound, on its own (default) executor (module
     scope: reconstructable)."""
     return dg.Definitions(jobs=[sync_call_task], resources=resources_for_tests()).resolve_job_def(
-        "sync_call_task")
+        sync_call_task.name)
 
 
 def reliability_sync_job_in_process() -> dg.JobDefinition:
@@ -291,12 +291,6 @@ def subprocess_env(base: dict[str, str], dagster_home: Path, **extra: str) -> di
     env.update(base)
     env.update(DAGSTER_HOME=str(dagster_home), PYTHONPATH=str(PROJECT_ROOT), **extra)
     return env
-
-
-def prepare_dagster_home(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return path
 
 
 def start_run_process(task_id: int, env: dict[str, str], log_path: Path, *,

@@ -23,6 +23,7 @@ import pytest
 import requests
 from celery import Celery
 
+from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline_tests.reliability import scenarios
 from call_pipeline_tests.reliability.harness import PROJECT_ROOT, pipeline_env_vars, subprocess_env
 from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, normalized
@@ -164,7 +165,7 @@ def test_the_sensor_runs_two_tasks_through_the_daemon_on_two_celery_workers(
     from call_pipeline.definitions import defs
 
     queue_of = {node.name: node.definition.tags["dagster-celery/queue"]
-                for node in defs.resolve_job_def("sync_call_task").graph.node_dict.values()}
+                for node in defs.resolve_job_def(SYNC_JOB_NAME).graph.node_dict.values()}
     for (_, step_key), worker in ran_on.items():
         expected = WORKER_OF_QUEUE[queue_of[step_key.split("[")[0]]]
         assert worker == f"{expected}@localhost", (step_key, worker)
@@ -230,7 +231,7 @@ def _wait_for_runs(instance: dg.DagsterInstance, task_ids: list[int], processes:
     """The runs the sensor launched for the tasks, once each task has a successful one."""
     deadline = time.monotonic() + timeout_s
     while True:
-        runs = instance.get_runs(filters=dg.RunsFilter(job_name="sync_call_task"))
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME))
         done = {run.tags.get("dagster/partition") for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
         if {str(t) for t in task_ids} <= done:
             return [run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS]

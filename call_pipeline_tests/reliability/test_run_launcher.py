@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 import requests
 
+from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline_tests.reliability import scenarios
 from call_pipeline_tests.reliability.harness import event_messages
 from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, normalized
@@ -27,7 +28,6 @@ from call_pipeline_tests.reliability.test_deployment import (
     start_worker,
 )
 
-SYNC_JOB = "sync_call_task"
 REEXECUTE = """mutation($parentRunId: String!) {
   launchRunReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: FROM_FAILURE}) {
     __typename
@@ -79,7 +79,7 @@ def assert_ran_in_the_run_worker(instance: dg.DagsterInstance, processes: Proces
 
 
 def sync_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    return list(instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB)))
+    return list(instance.get_runs(filters=dg.RunsFilter(job_name=SYNC_JOB_NAME)))
 
 
 def wait_for_run(instance: dg.DagsterInstance, processes: Processes, find, what: str,
@@ -164,7 +164,7 @@ def submit_run(processes: Processes, task_id: int) -> str:
 
     host, port = processes.webserver_url.removeprefix("http://").split(":")
     client = DagsterGraphQLClient(host, port_number=int(port))
-    return client.submit_job_execution(SYNC_JOB, tags={"dagster/partition": str(task_id),
+    return client.submit_job_execution(SYNC_JOB_NAME, tags={"dagster/partition": str(task_id),
                                                        "call_pipeline/task_name": "figures"})
 
 

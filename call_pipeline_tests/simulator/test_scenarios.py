@@ -10,6 +10,7 @@ import requests
 import sqlalchemy as sa
 from alibabacloud_outboundbot20191226 import models as ob
 
+from call_pipeline.domain.phones import normalize_phone
 from call_pipeline.simulator import scenarios
 from call_pipeline.simulator.state import SimulatorState
 
@@ -68,7 +69,7 @@ def test_references_and_phone_formats():
         elif ref:
             assert ref == f"task_7_lead_{lead['leads_id']}"
         refs["legacy" if ref and ref.startswith("task_") else "reference" if ref else "none"] += 1
-        assert scenarios.normalize_phone(contact["PhoneNumber"]) == lead["leads_phone"]
+        assert normalize_phone(contact["PhoneNumber"]) == lead["leads_phone"]
         formats.add(contact["PhoneNumber"].replace(lead["leads_phone"][3:7], "X").replace(lead["leads_phone"], "P"))
     assert refs["legacy"] > 0 and refs["none"] > 0 and refs["reference"] == 20
     assert len(formats) >= 4
