@@ -56,7 +56,8 @@ def test_a_run_prints_info_and_up(tmp_path, capfd):
 def test_production_runs_are_celery_tasks_on_the_queue_the_run_workers_listen_to():
     """deploy/dagster.yaml's launcher sends runs to the queue `call-pipeline worker --queues runs`
     consumes, on the broker and backend the workers use (the same settings, from the environment)."""
-    from call_pipeline.celery_app import RUNS_QUEUE, WORKER_QUEUES, app
+    from call_pipeline.celery_app import app
+    from call_pipeline.queues import RUNS_QUEUE, WORKER_QUEUES
     from call_pipeline.settings import PipelineSettings, env_name
 
     launcher = _load("production")["run_launcher"]
