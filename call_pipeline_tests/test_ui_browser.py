@@ -38,6 +38,8 @@ import requests
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+from call_pipeline.simulator.scenarios import build_job_group
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -454,11 +456,16 @@ def _walk_through(page: Page, shots: Shots, ui: UiServer, inbox: AlertInbox, loc
     shots.take("backfill-succeeded")
 
     # 4. The cloud breaks: ListJobsByGroup answers 500 for the active task's job group (with a phone
-    # number in the message), and a run launched from the Launchpad fails for good.
+    # number in the message), and a run launched from the Launchpad fails for good. The group gets a
+    # job late, so that the run must list its pages (a run whose leads hold every job lists none).
     wait_quiet(ui, location, since=backfill_clicked)
     phone = a_phone_of(ui.data_dir, int(active_key))
+    group_id = tasks[int(active_key)]["job_group_id"]
+    late = build_job_group(group_id, [], task_id=int(active_key), seed=424_242, orphan_jobs=1)["jobs"]
+    requests.post(f"{ui.sim}/__sim/jobs", json={"job_group_id": group_id, "jobs": late},
+                  timeout=10).raise_for_status()
     fault = {"action": "ListJobsByGroup", "status": 500, "times": None,
-             "job_group_id": tasks[int(active_key)]["job_group_id"],
+             "job_group_id": group_id,
              "message": f"backend exploded while paging the jobs of {phone[:3]} {phone[3:7]} {phone[7:]}"}
     requests.post(f"{ui.sim}/__sim/faults", json=fault, timeout=10).raise_for_status()
 
