@@ -483,10 +483,14 @@ def dagster_home(args: argparse.Namespace, workdir: str) -> Iterator[str]:
             os.environ.update({"CALL_PIPELINE_REDIS_URL": REDIS_URL, "CALL_PIPELINE_REDIS_KEY_PREFIX": prefix,
                                "CALL_PIPELINE_EXECUTOR": "in_process"})
             stack.callback(_drop_redis_keys, prefix)
+            # deploy/dagster.yaml's launcher reads the broker and the results' backend from the
+            # environment, as every process of the deployment gets them
+            os.environ.setdefault("CALL_PIPELINE_CELERY_BACKEND", REDIS_URL)
             vhost = private_vhost()
-            if vhost is not None:
-                stack.callback(delete_vhost, vhost[0])
-                os.environ["CALL_PIPELINE_CELERY_BROKER"] = vhost[1]
+            if vhost is None:
+                raise SystemExit("--production needs rabbitmqctl for a RabbitMQ vhost of the benchmark's own")
+            stack.callback(delete_vhost, vhost[0])
+            os.environ["CALL_PIPELINE_CELERY_BROKER"] = vhost[1]
         yield home
 
 
@@ -601,7 +605,8 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[i
         ender.stop_event.set()
         watcher.stop_event.set()
         figures.left_behind = serve.stop()
-        watcher.join(timeout=10)
+        if watcher.ident is not None:
+            watcher.join(timeout=10)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     figures.cpu_s = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     figures.latencies = [watcher.seen_at[job] - at for job, at in ender.ended_at.items() if job in watcher.seen_at]
