@@ -80,6 +80,12 @@ def stages(steps: tuple[BatchStep, ...] = BATCH_STEPS) -> list[tuple[BatchStep, 
     return [tuple(group) for group in groups.values()]
 
 
+def side_by_side_queues(steps: tuple[BatchStep, ...] = BATCH_STEPS) -> tuple[str, ...]:
+    """The queues of the steps that run side by side with another (a stage of several): the
+    multiprocess executor caps each, so that one kind of them cannot take every slot."""
+    return tuple(dict.fromkeys(step.queue for stage in stages(steps) if len(stage) > 1 for step in stage))
+
+
 def check_order(steps: tuple[BatchStep, ...] = BATCH_STEPS) -> None:
     """Each step follows matching or a step listed before it, and names are unique."""
     seen = {MATCHING}
