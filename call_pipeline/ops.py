@@ -1,6 +1,7 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
 calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
-Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
+The ops of the batch steps after matching are built from their list (steps/batch_steps.py,
+`batch_op`). Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
 op to its queue and pools bound each kind of work across runs."""
 
 
