@@ -1,8 +1,9 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
 calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
 The ops of the batch steps after matching are built from their list (steps/batch_steps.py,
-`batch_op`). Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
-op to its queue and pools bound each kind of work across runs."""
+`batch_op`). Tags and pools carry the design's Celery queues (queues.py) so that the
+`dagster-celery` executor routes each op to its queue and pools bound each kind of work across
+runs."""
 
 
 import re
@@ -247,9 +248,9 @@ def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDa
 
 
 def batch_op(step: BatchStep) -> dg.OpDefinition:
-    """The op of one batch step (steps/batch_steps.py): runs it for the batch, logs its line,
-    then what its op does after it, and fails when a unit failed (after saving the rest). A step
-    that others follow hands them the batch, its counts added; a last step returns its result."""
+    """The op of one batch step (steps/batch_steps.py): runs it for the batch, then its `then`,
+    logs its `done` line, and fails when a unit failed (after saving the rest). A step that
+    others follow hands them the batch, its counts added; a last step returns its result."""
     last = step in last_steps()
 
     def run(context: dg.OpExecutionContext, batch: PageBatch | None) -> PageBatch | BatchResult | None:
