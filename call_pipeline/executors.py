@@ -16,7 +16,6 @@ from typing import get_args
 
 import dagster as dg
 
-from call_pipeline import queues
 from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline.settings import ExecutorName, PipelineSettings, env_name, settings
 
@@ -59,13 +58,16 @@ def start_forkserver_early(argv: Sequence[str]) -> bool:
 
 
 def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:
+    # Imported here: this module is imported before the rest of the project (definitions.py).
+    from call_pipeline.steps.batch_steps import side_by_side_queues
+
     return {
         "max_concurrent": max_concurrent,
         "start_method": {"forkserver": {"preload_modules": PRELOADED_MODULES}},
         # With priorities alone the executor would start step 5 of every ready batch before any
         # step 4 (and the reverse): a cap per kind keeps slots for the other kind.
         "tag_concurrency_limits": [{"key": QUEUE_TAG, "value": queue, "limit": per_queue}
-                                   for queue in (queues.AI_QUEUE, queues.DOWNLOAD_QUEUE)],
+                                   for queue in side_by_side_queues()],
     }
 
 

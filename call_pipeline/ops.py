@@ -1,7 +1,9 @@
 """The ops of `sync_call_task` and `advance_task_states`. Each is thin: it reads its inputs,
 calls a step of `call_pipeline.steps`, and reports; it returns only when its work is written.
-Tags and pools carry the design's Celery queues (queues.py) so that the `dagster-celery` executor routes each
-op to its queue and pools bound each kind of work across runs."""
+The ops of the batch steps after matching are built from their list (steps/batch_steps.py,
+`batch_op`). Tags and pools carry the design's Celery queues (queues.py) so that the
+`dagster-celery` executor routes each op to its queue and pools bound each kind of work across
+runs."""
 
 
 import re
@@ -24,14 +26,13 @@ from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotR
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
 from call_pipeline.settings import settings
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
-from call_pipeline.steps.call_results import update_call_results
+from call_pipeline.steps.batch_steps import BATCH_STEPS, BatchStep, last_steps
 from call_pipeline.steps.catch_up import catch_up_batches, incomplete_batches
-from call_pipeline.steps.follow_ups import write_follow_ups
+from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.give_up import UnitLedger
 from call_pipeline.steps.hot_leads import post_hot_leads
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline.steps.paging import plan_batches, plan_work_batches
-from call_pipeline.steps.recordings import save_recordings
 from call_pipeline.steps.task_state import evaluate_task_state, fail_unmatched_leads
 
 # The tag of runs that the late-jobs sensor requests for a task at 4 (its group grew).
@@ -39,15 +40,13 @@ LATE_JOBS_TAG = "call_pipeline/late_jobs"
 
 # The design's Celery queues and priorities (higher runs first).
 SYNC_TAGS = celery_tags(queues.SYNC_QUEUE)
-QUERY_TAGS = celery_tags(queues.QUERY_QUEUE)
-DOWNLOAD_TAGS = celery_tags(queues.DOWNLOAD_QUEUE)
-AI_TAGS = celery_tags(queues.AI_QUEUE)
 
-# Executors start the ready step with the highest `dagster/priority` first. Later steps of a
-# batch's chain rank higher, so that a batch goes through steps 2 to 5 before the next batch is
-# matched (depth first): the first recordings and LLM calls start after one batch, not after all.
-CHAIN_PRIORITY = {step: {"dagster/priority": str(step)} for step in (2, 3, 4, 5)}
 
+def chain_priority(step_number: int) -> dict[str, str]:
+    """Executors start the ready step with the highest `dagster/priority` first. Later steps of a
+    batch's chain rank higher, so that a batch goes through all its steps before the next batch
+    is matched (depth first): the first recordings and LLM calls start after one batch, not all."""
+    return {"dagster/priority": str(step_number)}
 
 
 def api_retry_policy() -> dg.RetryPolicy:
@@ -131,6 +130,18 @@ def _tag_progress(context: dg.OpExecutionContext, client, task: repo.TaskRow) ->
 def _ledger(context: dg.OpExecutionContext, crm: CrmDatabase) -> UnitLedger:
     """Where the run counts the units of one lead that fail (contract §12), once per run."""
     return UnitLedger(crm.engine, context.run_id, settings().max_unit_attempts)
+
+
+def _step_env(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: OutboundBotResource | None = None,
+              dashscope: DashScopeResource | None = None,
+              recording_archive: RecordingArchiveResource | None = None) -> StepEnv:
+    """What the op's steps work with, from its resources (a client it has no resource for is None)."""
+    return StepEnv(engine=crm.engine, zone=crm.zone, clock=crm.now, logger=context.log,
+                   outboundbot=outboundbot.get_client() if outboundbot is not None else None,
+                   llm=dashscope.get_client() if dashscope is not None else None,
+                   llm_concurrency=dashscope.max_concurrency if dashscope is not None else 1,
+                   archive=recording_archive.get_archive() if recording_archive is not None else None,
+                   ledger=_ledger(context, crm))
 
 
 def _raise_if_failed(report: StepReport, what: str) -> None:
@@ -220,11 +231,11 @@ def _plan_run(context: dg.OpExecutionContext, task: repo.TaskRow, config: Paging
     return plan
 
 
-@dg.op(tags={**SYNC_TAGS, **CHAIN_PRIORITY[2]}, pool=queues.SYNC_QUEUE, retry_policy=api_retry_policy())
+@dg.op(tags={**SYNC_TAGS, **chain_priority(2)}, pool=queues.SYNC_QUEUE, retry_policy=api_retry_policy())
 def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDatabase,
                    outboundbot: OutboundBotResource) -> PageBatch:
     """Step 2 for one batch of pages: map its jobs to leads (one read, one bulk write)."""
-    batch = match_jobs_of_pages(crm.engine, outboundbot.get_client(), page, crm.now(), context.log)
+    batch = match_jobs_of_pages(_step_env(context, crm, outboundbot), page)
     if page.job_ids is not None:
         context.log.info(f"task {page.task.id} {batch.label}: {len(batch.job_ids)} matched job(s) that still "
                          "need work, from the CRM (no page listed)")
@@ -236,63 +247,47 @@ def match_job_page(context: dg.OpExecutionContext, page: PageRequest, crm: CrmDa
     return batch
 
 
-@dg.op(tags={**QUERY_TAGS, **CHAIN_PRIORITY[3]}, pool=queues.QUERY_QUEUE, retry_policy=api_retry_policy())
-def fetch_call_results(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
-                       outboundbot: OutboundBotResource) -> PageBatch | None:
-    """Step 3 for the batch's jobs whose status is empty or not terminal."""
-    if batch is None:
-        return _not_run(context)
-    report = update_call_results(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids,
-                                 crm.zone, crm.now(), context.log, ledger=_ledger(context, crm))
-    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: call results")
-    return PageBatch(batch.task_id, batch.page_number, batch.job_ids, batch.counts + report.counts,
-                     batch.page_count)
+def batch_op(step: BatchStep) -> dg.OpDefinition:
+    """The op of one batch step (steps/batch_steps.py): runs it for the batch, then its `then`,
+    logs its `done` line, and fails when a unit failed (after saving the rest). A step that
+    others follow hands them the batch, its counts added; a last step returns its result."""
+    last = step in last_steps()
+
+    def run(context: dg.OpExecutionContext, batch: PageBatch | None) -> PageBatch | BatchResult | None:
+        if batch is None:
+            return _not_run(context)
+        resources = {key: getattr(context.resources, key) for key in step.resources}
+        env = _step_env(context, context.resources.crm, **resources)
+        report = step.run(env, batch)
+        if step.then is not None:
+            report.counts = report.counts + step.then(env, batch).counts
+        if step.done is not None:
+            context.log.info(f"task {batch.task_id} {batch.label}: {step.done(report.counts)}")
+        _raise_if_failed(report, f"task {batch.task_id} {batch.label}: {step.failed}")
+        if last:
+            return BatchResult(batch.page_number, report.counts)
+        return PageBatch(batch.task_id, batch.page_number, batch.job_ids, batch.counts + report.counts,
+                         batch.page_count)
+
+    return dg.op(name=step.op_name, description=step.description,
+                 ins={"batch": dg.In(PageBatch | None)}, out=dg.Out(BatchResult | None if last else PageBatch | None),
+                 tags={**celery_tags(step.queue), **chain_priority(step.number)}, pool=step.queue,
+                 retry_policy=api_retry_policy(), required_resource_keys={"crm", *step.resources})(run)
 
 
-@dg.op(tags={**DOWNLOAD_TAGS, **CHAIN_PRIORITY[4]}, pool=queues.DOWNLOAD_QUEUE, retry_policy=api_retry_policy())
-def fetch_recordings(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
-                     outboundbot: OutboundBotResource,
-                     recording_archive: RecordingArchiveResource) -> BatchResult | None:
-    """Step 4 for the batch's succeeded calls without a recording (archived, when an archive is
-    set); returns once they are saved."""
-    if batch is None:
-        return _not_run(context)
-    report = save_recordings(crm.engine, outboundbot.get_client(), batch.task_id, batch.job_ids, crm.now,
-                             context.log, archive=recording_archive.get_archive(), ledger=_ledger(context, crm))
-    context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.recordings_fetched} recording(s) saved")
-    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: recordings")
-    return BatchResult(batch.page_number, report.counts)
-
-
-@dg.op(tags={**AI_TAGS, **CHAIN_PRIORITY[5]}, pool=queues.AI_QUEUE, retry_policy=api_retry_policy())
-def create_follow_ups(context: dg.OpExecutionContext, batch: PageBatch | None, crm: CrmDatabase,
-                      dashscope: DashScopeResource) -> BatchResult | None:
-    """Step 5 for the batch's leads with a terminal status and no follow-up; returns once they
-    are written."""
-    if batch is None:
-        return _not_run(context)
-    report = write_follow_ups(crm.engine, dashscope.get_client(), batch.task_id, batch.job_ids, crm.now,
-                              dashscope.max_concurrency, context.log, ledger=_ledger(context, crm))
-    # After the follow-ups' writes, before a failed unit fails the op: a post never fails it.
-    report.counts = report.counts + post_hot_leads(crm.engine, batch.task_id, batch.job_ids, crm.now,
-                                                   context.log).counts
-    context.log.info(f"task {batch.task_id} {batch.label}: {report.counts.follow_ups_written} follow-up(s) written")
-    _raise_if_failed(report, f"task {batch.task_id} {batch.label}: follow-ups")
-    return BatchResult(batch.page_number, report.counts)
+# One op per batch step, by step name: the graph (jobs.py) wires them.
+BATCH_OPS: dict[str, dg.OpDefinition] = {step.name: batch_op(step) for step in BATCH_STEPS}
 
 
 def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
-                                 totals: StepCounts, recordings: list[BatchResult | None],
-                                 follow_ups: list[BatchResult | None], crm: CrmDatabase,
-                                 outboundbot: OutboundBotResource, dashscope: DashScopeResource,
+                                 totals: StepCounts, results: dict[str, list[BatchResult | None]],
+                                 crm: CrmDatabase, outboundbot: OutboundBotResource, dashscope: DashScopeResource,
                                  recording_archive: RecordingArchiveResource) -> StepCounts:
-    missing = incomplete_batches(plan, recordings, follow_ups)
+    missing = incomplete_batches(plan, results)
     if missing:
         context.log.info(f"task {task.id}: {len(missing)} batch(es) not completed in this run's lineage "
                          f"({', '.join(r.label for r in missing[:10])}); doing them now")
-        report = catch_up_batches(crm.engine, outboundbot.get_client(), dashscope.get_client(), missing, crm.zone,
-                                  crm.now, dashscope.max_concurrency, context.log, recording_archive.get_archive(),
-                                  ledger=_ledger(context, crm))
+        report = catch_up_batches(_step_env(context, crm, outboundbot, dashscope, recording_archive), missing)
         totals = totals + report.counts
         _raise_if_failed(report, f"task {task.id}: batches caught up")
     marked, (unidentified, some) = fail_unmatched_leads(crm.engine, task.id, crm.now())
@@ -315,20 +310,24 @@ def _catch_up_and_mark_unmatched(context: dg.OpExecutionContext, task: repo.Task
 
 # One op after `.collect()`, not one per duty: each step process's start (0.3 s) came after the
 # last batch, on every run's critical path (README, Performance). Each duty is safe to redo.
-@dg.op(tags=SYNC_TAGS, retry_policy=api_retry_policy())
+# Its inputs beside `batches` are the results of the batch steps that no step follows, one per
+# step, by step name (steps/batch_steps.py): the graph passes each step's `.collect()`.
+@dg.op(tags=SYNC_TAGS, retry_policy=api_retry_policy(),
+       ins={step.name: dg.In(list[BatchResult | None]) for step in last_steps()})
 def advance_task_state(context: dg.OpExecutionContext, task: repo.TaskRow, plan: list[PageRequest],
-                       batches: list[PageBatch | None], recordings: list[BatchResult | None],
-                       follow_ups: list[BatchResult | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
-                       dashscope: DashScopeResource, recording_archive: RecordingArchiveResource) -> int:
+                       batches: list[PageBatch | None], crm: CrmDatabase, outboundbot: OutboundBotResource,
+                       dashscope: DashScopeResource, recording_archive: RecordingArchiveResource,
+                       **results: list[BatchResult | None]) -> int:
     """After the last batch: first the batches that no run of this lineage completed (a
     re-execution after a killed run, see steps/catch_up.py); then leads that should have a job
     and have none are marked Failed (provisionally: a later run that matches them clears it);
     then the task's state is evaluated and the run's summary attached."""
-    totals = StepCounts.total([part.counts for part in (*batches, *recordings, *follow_ups) if part is not None])
-    totals = _catch_up_and_mark_unmatched(context, task, plan, totals, recordings, follow_ups, crm, outboundbot,
-                                          dashscope, recording_archive)
+    done = [part for step in last_steps() for part in results[step.name]]
+    totals = StepCounts.total([part.counts for part in (*batches, *done) if part is not None])
+    totals = _catch_up_and_mark_unmatched(context, task, plan, totals, results, crm, outboundbot, dashscope,
+                                          recording_archive)
     # The task's interested leads that a batch failed to post (or that a caught-up batch wrote).
-    totals = totals + post_hot_leads(crm.engine, task.id, None, crm.now, context.log).counts
+    totals = totals + post_hot_leads(_step_env(context, crm), task.id).counts
     before, after = evaluate_task_state(crm.engine, task.id, crm.now())
     with crm.engine.connect() as conn:
         statuses = repo.count_statuses(conn, task.id)

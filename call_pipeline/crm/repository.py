@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, and_, case, delete, exists, func, lit
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy import ColumnElement
 
 from call_pipeline.crm.schema import (
     call_pipeline_call_ends,
@@ -163,17 +164,16 @@ class LeadWork:
 
 def count_lead_work(conn: Connection, task_ids: Sequence[int], *, unposted_hot_leads: bool = False
                     ) -> dict[int, LeadWork]:
-    """Per task, in one statement. Work left: a job with no status yet, a terminal status with no
-    follow-up, a succeeded call with no recording; with `unposted_hot_leads` (a hot-lead webhook
-    is set), also an interested lead that no run has posted (call_pipeline_hot_leads_posted)."""
+    """Per task, in one statement. Work left: a lead with a job and some batch step's work left
+    (`StepWork.left`: a job with no status yet, a succeeded call with no recording, a terminal
+    status with no follow-up); with `unposted_hot_leads` (a hot-lead webhook is set), also an
+    interested lead that no run has posted (call_pipeline_hot_leads_posted)."""
     if not task_ids:
         return {}
     has_job = _has_text(_L.c.call_job_id)
     terminal = _L.c.call_status.in_(sorted(TERMINAL_JOB_STATUSES))
     calling = and_(has_job, not_(_is_blank(_L.c.call_status)), not_(terminal))
-    kinds = [_is_blank(_L.c.call_status),
-             _needs_follow_up(),
-             _needs_recording()]
+    kinds = [work.left() for work in STEP_WORK.values()]
     if unposted_hot_leads:
         kinds.append(and_(_L.c.is_interested == 1, _L.c.leads_follow_id.is_not(None),
                           not_(_L.c.id.in_(select(_H.c.lead_row_id).where(_H.c.task_id.in_(list(task_ids)))))))
@@ -279,12 +279,13 @@ def count_held_jobs(conn: Connection, task_id: int) -> int:
 
 
 def fetch_job_ids_needing_work(conn: Connection, task_id: int) -> list[str]:
-    """Jobs of the task's leads that steps 3 to 5 still have work for: a status empty or not
-    terminal, a terminal status and no follow-up, a succeeded call with no recording."""
+    """Jobs of the task's leads that some batch step still has work for (`StepWork.planned`: a
+    status empty or not terminal, a succeeded call with no recording, a terminal status and no
+    follow-up)."""
     stmt = (
         select(_L.c.call_job_id)
         .where(_L.c.task_id == task_id, _has_text(_L.c.call_job_id),
-               or_(_not_terminal(), _needs_follow_up(), _lacks_recording()))
+               or_(*(work.planned() for work in STEP_WORK.values())))
         .order_by(_L.c.id)
     )
     return [row.call_job_id for row in conn.execute(stmt)]
@@ -315,6 +316,24 @@ def _not_terminal():
 
 def _needs_result():
     return and_(_has_text(_L.c.call_job_id), _not_terminal())
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """The SQL of what one batch step still has to do for a lead with a job. `planned`: a run
+    makes a batch for the lead's job (`fetch_job_ids_needing_work`); `left`: the CRM holds work
+    for it that the cloud is not waiting on (`count_lead_work`, for the sensors)."""
+
+    planned: Callable[[], ColumnElement[bool]]
+    left: Callable[[], ColumnElement[bool]]
+
+
+# Each batch step's work, by the name its entry in steps/batch_steps.py gives as `work`.
+STEP_WORK: dict[str, StepWork] = {
+    "call_results": StepWork(planned=_not_terminal, left=lambda: _is_blank(_L.c.call_status)),
+    "recordings": StepWork(planned=_lacks_recording, left=_needs_recording),
+    "follow_ups": StepWork(planned=_needs_follow_up, left=_needs_follow_up),
+}
 
 
 _E = call_pipeline_call_ends

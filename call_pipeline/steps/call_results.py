@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError
 
 from call_pipeline.clients.outboundbot import (
     LIST_JOBS_MAX_IDS,
-    OutboundBotClient,
     OutboundBotError,
     split_for_list_jobs,
 )
@@ -22,9 +20,9 @@ from call_pipeline.domain.call_results import NON_TERMINAL_JOB_STATUSES, CallRes
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
+from call_pipeline.steps.batch import PageBatch
+from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.give_up import UnitLedger
-
-log = logging.getLogger(__name__)
 
 # Jobs' results written per transaction, at most (in whole ListJobs answers of up to 99 jobs):
 # more at once would hold too many transcripts in memory.
@@ -36,14 +34,13 @@ LIST_JOBS_IN_FLIGHT = 4
 NAMED_PER_LINE = 20
 
 
-def update_call_results(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
-                        zone: ZoneInfo, now: datetime, logger: logging.Logger | None = None,
-                        ledger: UnitLedger | None = None) -> StepReport:
-    """ListJobs for the batch's jobs (`job_ids`; None: the whole task) that still need a result,
-    in calls of as many ids as ListJobs takes, LIST_JOBS_IN_FLIGHT at a time. A failed call fails
-    its jobs only. With a `ledger`, a job that ListJobs does not return counts as a failed unit of
-    its lead, and once given up its lead is concluded `Failed`."""
-    logger = logger or log
+def update_call_results(env: StepEnv, batch: PageBatch) -> StepReport:
+    """ListJobs for the batch's jobs that still need a result, in calls of as many ids as
+    ListJobs takes, LIST_JOBS_IN_FLIGHT at a time. A failed call fails its jobs only. With a
+    ledger, a job that ListJobs does not return counts as a failed unit of its lead, and once
+    given up its lead is concluded `Failed`."""
+    engine, client, task_id, job_ids = env.engine, env.outboundbot, batch.task_id, batch.job_ids
+    zone, now, logger, ledger = env.zone, env.clock(), env.logger, env.ledger
     report = StepReport()
     ensure_pipeline_tables(engine)
     with engine.connect() as conn:

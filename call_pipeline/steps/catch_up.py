@@ -9,58 +9,40 @@ with the run's own paging, several batches at once, through the same step functi
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
-from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine
-
-from call_pipeline.clients.dashscope_llm import LlmClient
-from call_pipeline.clients.outboundbot import OutboundBotClient
-from call_pipeline.clients.recording_store import RecordingArchive
 from call_pipeline.domain.counts import StepReport
-from call_pipeline.steps.batch import BatchResult, PageRequest
-from call_pipeline.steps.call_results import update_call_results
-from call_pipeline.steps.follow_ups import write_follow_ups
-from call_pipeline.steps.give_up import UnitLedger
+from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
+from call_pipeline.steps.batch_steps import BATCH_STEPS, BatchStep, last_steps, stages
+from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.matching import match_jobs_of_pages
-from call_pipeline.steps.recordings import save_recordings
 
 # Batches caught up at once; each makes its own calls side by side within the shared limits.
 BATCHES_AT_ONCE = 2
 
 
-def incomplete_batches(plan: Sequence[PageRequest], recordings: Sequence[BatchResult | None],
-                       follow_ups: Sequence[BatchResult | None]) -> list[PageRequest]:
-    """The planned batches for which step 4 or step 5 has no result in this run's lineage."""
-    recordings_done = {r.page_number for r in recordings if r is not None}
-    follow_ups_done = {r.page_number for r in follow_ups if r is not None}
-    return [request for request in plan
-            if request.page_number not in recordings_done or request.page_number not in follow_ups_done]
+def incomplete_batches(plan: Sequence[PageRequest], results: Mapping[str, Sequence[BatchResult | None]],
+                       steps: tuple[BatchStep, ...] = BATCH_STEPS) -> list[PageRequest]:
+    """The planned batches for which a last step (`last_steps`: `results` by step name) has no
+    result in this run's lineage."""
+    done = [{r.page_number for r in results[step.name] if r is not None} for step in last_steps(steps)]
+    return [request for request in plan if any(request.page_number not in pages for pages in done)]
 
 
-def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, requests: Sequence[PageRequest],
-                     zone: ZoneInfo, clock: Callable[[], datetime], concurrency: int,
-                     logger: logging.Logger, archive: RecordingArchive | None = None,
-                     ledger: UnitLedger | None = None) -> StepReport:
-    """Steps 2 to 5 for each batch in `requests`, doing only what the CRM still needs (every
-    write is guarded, so redoing a batch that was partly done is safe)."""
+def catch_up_batches(env: StepEnv, requests: Sequence[PageRequest],
+                     steps: tuple[BatchStep, ...] = BATCH_STEPS) -> StepReport:
+    """Matching, then the batch steps (`steps`, stage by stage, the steps of a stage side by
+    side) for each batch in `requests`, doing only what the CRM still needs (every write is
+    guarded, so redoing a batch that was partly done is safe)."""
 
     def one_batch(request: PageRequest) -> StepReport:
         report = StepReport()
-        batch = match_jobs_of_pages(engine, client, request, clock(), logger)
+        batch = match_jobs_of_pages(env, request)
         report.counts = report.counts + batch.counts
-        report.merge(update_call_results(engine, client, batch.task_id, batch.job_ids, zone, clock(), logger,
-                                         ledger=ledger))
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="call-pipeline-catch-up") as pool:
-            recordings = pool.submit(save_recordings, engine, client, batch.task_id, batch.job_ids, clock, logger,
-                                     archive=archive, ledger=ledger)
-            follow_ups = pool.submit(write_follow_ups, engine, llm, batch.task_id, batch.job_ids, clock,
-                                     concurrency, logger, ledger=ledger)
-            report.merge(recordings.result())
-            report.merge(follow_ups.result())
+        for stage in stages(steps):
+            for stage_report in _side_by_side(env, batch, stage):
+                report.merge(stage_report)
         report.counts.batches_caught_up += 1
         return report
 
@@ -70,3 +52,11 @@ def catch_up_batches(engine: Engine, client: OutboundBotClient, llm: LlmClient, 
         for report in pool.map(one_batch, requests):
             total.merge(report)
     return total
+
+
+def _side_by_side(env: StepEnv, batch: PageBatch, stage: tuple[BatchStep, ...]) -> list[StepReport]:
+    if len(stage) == 1:
+        return [stage[0].run(env, batch)]
+    with ThreadPoolExecutor(max_workers=len(stage), thread_name_prefix="call-pipeline-catch-up") as pool:
+        futures = [pool.submit(step.run, env, batch) for step in stage]
+        return [future.result() for future in futures]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,9 +28,9 @@ from call_pipeline.domain.followups import (
 )
 from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
+from call_pipeline.steps.batch import PageBatch
+from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.give_up import UnitLedger
-
-log = logging.getLogger(__name__)
 
 # Threads beyond the LLM limit: while some threads' answers wait to be written, the spare ones
 # take their slots (the shared semaphore still caps the calls in flight).
@@ -72,15 +72,14 @@ def decide_follow_up(llm: LlmClient, lead: repo.LeadForFollowUp, now: datetime,
         return ai_fallback_follow_up(f"invalid answer: {exc}")
 
 
-def write_follow_ups(engine: Engine, llm: LlmClient, task_id: int, job_ids: Sequence[str] | None,
-                     clock: Callable[[], datetime], concurrency: int,
-                     logger: logging.Logger | None = None, ledger: UnitLedger | None = None) -> StepReport:
-    """Decides the batch's follow-ups on `concurrency` (+ spare) threads and writes them as they
-    come, in transactions of up to WRITTEN_TOGETHER leads; each lead's insert and link commit
-    together and the link is conditional, so no lead ever gets two. A batch the database refuses
-    is written lead by lead, so that only the lead at fault fails. With a `ledger`, a lead whose
-    follow-up failed in `ledger.max_attempts` runs gets the basic record (see `_give_up`)."""
-    logger = logger or log
+def write_follow_ups(env: StepEnv, batch: PageBatch) -> StepReport:
+    """Decides the batch's follow-ups on `env.llm_concurrency` (+ spare) threads and writes them
+    as they come, in transactions of up to WRITTEN_TOGETHER leads; each lead's insert and link
+    commit together and the link is conditional, so no lead ever gets two. A batch the database
+    refuses is written lead by lead, so that only the lead at fault fails. With a ledger, a lead
+    whose follow-up failed in `ledger.max_attempts` runs gets the basic record (see `_give_up`)."""
+    engine, llm, task_id, job_ids = env.engine, env.llm, batch.task_id, batch.job_ids
+    clock, concurrency, logger, ledger = env.clock, env.llm_concurrency, env.logger, env.ledger
     report = StepReport()
     ensure_pipeline_tables(engine)
     failed: dict[int, tuple[repo.LeadForFollowUp, BaseException]] = {}

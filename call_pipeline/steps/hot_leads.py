@@ -17,14 +17,10 @@ would otherwise hold the op for its retries on every lead.
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-
-from sqlalchemy import Engine
 
 from call_pipeline.clients.webhook import post_chat_message
 from call_pipeline.crm import repository as repo
@@ -33,8 +29,8 @@ from call_pipeline.domain.alerts import hot_lead, hot_lead_payload
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.settings import settings
 from call_pipeline.steps._concurrent import call_and_write
-
-log = logging.getLogger(__name__)
+from call_pipeline.steps.batch import PageBatch
+from call_pipeline.steps.env import StepEnv
 
 # Posts in flight at once: chat webhooks take a few per second.
 POST_THREADS = 4
@@ -47,13 +43,17 @@ class _Post:
     error: str | None = None
 
 
-def post_hot_leads(engine: Engine, task_id: int, job_ids: Sequence[str] | None, clock: Callable[[], datetime],
-                   logger: logging.Logger | None = None, *, url: str | None = None,
+def post_batch_hot_leads(env: StepEnv, batch: PageBatch) -> StepReport:
+    """`post_hot_leads` for the batch's jobs: what the follow-ups' op does after its step."""
+    return post_hot_leads(env, batch.task_id, batch.job_ids)
+
+
+def post_hot_leads(env: StepEnv, task_id: int, job_ids: Sequence[str] | None = None, *, url: str | None = None,
                    fmt: str | None = None) -> StepReport:
     """Posts the task's interested leads (of `job_ids`; None: every job) that no run has posted
     yet. Without a webhook (CALL_PIPELINE_HOT_LEAD_WEBHOOK_URL unset) it does nothing. Never
     raises: whatever goes wrong is a warning and a count, the lead is posted by a later run."""
-    logger = logger or log
+    engine, clock, logger = env.engine, env.clock, env.logger
     url = url if url is not None else settings().hot_lead_webhook_url
     fmt = fmt or settings().alert_format
     report = StepReport()

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime
-
-from sqlalchemy import Engine
-
-from call_pipeline.clients.outboundbot import OutboundBotClient
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import MASKED_PHONE_EXAMPLES, StepCounts
 from call_pipeline.domain.matching import legacy_leads_ids, match_jobs_to_leads, parse_jobs_page
 from call_pipeline.domain.paging import IncompleteListing, page_shortfall
 from call_pipeline.steps._concurrent import call_and_write
 from call_pipeline.steps.batch import PageBatch, PageRequest
-
-log = logging.getLogger(__name__)
+from call_pipeline.steps.env import StepEnv
 
 # ListJobsByGroup calls of a batch in flight at once (the shared rate limit still bounds them):
 # one after the other, a batch of 10 pages waited for 10 round trips before it could be matched.
 PAGES_IN_FLIGHT = 4
 
 
-def match_jobs_of_pages(engine: Engine, client: OutboundBotClient, request: PageRequest, now: datetime,
-                        logger: logging.Logger | None = None) -> PageBatch:
+def match_jobs_of_pages(env: StepEnv, request: PageRequest) -> PageBatch:
     """One ListJobsByGroup call per page, a few at once (a failed call fails the batch: the op
     retries it), then one read of the leads the batch's jobs can concern and one bulk write.
     A page that is not whole (contract: "Pages are what the cloud sent") fails the batch with
     IncompleteListing, before anything is written: the run must not conclude on a partial listing.
     A batch of jobs drawn from the CRM (`request.job_ids`: a run that lists no pages) has nothing
-    to match; its jobs go on to steps 3 to 5."""
-    logger = logger or log
+    to match; its jobs go on to the batch steps (steps/batch_steps.py)."""
+    engine, client, now, logger = env.engine, env.outboundbot, env.clock(), env.logger
     task = request.task
     if request.job_ids is not None:
         return PageBatch(task.id, request.page_number, request.job_ids, StepCounts(batches=1), 0)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import Engine
-
-from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotError
-from call_pipeline.clients.recording_store import ArchiveError, RecordingArchive, recording_stem
+from call_pipeline.clients.outboundbot import OutboundBotError
+from call_pipeline.clients.recording_store import ArchiveError, recording_stem
 from call_pipeline.crm import repository as repo
 from call_pipeline.domain.counts import StepReport
 from call_pipeline.steps._concurrent import call_and_write
-from call_pipeline.steps.give_up import UnitLedger
-
-log = logging.getLogger(__name__)
+from call_pipeline.steps.batch import PageBatch
+from call_pipeline.steps.env import StepEnv
 
 # DownloadRecording calls in flight in one step. The shared rate limiter is what bounds them
 # across steps and runs; a few threads keep the limit's slots busy at the cloud's latency.
@@ -35,20 +29,18 @@ class _Download:
     renewed: bool = False
 
 
-def save_recordings(engine: Engine, client: OutboundBotClient, task_id: int, job_ids: Sequence[str] | None,
-                    clock: Callable[[], datetime], logger: logging.Logger | None = None,
-                    threads: int = RECORDING_THREADS, archive: RecordingArchive | None = None,
-                    ledger: UnitLedger | None = None) -> StepReport:
+def save_recordings(env: StepEnv, batch: PageBatch, *, threads: int = RECORDING_THREADS) -> StepReport:
     """DownloadRecording for the batch's succeeded calls without a recording, written as they
-    come. With an `archive`, the recording behind the signed URL is stored there and the CRM
+    come. With an archive, the recording behind the signed URL is stored there and the CRM
     gets the archive's URL; one already archived is not fetched again (nor is DownloadRecording
     called), and a signed URL that expired before it was fetched is asked for anew, once.
     A failed download or archive leaves `recording_url` empty with a warning and is a failed
     unit (the run must not conclude the task with a recording missing: a task at 4 is not run
     again). An invalid call task id is skipped with a warning and does not fail the step. With a
-    `ledger`, a recording that failed in `ledger.max_attempts` runs is given up: it stays empty,
+    ledger, a recording that failed in `ledger.max_attempts` runs is given up: it stays empty,
     is asked for no more, and no longer fails the step."""
-    logger = logger or log
+    engine, client, task_id, job_ids = env.engine, env.outboundbot, batch.task_id, batch.job_ids
+    clock, logger, archive, ledger = env.clock, env.logger, env.archive, env.ledger
     report = StepReport()
     failed: dict[int, tuple[repo.LeadForRecording, str]] = {}
     saved: list[int] = []

@@ -12,6 +12,7 @@ from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline.steps.batch import PageRequest
 from call_pipeline.steps.call_results import NAMED_PER_LINE, named_jobs, update_call_results
+from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline_tests.clients.test_outboundbot_client import make_client
 from call_pipeline_tests.pipeline_harness import create_task, new_reference
@@ -43,11 +44,12 @@ def test_one_line_per_problem_naming_its_jobs(mariadb_url, simulator, tmp_path, 
     client = make_client(simulator, tmp_path)
     with engine.connect() as conn:
         task = repo.fetch_task(conn, task_id)
-    batch = match_jobs_of_pages(engine, client, PageRequest(task, 1, 100, 1), NOW)
+    env = StepEnv(engine=engine, zone=ZoneInfo("Asia/Shanghai"), clock=lambda: NOW, outboundbot=client)
+    batch = match_jobs_of_pages(env, PageRequest(task, 1, 100, 1))
     assert len(batch.job_ids) == n
 
     with caplog.at_level(logging.WARNING):
-        report = update_call_results(engine, client, task_id, batch.job_ids, ZoneInfo("Asia/Shanghai"), NOW)
+        report = update_call_results(env, batch)
     assert report.counts.results_stored == n and not report.failures
     lines = [r.getMessage() for r in caplog.records if "no call attempts" in r.getMessage()]
     assert len(lines) == 1, lines
