@@ -113,7 +113,7 @@ def test_ui_started_in_the_background_stops_every_process_on_sigterm(tmp_path):
         wait_until(lambda: served.running() and any("forkserver" in line for line in served.cmdlines()), 240,
                    "a sensor-launched run's forkserver")
         lines = served.cmdlines()
-        assert any("call_pipeline.simulator" in line for line in lines)
+        assert any("call_pipeline_tools.simulator" in line for line in lines)
         assert any("dagster_webserver" in line for line in lines)
         code, left = served.stop(signal.SIGTERM)
         assert not left, "still running after ui exited:\n" + "\n".join(describe(p) for p in left)

@@ -15,8 +15,8 @@ from call_pipeline.clients.outboundbot import (
     split_for_list_jobs,
 )
 from call_pipeline.resources import OutboundBotResource
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline.steps.paging import count_job_pages
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 
 def make_client(simulator, tmp_path, **overrides) -> OutboundBotClient:
