@@ -38,7 +38,7 @@ def test_simulator_command_serves_a_1000_job_group_to_the_real_sdk():
                 time.sleep(0.1)
         client = OutboundBotClient(OutboundBotResource(access_key_id="ak", access_key_secret="sk",
                                                        instance_id="inst", endpoint=f"127.0.0.1:{port}",
-                                                       protocol="http"))
+                                                       protocol="http").client_config())
         pages = count_job_pages(client, "jg-1000", 100)
         job_ids = [job["JobId"] for page in range(1, pages + 1)
                    for job in client.list_jobs_by_group("jg-1000", page, 100)["Jobs"]["List"]]

@@ -105,7 +105,7 @@ def test_the_live_cloud_rings_until_a_call_is_ended_then_answers_its_outcome(tmp
         try:
             client = OutboundBotClient(OutboundBotResource(
                 access_key_id="ak", access_key_secret="sk", instance_id="i", endpoint=cloud.endpoint,
-                protocol="http"))
+                protocol="http").client_config())
             jobs = cloud.jobs["jg-live"]
             assert list(cloud.jobs) == ["jg-live"] and len(jobs) == 6
 
