@@ -15,11 +15,12 @@ setup() {
   if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
   fi
-  # Reinstall only when the dependencies changed.
+  # Reinstall only when the dependencies changed. The tools (the simulator, the demo, the
+  # benchmark) are a distribution of their own in tools/, kept out of call_pipeline's wheel.
   local stamp=.venv/.call_pipeline-installed
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tools/pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev]" -e ./tools
     touch "$stamp"
   fi
 }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import CrmTablesExistError, create_crm_engine, create_crm_tables
 
 
@@ -29,51 +30,35 @@ def _init_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from call_pipeline.demo import run_demo
+def _tool(command: str, module: str, attribute: str) -> Callable[..., int | None] | None:
+    """`demo`, `ui`, `simulator` and `bench` live in call_pipeline_tools, a distribution of its own
+    that call_pipeline's wheel leaves out: imported when one of them runs; None, after saying how to
+    install it, when it is not installed (rather than a traceback)."""
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as exc:
+        if exc.name != "call_pipeline_tools":
+            raise
+    print(f"error: `call-pipeline {command}` needs the call_pipeline_tools package, which is not installed: "
+          "`pip install -e tools` in the project's checkout (./run.sh setup does)", file=sys.stderr)
+    return None
 
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo = _tool("demo", "call_pipeline_tools.demo", "run_demo")
+    if run_demo is None:
+        return 2
     # under the current folder: an installed package has no writable folder of its own
     return run_demo(Path(args.data_dir) if args.data_dir else Path.cwd() / "data" / "demo")
 
 
 def _ui(args: argparse.Namespace) -> int:
-    """The demo CRM and the simulator, with `serve` on top (daemon and webserver): the sensors and
-    the schedule run live, and runs, backfills and re-executions can be driven from the UI."""
-    from call_pipeline.demo import demo_job_groups, seed_demo_crm
-    from call_pipeline.serve import Service, install_instance_yaml, serve
-    from call_pipeline.simulator.scenarios import save_scenario_file
-
-    # A folder of its own, under the current one (never inside the installed package): `demo`
-    # starts from an empty folder each time, and must not take the UI's CRM, scenario and run
-    # history with it.
-    ui_dir = (Path(args.data_dir) if args.data_dir else Path.cwd() / "data" / "ui").resolve()
-    ui_dir.mkdir(parents=True, exist_ok=True)
-    crm_file = ui_dir / "crm.sqlite3"
-    scenario_file = ui_dir / "scenario.json"
-    crm_url = f"sqlite:///{crm_file}"
-    if args.reset or not crm_file.exists() or not scenario_file.exists():
-        tasks = seed_demo_crm(crm_url)
-        save_scenario_file(scenario_file, demo_job_groups(crm_url, tasks))
-    home = ui_dir / "dagster_home"
-    install_instance_yaml(home)
-    env = drop_proxy_variables(dict(os.environ))
-    sim_port = args.simulator_port
-    env.update({
-        "DAGSTER_HOME": str(home),
-        "CALL_PIPELINE_CRM_URL": crm_url,
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": "demo-access-key",
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "demo-access-secret",
-        "OUTBOUNDBOT_INSTANCE_ID": "demo-instance",
-        "OUTBOUNDBOT_ENDPOINT": f"127.0.0.1:{sim_port}",
-        "OUTBOUNDBOT_PROTOCOL": "http",
-        "DASHSCOPE_API_KEY": "sk-demo",
-        "DASHSCOPE_HTTP_BASE_URL": f"http://127.0.0.1:{sim_port}/api/v1",
-        "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS": env.get("CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", "120"),
-    })
-    simulator = Service("simulator", (sys.executable, "-m", "call_pipeline.simulator", "--host", "127.0.0.1",
-                                      "--port", str(sim_port), "--scenario", str(scenario_file)), port=sim_port)
-    print(f"The demo: simulator on 127.0.0.1:{sim_port}, CRM and Dagster home in {ui_dir}", flush=True)
-    return serve(ui=True, host="127.0.0.1", port=args.port, data_dir=ui_dir, env=env, before=[simulator])
+    """The demo CRM and the simulator, with `serve` on top (call_pipeline_tools/ui.py)."""
+    run_ui = _tool("ui", "call_pipeline_tools.ui", "run_ui")
+    if run_ui is None:
+        return 2
+    return run_ui(Path(args.data_dir) if args.data_dir else None, port=args.port,
+                  simulator_port=args.simulator_port, reset=args.reset)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -115,14 +100,16 @@ def _settings(_args: argparse.Namespace) -> int:
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from call_pipeline.simulator.__main__ import main as simulator_main
-
+    simulator_main = _tool("simulator", "call_pipeline_tools.simulator.__main__", "main")
+    if simulator_main is None:
+        return 2
     return simulator_main(args.rest) or 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from call_pipeline.bench import main as bench_main
-
+    bench_main = _tool("bench", "call_pipeline_tools.bench.cli", "main")
+    if bench_main is None:
+        return 2
     return bench_main(args.rest) or 0
 
 

@@ -13,9 +13,9 @@ import dagster as dg
 from pydantic import Field
 from sqlalchemy import Engine
 
-from call_pipeline.clients.dashscope_llm import LlmClient
+from call_pipeline.clients.dashscope_llm import DashScopeConfig, LlmClient
 from call_pipeline.clients.limits import concurrency_limit, rate_limiter
-from call_pipeline.clients.outboundbot import OutboundBotClient
+from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotConfig
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
@@ -77,10 +77,17 @@ class OutboundBotResource(dg.ConfigurableResource):
     backoff_ms: int = Field(default=500, ge=0)
     max_backoff_ms: int = Field(default=8000, ge=0)
 
+    def client_config(self) -> OutboundBotConfig:
+        return OutboundBotConfig(
+            access_key_id=self.access_key_id, access_key_secret=self.access_key_secret, instance_id=self.instance_id,
+            endpoint=self.endpoint, protocol=self.protocol, connect_timeout_ms=self.connect_timeout_ms,
+            read_timeout_ms=self.read_timeout_ms, max_attempts=self.max_attempts, backoff_ms=self.backoff_ms,
+            max_backoff_ms=self.max_backoff_ms)
+
     def get_client(self) -> OutboundBotClient:
         def build() -> OutboundBotClient:
             limiter = rate_limiter(f"outboundbot-{self.endpoint}-{self.instance_id}", self.max_qps)
-            return OutboundBotClient(self, limiter)
+            return OutboundBotClient(self.client_config(), limiter)
 
         return _cached(self, build)
 
@@ -102,10 +109,16 @@ class DashScopeResource(dg.ConfigurableResource):
     backoff_s: float = Field(default=1.0, ge=0)
     max_backoff_s: float = Field(default=20.0, ge=0)
 
+    def client_config(self) -> DashScopeConfig:
+        return DashScopeConfig(
+            api_key=self.api_key, model=self.model, app_id=self.app_id, base_http_api_url=self.base_http_api_url,
+            max_concurrency=self.max_concurrency, request_timeout_s=self.request_timeout_s,
+            max_attempts=self.max_attempts, backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s)
+
     def get_client(self) -> LlmClient:
         def build() -> LlmClient:
             target = self.base_http_api_url or "default"
-            return LlmClient(self, concurrency_limit(f"dashscope-{target}", self.max_concurrency))
+            return LlmClient(self.client_config(), concurrency_limit(f"dashscope-{target}", self.max_concurrency))
 
         return _cached(self, build)
 

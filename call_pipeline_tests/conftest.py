@@ -85,7 +85,7 @@ def crm_url(request) -> str:
 @pytest.fixture
 def simulator():
     """A fresh simulator per test, on a free port."""
-    from call_pipeline.simulator.server import start_simulator
+    from call_pipeline_tools.simulator.server import start_simulator
 
     handle = start_simulator()
     try:

@@ -38,7 +38,7 @@ def test_simulator_command_serves_a_1000_job_group_to_the_real_sdk():
                 time.sleep(0.1)
         client = OutboundBotClient(OutboundBotResource(access_key_id="ak", access_key_secret="sk",
                                                        instance_id="inst", endpoint=f"127.0.0.1:{port}",
-                                                       protocol="http"))
+                                                       protocol="http").client_config())
         pages = count_job_pages(client, "jg-1000", 100)
         job_ids = [job["JobId"] for page in range(1, pages + 1)
                    for job in client.list_jobs_by_group("jg-1000", page, 100)["Jobs"]["List"]]
@@ -113,7 +113,7 @@ def test_ui_started_in_the_background_stops_every_process_on_sigterm(tmp_path):
         wait_until(lambda: served.running() and any("forkserver" in line for line in served.cmdlines()), 240,
                    "a sensor-launched run's forkserver")
         lines = served.cmdlines()
-        assert any("call_pipeline.simulator" in line for line in lines)
+        assert any("call_pipeline_tools.simulator" in line for line in lines)
         assert any("dagster_webserver" in line for line in lines)
         code, left = served.stop(signal.SIGTERM)
         assert not left, "still running after ui exited:\n" + "\n".join(describe(p) for p in left)

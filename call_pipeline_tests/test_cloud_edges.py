@@ -11,9 +11,9 @@ import dagster as dg
 import pytest
 
 from call_pipeline.settings import settings
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_sync_job import create_task_leads
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import leads_task_list
-from call_pipeline.simulator.scenarios import build_job_group_from_crm
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tools.simulator.scenarios import build_job_group_from_crm
 
 LEADS = 250
 PAGING = {"page_size": 50, "pages_per_batch": 2}  # five pages in three batches: a lead page, then 2 + 2

@@ -18,9 +18,9 @@ from call_pipeline.crm.schema import call_pipeline_hot_leads_posted
 from call_pipeline.domain.alerts import hot_lead, hot_lead_payload
 from call_pipeline.ops import CRM_ASSET_KEY
 from call_pipeline.settings import settings
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_sync_job import create_task_leads
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 N = 12
 

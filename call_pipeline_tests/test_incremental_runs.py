@@ -8,8 +8,8 @@ import dagster as dg
 import pytest
 
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 PAGING = {"page_size": 50, "pages_per_batch": 2}
 

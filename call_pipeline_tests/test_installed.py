@@ -1,7 +1,8 @@
-"""`call-pipeline serve` and `ui` from an installed wheel, not a checkout: the wheel is built from
-the project's files, installed into a fresh virtualenv, and run from an empty folder. The fresh
-virtualenv gets the dependencies from this one's site-packages through a .pth file (installing
-Dagster again would take minutes); the project itself comes only from the wheel."""
+"""`call-pipeline serve` and `ui` from installed wheels, not a checkout: the wheels are built from
+the project's files, installed into a fresh virtualenv, and run from an empty folder; `serve` from
+call_pipeline's wheel alone, `ui` with call_pipeline_tools' wheel beside it (the simulator, the
+demo CRM). The fresh virtualenv gets the dependencies from this one's site-packages through a .pth
+file (installing Dagster again would take minutes); the project itself comes only from the wheels."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,31 +39,62 @@ class Installed:
         return self.venv / "bin" / "call-pipeline"
 
 
+@dataclass(frozen=True)
+class Wheels:
+    main: Path  # call_pipeline
+    tools: Path  # call_pipeline_tools (tools/): the simulator, the demo, the UI's demo, the benchmark
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Installed:
-    root = tmp_path_factory.mktemp("installed")
-    # The wheel is built from a copy: the build leaves build/ and *.egg-info behind.
+def wheels(tmp_path_factory) -> Wheels:
+    root = tmp_path_factory.mktemp("wheels")
+    # The wheels are built from copies: a build leaves build/ and *.egg-info behind.
     source = root / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "dagster.yaml"):
         shutil.copy(PROJECT_ROOT / name, source / name)
     shutil.copytree(PROJECT_ROOT / "call_pipeline", source / "call_pipeline", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    wheels = root / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(wheels)],
-                   check=True, timeout=300)
-    (wheel,) = wheels.glob("call_pipeline-*.whl")
+    # beside call_pipeline, where the `call_pipeline*` pattern of setuptools would take it in
+    shutil.copytree(PROJECT_ROOT / "tools" / "call_pipeline_tools", source / "call_pipeline_tools",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    tools_source = root / "tools_source"
+    tools_source.mkdir()
+    shutil.copy(PROJECT_ROOT / "tools" / "pyproject.toml", tools_source / "pyproject.toml")
+    shutil.copytree(PROJECT_ROOT / "tools" / "call_pipeline_tools", tools_source / "call_pipeline_tools",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = root / "out"
+    for folder in (source, tools_source):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", str(folder), "--no-deps", "-q", "-w", str(out)],
+                       check=True, timeout=300)
+    (main,) = out.glob("call_pipeline-*.whl")
+    (tools,) = out.glob("call_pipeline_tools-*.whl")
+    return Wheels(main, tools)
+
+
+def _install(root: Path, *wheel_files: Path) -> Installed:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+                    "--no-deps", "--no-index", *map(str, wheel_files)], check=True, timeout=300)
     site_packages = Path(subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True).stdout.strip())
     # This environment's dependencies, after the fresh site-packages on sys.path; a path in a .pth
-    # file does not run that folder's own .pth files, so this checkout's editable finder stays out.
+    # file does not run that folder's own .pth files, so this checkout's editable finders stay out.
     (site_packages / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return Installed(venv, site_packages)
+
+
+@pytest.fixture(scope="module")
+def installed(wheels, tmp_path_factory) -> Installed:
+    """call_pipeline's wheel alone: what the code location's machines install."""
+    return _install(tmp_path_factory.mktemp("installed"), wheels.main)
+
+
+@pytest.fixture(scope="module")
+def installed_with_tools(wheels, tmp_path_factory) -> Installed:
+    return _install(tmp_path_factory.mktemp("installed_with_tools"), wheels.main, wheels.tools)
 
 
 def _env() -> dict[str, str]:
@@ -82,6 +115,25 @@ def test_the_project_comes_from_the_wheel(installed, tmp_path):
     # a copy in the wheel, not the checkout's link
     packaged = installed.site_packages / "call_pipeline" / "dagster.yaml"
     assert packaged.is_file() and not packaged.is_symlink()
+
+
+def test_the_wheel_holds_no_tools(wheels):
+    with zipfile.ZipFile(wheels.main) as wheel:
+        names = wheel.namelist()
+    assert any(name.startswith("call_pipeline/") for name in names), names
+    tools = [name for name in names if name.startswith(("call_pipeline/simulator/", "call_pipeline/bench",
+                                                         "call_pipeline/demo", "call_pipeline_tools/"))]
+    assert not tools, tools
+
+
+def test_the_tools_commands_say_how_to_install_the_tools(installed, tmp_path):
+    result = subprocess.run([str(installed.call_pipeline), "demo"], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: `call-pipeline demo` needs the call_pipeline_tools package, which is not installed: "
+        "`pip install -e tools` in the project's checkout (./run.sh setup does)"], result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def _assert_from_the_venv(served: Served, installed: Installed) -> None:
@@ -106,7 +158,8 @@ def test_serve_runs_from_the_wheel_in_an_empty_folder(installed, tmp_path, sqlit
     assert (home / "dagster.yaml").is_file()
 
 
-def test_ui_runs_from_the_wheel_in_an_empty_folder(installed, tmp_path):
+def test_ui_runs_from_the_wheel_in_an_empty_folder(installed_with_tools, tmp_path):
+    installed = installed_with_tools
     folder = tmp_path / "empty"
     folder.mkdir()
     port, sim_port = free_port(), free_port()

@@ -136,9 +136,9 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     requests a run; the run matches the new job and completes its lead; the task stays at 4."""
     from call_pipeline.ops import LATE_JOBS_TAG
     from call_pipeline.sensors import make_late_jobs_sensor
-    from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources, run_sync, snapshot
     from call_pipeline_tests.test_sync_job import create_task_leads
+    from call_pipeline_tools.simulator.scenarios import build_job_group
 
     task_id = create_task(mariadb_url, job_group_id="jg-late", leads=[])
     leads = [{"leads_id": i, "leads_phone": f"1350000{i:04d}", "reference_id": new_reference(task_id, i)}
@@ -212,9 +212,9 @@ def test_of_100_quiet_tasks_only_the_10_whose_groups_progress_get_runs(mariadb_u
 
     from call_pipeline.ops import PROGRESS_TAG
     from call_pipeline.sensors import progress_tag, read_watched_groups
-    from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources
     from call_pipeline_tests.test_sync_job import create_task_leads
+    from call_pipeline_tools.simulator.scenarios import build_job_group
 
     job = defs.resolve_job_def(SYNC_JOB_NAME)
     tasks = {}
@@ -251,9 +251,9 @@ def test_a_run_the_sensor_did_not_launch_records_the_progress_it_saw(mariadb_url
     """A backfill or Launchpad run carries no progress tag from the sensor: it records the group's
     progress itself (DescribeJobGroup), so the sensor does not launch a run for nothing after it."""
     from call_pipeline.ops import PROGRESS_TAG, TASK_NAME_TAG
-    from call_pipeline.simulator.scenarios import build_job_group
     from call_pipeline_tests.pipeline_harness import new_reference, run_sync
     from call_pipeline_tests.test_sync_job import create_task_leads
+    from call_pipeline_tools.simulator.scenarios import build_job_group
 
     task_id = create_task(mariadb_url, name="周末试驾邀约", job_group_id="jg-backfill", leads=[])
     leads = [{"leads_id": n, "leads_phone": f"1350000{n:04d}", "reference_id": new_reference(task_id, n)}

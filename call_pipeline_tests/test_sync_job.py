@@ -11,7 +11,6 @@ import dagster as dg
 import pytest
 
 from call_pipeline.domain.followups import AI_UNAVAILABLE_REMARK_PREFIX
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import (
     create_task,
     expected_jobs_by_lead,
@@ -20,6 +19,7 @@ from call_pipeline_tests.pipeline_harness import (
     snapshot,
 )
 from call_pipeline_tests.pipeline_harness import run_sync as run_sync_on
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 N_REFERENCE = 110  # leads 1..110 carry a new-format reference_id
 LEGACY = range(111, 121)  # no reference_id; the job carries task_{t}_lead_{l}

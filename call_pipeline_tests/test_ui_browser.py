@@ -38,7 +38,7 @@ import requests
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from call_pipeline.simulator.scenarios import build_job_group
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 pytestmark = pytest.mark.browser
 

@@ -16,9 +16,9 @@ from call_pipeline.domain.followups import AI_UNAVAILABLE_REMARK_PREFIX
 from call_pipeline.ops import LATE_JOBS_TAG
 from call_pipeline.sensors import alert_for, failure_alert_sensor
 from call_pipeline.settings import settings
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
 from call_pipeline_tests.test_alerts import webhook  # noqa: F401 - the local HTTP server fixture
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 INTERESTED = (1, 2)
 NOT_INTERESTED = (3,)

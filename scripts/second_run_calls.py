@@ -28,9 +28,9 @@ def main() -> None:
     from call_pipeline.clients.proxies import drop_proxy_variables
     from call_pipeline.crm.database import create_crm_engine, create_crm_tables
     from call_pipeline.crm.schema import leads_task_list
-    from call_pipeline.simulator.scenarios import build_job_group
-    from call_pipeline.simulator.server import start_simulator
     from call_pipeline_tests.pipeline_harness import ORGANIZATION, create_task, new_reference, run_sync
+    from call_pipeline_tools.simulator.scenarios import build_job_group
+    from call_pipeline_tools.simulator.server import start_simulator
 
     drop_proxy_variables()
     print("code:", os.path.dirname(call_pipeline.__file__))

@@ -78,8 +78,8 @@ print(json.dumps({"grants": grants, "started": started, "ended": time.time()}))
 
 
 def one_round(args: argparse.Namespace, redis_url: str) -> dict:
-    from call_pipeline.simulator import outboundbot as sim_ob
-    from call_pipeline.simulator.server import _Handler, start_simulator
+    from call_pipeline_tools.simulator import outboundbot as sim_ob
+    from call_pipeline_tools.simulator.server import _Handler, start_simulator
 
     arrivals: dict[str, float] = {}
     original, original_dispatch = sim_ob.handle, _Handler._dispatch

@@ -21,15 +21,13 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 
 from call_pipeline.clients.limits import SharedSemaphore
-
-if TYPE_CHECKING:  # the resource is the client's configuration
-    from call_pipeline.resources import DashScopeResource
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +80,25 @@ class LlmError(RuntimeError):
         return self.kind == OUTAGE
 
 
+@dataclass(frozen=True)
+class DashScopeConfig:
+    """What the client needs to know: DashScopeResource (resources.py), which holds the settings and
+    their defaults, builds it."""
+
+    api_key: str
+    model: str
+    app_id: str | None
+    base_http_api_url: str | None
+    max_concurrency: int
+    request_timeout_s: float
+    # attempts of one call, and the backoff between them (DashScope returns errors, the client retries)
+    max_attempts: int
+    backoff_s: float
+    max_backoff_s: float
+
+
 class LlmClient:
-    def __init__(self, settings: DashScopeResource, semaphore: SharedSemaphore | None = None) -> None:
+    def __init__(self, settings: DashScopeConfig, semaphore: SharedSemaphore | None = None) -> None:
         self.settings = settings
         self._semaphore = semaphore
         self._session: requests.Session | None = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -37,10 +38,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from call_pipeline.clients.limits import SharedRateLimiter
 
-if TYPE_CHECKING:  # the resource is the client's configuration
+if TYPE_CHECKING:
     from darabonba.policy.retry import RetryOptions
-
-    from call_pipeline.resources import OutboundBotResource
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +176,26 @@ def _bypasses_proxy(protocol: str, endpoint: str) -> bool:
     return bool(should_bypass_proxies(f"{protocol}://{endpoint}/", no_proxy=None))
 
 
+@dataclass(frozen=True)
+class OutboundBotConfig:
+    """What the client needs to know: OutboundBotResource (resources.py), which holds the settings and
+    their defaults, builds it."""
+
+    access_key_id: str
+    access_key_secret: str
+    instance_id: str
+    endpoint: str
+    protocol: str
+    connect_timeout_ms: int
+    read_timeout_ms: int
+    # the SDK's own retries of one request: attempts, and its exponential backoff with jitter
+    max_attempts: int
+    backoff_ms: int
+    max_backoff_ms: int
+
+
 class OutboundBotClient:
-    def __init__(self, settings: OutboundBotResource, limiter: SharedRateLimiter | None = None) -> None:
+    def __init__(self, settings: OutboundBotConfig, limiter: SharedRateLimiter | None = None) -> None:
         from alibabacloud_outboundbot20191226 import models
         from alibabacloud_outboundbot20191226.client import Client
         from alibabacloud_tea_openapi import models as open_api_models

@@ -19,7 +19,7 @@ MESSAGES = [
 def make_client(simulator, tmp_path, **overrides) -> LlmClient:
     settings = DashScopeResource(api_key="sk-test-secret", base_http_api_url=simulator.dashscope_base_url,
                            request_timeout_s=overrides.pop("request_timeout_s", 2.0), backoff_s=0.01,
-                           max_backoff_s=0.05, **overrides)
+                           max_backoff_s=0.05, **overrides).client_config()
     return LlmClient(settings, SharedSemaphore(f"llm-{simulator.port}", settings.max_concurrency, tmp_path))
 
 

@@ -15,8 +15,8 @@ from call_pipeline.clients.outboundbot import (
     split_for_list_jobs,
 )
 from call_pipeline.resources import OutboundBotResource
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline.steps.paging import count_job_pages
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 
 def make_client(simulator, tmp_path, **overrides) -> OutboundBotClient:
@@ -25,7 +25,7 @@ def make_client(simulator, tmp_path, **overrides) -> OutboundBotClient:
         endpoint=simulator.endpoint, protocol="http",
         read_timeout_ms=overrides.pop("read_timeout_ms", 2000), connect_timeout_ms=1000,
         backoff_ms=overrides.pop("backoff_ms", 20), max_backoff_ms=200, **overrides,
-    )
+    ).client_config()
     limiter = SharedRateLimiter(f"test-{simulator.port}", 500.0, tmp_path)
     return OutboundBotClient(settings, limiter)
 
@@ -161,7 +161,8 @@ def test_proxy_variables_do_not_leak_into_the_sdk(simulator, tmp_path, group, mo
 
 def test_every_request_passes_the_rate_limiter_retries_included(simulator, tmp_path, group):
     settings = OutboundBotResource(access_key_id="a", access_key_secret="b", instance_id="i",
-                                   endpoint=simulator.endpoint, protocol="http", backoff_ms=1, max_backoff_ms=2)
+                                   endpoint=simulator.endpoint, protocol="http", backoff_ms=1,
+                                   max_backoff_ms=2).client_config()
     limiter = SharedRateLimiter(f"count-{simulator.port}", 2.0, tmp_path)
     client = OutboundBotClient(settings, limiter)
     simulator.state.inject_fault(action="ListJobsByGroup", status=503, code="ServiceUnavailable", times=2)
@@ -193,7 +194,8 @@ def test_the_grant_is_taken_on_an_open_connection_right_before_the_request_is_wr
     from darabonba.core import DaraCore
 
     settings = OutboundBotResource(access_key_id="a", access_key_secret="b", instance_id="i",
-                                   endpoint=simulator.endpoint, protocol="http", backoff_ms=1, max_backoff_ms=2)
+                                   endpoint=simulator.endpoint, protocol="http", backoff_ms=1,
+                                   max_backoff_ms=2).client_config()
     limiter = _RecordingLimiter(f"open-{simulator.port}", 500.0, tmp_path)
     client = OutboundBotClient(settings, limiter)
     for key in [key for key in DaraCore._sessions if f":{simulator.port}:" in key]:

@@ -18,7 +18,7 @@ from call_pipeline.clients.recording_store import (
     recording_stem,
     url_expired,
 )
-from call_pipeline.simulator.outboundbot import mp3_bytes, wav_bytes
+from call_pipeline_tools.simulator.outboundbot import mp3_bytes, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
@@ -122,7 +122,7 @@ def test_file_store_writes_whole_files_only(tmp_path):
 @pytest.fixture
 def simulator_with_recording(simulator):
     """The simulator with one job whose call attempt has a recording; (simulator, its TaskId)."""
-    from call_pipeline.simulator.scenarios import build_job_group
+    from call_pipeline_tools.simulator.scenarios import build_job_group
 
     group = build_job_group("jg-rec", [{"leads_id": 1, "leads_phone": "13700000001", "reference_id": "r1"}],
                             task_id=7, seed=1, status_mix={"Succeeded": 1.0})

@@ -147,7 +147,7 @@ def test_an_unreachable_redis_is_a_clear_error():
 
 
 CALLS = """
-from call_pipeline.simulator.server import start_simulator
+from call_pipeline_tools.simulator.server import start_simulator
 from call_pipeline_tests.pipeline_harness import pipeline_resources
 simulator = start_simulator()
 resources = pipeline_resources("sqlite://", simulator)

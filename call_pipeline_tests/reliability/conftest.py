@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
-from call_pipeline.simulator.server import start_simulator
 from call_pipeline_tests.conftest import MARIADB_SERVER_URL
 from call_pipeline_tests.reliability.harness import pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
+from call_pipeline_tools.simulator.server import start_simulator
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from datetime import datetime
 
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import call_tasks, leads_task_list
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import ORGANIZATION, new_reference
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 # Leads of the mixed scenario whose transcripts carry a unique marker, so that a DashScope fault
 # can target exactly that lead's requests (`match_text`); the stand-in ignores the marker.

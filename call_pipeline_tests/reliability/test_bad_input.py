@@ -10,11 +10,11 @@ import json
 import sqlalchemy as sa
 
 from call_pipeline.crm.database import get_crm_engine
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import new_reference
 from call_pipeline_tests.reliability.harness import event_messages, settle
 from call_pipeline_tests.reliability.invariant import Monitor, assert_one_follow_up_per_lead, normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 TASK_ID = 7100
 SQL_REFERENCE = "1'; DROP TABLE leads_task_list; --"

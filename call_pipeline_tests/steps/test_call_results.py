@@ -9,13 +9,13 @@ from zoneinfo import ZoneInfo
 
 from call_pipeline.crm import repository as repo
 from call_pipeline.crm.database import get_crm_engine
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline.steps.batch import PageRequest
 from call_pipeline.steps.call_results import NAMED_PER_LINE, named_jobs, update_call_results
 from call_pipeline.steps.env import StepEnv
 from call_pipeline.steps.matching import match_jobs_of_pages
 from call_pipeline_tests.clients.test_outboundbot_client import make_client
 from call_pipeline_tests.pipeline_harness import create_task, new_reference
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 NOW = datetime(2026, 11, 28, 10, 0)
 

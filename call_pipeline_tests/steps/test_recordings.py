@@ -9,9 +9,9 @@ import dagster as dg
 import pytest
 
 from call_pipeline.clients.recording_store import recording_key
-from call_pipeline.simulator.outboundbot import mp3_bytes, wav_bytes
-from call_pipeline.simulator.scenarios import build_job_group
 from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tools.simulator.outboundbot import mp3_bytes, wav_bytes
+from call_pipeline_tools.simulator.scenarios import build_job_group
 
 PUBLIC = "https://recordings.example.com/crm"
 

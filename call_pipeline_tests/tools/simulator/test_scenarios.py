@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alibabacloud_outboundbot20191226 import models as ob
 
 from call_pipeline.domain.phones import normalize_phone
-from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.state import SimulatorState
+from call_pipeline_tools.simulator import scenarios
+from call_pipeline_tools.simulator.state import SimulatorState
 
 
 def _leads(n: int, *, with_reference: bool = True, start: int = 100) -> list[dict]:

@@ -13,7 +13,7 @@ from alibabacloud_outboundbot20191226 import models as ob
 from alibabacloud_tea_openapi.exceptions import ClientException, ServerException, ThrottlingException
 from darabonba.exceptions import UnretryableException
 
-from call_pipeline.simulator import scenarios
+from call_pipeline_tools.simulator import scenarios
 
 INSTANCE = "inst-1"
 

@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.state import Fault, SimulatorState, last_task, tasks_of
-from call_pipeline.simulator.wire import DEFAULT_CODES, JSON_CT, KNOWN_MESSAGES, SimResponse, dumps
+from call_pipeline_tools.simulator import scenarios
+from call_pipeline_tools.simulator.state import Fault, SimulatorState, last_task, tasks_of
+from call_pipeline_tools.simulator.wire import DEFAULT_CODES, JSON_CT, KNOWN_MESSAGES, SimResponse, dumps
 
 OB_HOST_ID = "outboundbot.cn-shanghai.aliyuncs.com"
 TERMINAL = set(scenarios.TERMINAL_JOB_STATUSES)

@@ -40,18 +40,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from call_pipeline.bench import (
-    JOB_GROUP_ID,
-    crm_database,
-    delete_vhost,
-    mysql_instance_env,
-    needed_calls,
-    peak_rss_mib,
-    private_vhost,
-    seed_task,
-    task_outcome,
-)
 from call_pipeline.run_status import SYNC_JOB_NAME
+from call_pipeline_tools.bench.crm import JOB_GROUP_ID, crm_database, needed_calls, seed_task, task_outcome
+from call_pipeline_tools.bench.environment import delete_vhost, mysql_instance_env, private_vhost
+from call_pipeline_tools.bench.measuring import peak_rss_mib
 
 REDIS_URL = os.environ.get("CALL_PIPELINE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SHARES = {"Succeeded": 0.65, "Failed": 0.30, "Cancelled": 0.05}
@@ -85,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_live_simulator(pipe, crm_url: str, live: list[int], idle: list[int], seed: int,
                           outboundbot_ms: float, llm_ms: float, qps_cap: int) -> None:
-    from call_pipeline.simulator.scenarios import build_job_group_from_crm, executing_task
-    from call_pipeline.simulator.server import start_simulator
-    from call_pipeline.simulator.state import SimulatorState
+    from call_pipeline_tools.simulator.scenarios import build_job_group_from_crm, executing_task
+    from call_pipeline_tools.simulator.server import start_simulator
+    from call_pipeline_tools.simulator.state import SimulatorState
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark stops it after what uses it
     state = SimulatorState(seed=seed)

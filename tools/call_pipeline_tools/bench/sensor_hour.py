@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _seed(crm_url: str, simulator, tasks: int, progressing: int, calls: int) -> dict[int, str]:
     from call_pipeline.crm.database import create_crm_engine
     from call_pipeline.crm.schema import call_tasks, leads_task_list
-    from call_pipeline.simulator.scenarios import build_job_group
+    from call_pipeline_tools.simulator.scenarios import build_job_group
 
     engine = create_crm_engine(crm_url)
     groups: dict[int, str] = {}
@@ -75,10 +75,10 @@ def _seed(crm_url: str, simulator, tasks: int, progressing: int, calls: int) -> 
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from call_pipeline.bench import crm_database
     from call_pipeline.definitions import defs
     from call_pipeline.resources import CrmDatabase, OutboundBotResource
-    from call_pipeline.simulator.server import start_simulator
+    from call_pipeline_tools.bench.crm import crm_database
+    from call_pipeline_tools.simulator.server import start_simulator
 
     # the definitions' resources name these; the sensor gets its own resources below
     for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "OUTBOUNDBOT_INSTANCE_ID",

@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from call_pipeline.simulator import scenarios
+from call_pipeline_tools.simulator import scenarios
 
 MAX_LLM_REQUESTS_KEPT = 10_000
 

@@ -1,6 +1,6 @@
 """Prints the simulator's median round trip at zero latency, through the real SDKs.
 
-    python -m call_pipeline.simulator.roundtrip [N]
+    python -m call_pipeline_tools.simulator.roundtrip [N]
 
 A sanity figure, not a test: a well-behaved keep-alive server answers in about a millisecond here;
 a naive http.server (Nagle + delayed ACK) would show ~40 ms.
@@ -13,8 +13,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.server import start_simulator
+from call_pipeline_tools.simulator import scenarios
+from call_pipeline_tools.simulator.server import start_simulator
 
 
 def _median_ms(fn: Callable[[], object], n: int) -> float:

@@ -3,8 +3,8 @@ Succeeded, and its Conversation shows N seconds later (or at once, when released
 
 import time
 
-from call_pipeline.simulator.scenarios import build_job_group
-from call_pipeline.simulator.state import SimulatorState, last_task
+from call_pipeline_tools.simulator.scenarios import build_job_group
+from call_pipeline_tools.simulator.state import SimulatorState, last_task
 
 LEADS = [{"leads_id": i, "leads_phone": f"1370000000{i}", "reference_id": f"r{i}"} for i in (1, 2)]
 

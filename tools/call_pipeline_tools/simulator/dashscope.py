@@ -15,9 +15,9 @@ import uuid
 from email.message import Message
 from typing import Any
 
-from call_pipeline.simulator import llm_standin
-from call_pipeline.simulator.state import SimulatorState
-from call_pipeline.simulator.wire import DEFAULT_CODES, KNOWN_MESSAGES, SimResponse, dumps
+from call_pipeline_tools.simulator import llm_standin
+from call_pipeline_tools.simulator.state import SimulatorState
+from call_pipeline_tools.simulator.wire import DEFAULT_CODES, KNOWN_MESSAGES, SimResponse, dumps
 
 GENERATION_PATH = "/services/aigc/text-generation/generation"
 COMPATIBLE_PATH = "/compatible-mode/v1/chat/completions"

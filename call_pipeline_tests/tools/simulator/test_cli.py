@@ -1,4 +1,4 @@
-"""``python -m call_pipeline.simulator`` runs in the foreground and stops cleanly on SIGTERM."""
+"""``python -m call_pipeline_tools.simulator`` runs in the foreground and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 
 import requests
 
-from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.__main__ import main
+from call_pipeline_tools.simulator import scenarios
+from call_pipeline_tools.simulator.__main__ import main
 
 
 def _free_port() -> int:
@@ -28,7 +28,7 @@ def test_runs_demo_and_scenario_groups_until_sigterm(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "call_pipeline.simulator", "--port", str(port), "--demo-jobs", "25",
+        [sys.executable, "-m", "call_pipeline_tools.simulator", "--port", str(port), "--demo-jobs", "25",
          "--job-group-id", "jg-cli", "--scenario", str(scenario)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from call_pipeline.clients.proxies import drop_proxy_variables
-from call_pipeline.demo import describe_warnings
+from call_pipeline_tools.demo import describe_warnings
 
 JOB_A = "618154ab-0672-4806-86c7-7485332c922c"
 JOB_B = "fc6858a2-b14b-43d0-82ce-1eb9d6eb7af1"

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from call_pipeline.simulator import llm_standin, scenarios
+from call_pipeline_tools.simulator import llm_standin, scenarios
 
 NOW = "2025-06-02 10:00:00"
 SPEAKERS = {"Robot": "机器人", "Contact": "客户"}

@@ -9,21 +9,21 @@ import dagster as dg
 import sqlalchemy as sa
 import yaml
 
-from call_pipeline import bench
-from call_pipeline.crm.database import create_crm_engine
+from call_pipeline.crm.database import PROJECT_ROOT, create_crm_engine
 from call_pipeline.crm.schema import call_tasks, leads_task_list
+from call_pipeline_tools.bench import cli, crm, environment
 
 
 def _home(tmp_path) -> str:
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(f"{bench._project_root()}/dagster.yaml", home / "dagster.yaml")
+    shutil.copy(f"{PROJECT_ROOT}/dagster.yaml", home / "dagster.yaml")
     return str(home)
 
 
 def test_the_run_queue_takes_every_task_at_once_and_still_one_run_per_task(tmp_path):
     home = _home(tmp_path)
-    bench.configure_run_queue(home, 20, mysql=False, dequeue_threads=8)
+    environment.configure_run_queue(home, 20, mysql=False, dequeue_threads=8)
 
     with dg.DagsterInstance.from_config(home) as instance:  # Dagster accepts the config
         queue = instance.get_concurrency_config().run_queue_config
@@ -36,9 +36,9 @@ def test_the_run_queue_takes_every_task_at_once_and_still_one_run_per_task(tmp_p
 
 def test_a_few_tasks_keep_the_projects_run_limit_and_mysql_takes_the_deployments_storage(tmp_path):
     home = _home(tmp_path)
-    config = bench.configure_run_queue(home, 2, mysql=True)
+    config = environment.configure_run_queue(home, 2, mysql=True)
 
-    with open(f"{bench._project_root()}/deploy/dagster.yaml", encoding="utf-8") as handle:
+    with open(f"{PROJECT_ROOT}/deploy/dagster.yaml", encoding="utf-8") as handle:
         assert config["storage"] == yaml.safe_load(handle)["storage"]
     with open(f"{home}/dagster.yaml", encoding="utf-8") as handle:
         written = yaml.safe_load(handle)
@@ -47,8 +47,8 @@ def test_a_few_tasks_keep_the_projects_run_limit_and_mysql_takes_the_deployments
 
 
 def test_each_task_has_its_own_job_group_leads_and_phones(tmp_path):
-    with bench.crm_database("sqlite", str(tmp_path)) as url:
-        ids = [bench.seed_task(url, 3, f"jg-bench-{n + 1}", n * 3, f" #{n + 1}") for n in range(2)]
+    with crm.crm_database("sqlite", str(tmp_path)) as url:
+        ids = [crm.seed_task(url, 3, f"jg-bench-{n + 1}", n * 3, f" #{n + 1}") for n in range(2)]
         engine = create_crm_engine(url)
         with engine.connect() as conn:
             groups = conn.execute(sa.select(call_tasks.c.job_group_id).order_by(call_tasks.c.id)).scalars().all()
@@ -61,7 +61,7 @@ def test_each_task_has_its_own_job_group_leads_and_phones(tmp_path):
 
 
 def test_one_task_is_the_default_and_needs_no_daemon():
-    args = bench.build_parser().parse_args([])
+    args = cli.build_parser().parse_args([])
     assert args.tasks == 1 and args.max_runs == 3
 
 
@@ -69,7 +69,7 @@ def test_one_task_is_the_default_and_needs_no_daemon():
 
 
 def test_live_calls_end_within_the_spread_in_order_and_the_same_each_time():
-    from call_pipeline.bench_live import call_schedule
+    from call_pipeline_tools.bench.live import call_schedule
 
     jobs = {"jg-1": [f"a{n}" for n in range(50)], "jg-2": [f"b{n}" for n in range(50)]}
     plan = call_schedule(jobs, 240.0, seed=3)
@@ -80,7 +80,7 @@ def test_live_calls_end_within_the_spread_in_order_and_the_same_each_time():
 
 
 def test_live_freshness_percentiles_are_of_the_measured_delays():
-    from call_pipeline.bench_live import LiveFigures
+    from call_pipeline_tools.bench.live import LiveFigures
 
     figures = LiveFigures(1, 0, 20, latencies=[float(n) for n in range(1, 21)])
     assert (figures.percentile(0.50), figures.percentile(0.95)) == (10.0, 19.0)
@@ -92,20 +92,20 @@ def test_the_live_cloud_rings_until_a_call_is_ended_then_answers_its_outcome(tmp
     benchmark ends them; an idle task's stay Scheduling."""
     import argparse
 
-    from call_pipeline.bench_live import LiveCloud
     from call_pipeline.clients.outboundbot import OutboundBotClient
     from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES
     from call_pipeline.resources import OutboundBotResource
+    from call_pipeline_tools.bench.live import LiveCloud
 
     args = argparse.Namespace(seed=1, outboundbot_latency_ms=0.0, llm_latency_ms=0.0, qps_cap=1000)
-    with bench.crm_database("sqlite", str(tmp_path)) as url:
-        live = bench.seed_task(url, 6, "jg-live", 0)
-        idle = bench.seed_task(url, 4, "jg-idle", 6)
+    with crm.crm_database("sqlite", str(tmp_path)) as url:
+        live = crm.seed_task(url, 6, "jg-live", 0)
+        idle = crm.seed_task(url, 4, "jg-idle", 6)
         cloud = LiveCloud(url, [live], [idle], args)
         try:
             client = OutboundBotClient(OutboundBotResource(
                 access_key_id="ak", access_key_secret="sk", instance_id="i", endpoint=cloud.endpoint,
-                protocol="http"))
+                protocol="http").client_config())
             jobs = cloud.jobs["jg-live"]
             assert list(cloud.jobs) == ["jg-live"] and len(jobs) == 6
 

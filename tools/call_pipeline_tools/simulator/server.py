@@ -48,9 +48,9 @@ from socketserver import TCPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from call_pipeline.simulator import dashscope, outboundbot
-from call_pipeline.simulator.state import SimulatorState
-from call_pipeline.simulator.wire import SimResponse, dumps
+from call_pipeline_tools.simulator import dashscope, outboundbot
+from call_pipeline_tools.simulator.state import SimulatorState
+from call_pipeline_tools.simulator.wire import SimResponse, dumps
 
 
 def _control(state: SimulatorState, method: str, path: str, body: Any) -> tuple[int, Any]:

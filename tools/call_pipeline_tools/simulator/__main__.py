@@ -1,6 +1,6 @@
-"""``python -m call_pipeline.simulator``: run the OutboundBot + DashScope simulator in the foreground.
+"""``python -m call_pipeline_tools.simulator``: run the OutboundBot + DashScope simulator in the foreground.
 
-    python -m call_pipeline.simulator --host 127.0.0.1 --port 8765 \\
+    python -m call_pipeline_tools.simulator --host 127.0.0.1 --port 8765 \\
         [--scenario FILE] [--from-crm URL --task-id N [--task-id M]] [--demo-jobs N --job-group-id jg-demo]
 
 Runs until SIGINT/SIGTERM. Control it over HTTP at ``/__sim/...`` (see ``server``'s docstring).
@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from call_pipeline.simulator import scenarios
-from call_pipeline.simulator.server import start_simulator
-from call_pipeline.simulator.state import SimulatorState
+from call_pipeline_tools.simulator import scenarios
+from call_pipeline_tools.simulator.server import start_simulator
+from call_pipeline_tools.simulator.state import SimulatorState
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m call_pipeline.simulator",
+    p = argparse.ArgumentParser(prog="python -m call_pipeline_tools.simulator",
                                 description="Local simulator of Alibaba Cloud OutboundBot and DashScope.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)

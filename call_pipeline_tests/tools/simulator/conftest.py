@@ -9,7 +9,7 @@ from alibabacloud_outboundbot20191226.client import Client
 from alibabacloud_tea_openapi import models as open_api_models
 
 from call_pipeline.clients.proxies import PROXY_VARIABLES
-from call_pipeline.simulator.server import SimulatorHandle, start_simulator
+from call_pipeline_tools.simulator.server import SimulatorHandle, start_simulator
 
 
 @pytest.fixture(autouse=True)

@@ -142,7 +142,7 @@ def prepare_environment(crm_url: str, simulator_handle, data_dir: Path) -> None:
 
 def demo_job_groups(crm_url: str, tasks: dict[int, DemoTask]) -> list[dict]:
     """The simulated cloud's job groups for the demo tasks, built from their leads in the CRM."""
-    from call_pipeline.simulator.scenarios import build_job_group_from_crm
+    from call_pipeline_tools.simulator.scenarios import build_job_group_from_crm
 
     return [
         build_job_group_from_crm(crm_url, task_id, seed=task_id, special_cases=demo_special_cases(task_id, spec),
@@ -269,7 +269,7 @@ def run_round(instance, label: str, warnings_by_task: dict[int, list[str]]) -> l
 def run_demo(data_dir: Path = DEMO_DIR) -> int:
     import dagster as dg
 
-    from call_pipeline.simulator.server import start_simulator
+    from call_pipeline_tools.simulator.server import start_simulator
 
     if data_dir.exists():
         shutil.rmtree(data_dir)
