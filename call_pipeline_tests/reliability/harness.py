@@ -34,6 +34,7 @@ from call_pipeline.resources import (
     RecordingArchiveResource,
     io_manager_from_settings,
 )
+from call_pipeline.settings import from_env
 from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, TEST_DASHSCOPE_KEY
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,24 +48,24 @@ def _env(name: str, default: str) -> str:
 
 
 def resources_for_tests() -> dict:
-    """The pipeline's resources (contract: "Settings"), read from the environment like production;
-    the test-only knobs are the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
+    """The pipeline's resources (contract: "Settings"), read from the environment like production
+    (`from_env`: secrets as `EnvVar`s, every other setting its variable, e.g. the SDKs' backoff);
+    the test-only knobs are the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S),
+    and an unset endpoint is a closed port, never the cloud."""
     return {
         "io_manager": io_manager_from_settings(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),
         "recording_archive": RecordingArchiveResource(
             store_url=os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None),
-        "outboundbot": OutboundBotResource(
-            access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),
-            access_key_secret=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
-            instance_id=dg.EnvVar("OUTBOUNDBOT_INSTANCE_ID"),
+        "outboundbot": from_env(
+            OutboundBotResource,
             endpoint=_env("OUTBOUNDBOT_ENDPOINT", "127.0.0.1:1"),
             protocol=_env("OUTBOUNDBOT_PROTOCOL", "http"),
             max_qps=float(_env("OUTBOUNDBOT_MAX_QPS", "1000")),
             read_timeout_ms=int(_env("RELIABILITY_READ_TIMEOUT_MS", "5000")),
         ),
-        "dashscope": DashScopeResource(
-            api_key=dg.EnvVar("DASHSCOPE_API_KEY"),
+        "dashscope": from_env(
+            DashScopeResource,
             base_http_api_url=os.environ.get("DASHSCOPE_HTTP_BASE_URL") or None,
             max_concurrency=int(_env("DASHSCOPE_MAX_CONCURRENCY", "8")),
             request_timeout_s=float(_env("RELIABILITY_LLM_TIMEOUT_S", "10")),
