@@ -3,7 +3,10 @@ for the embedded default, and the simulator on a free port, reached through the 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -27,6 +30,13 @@ os.environ.setdefault("OUTBOUNDBOT_BACKOFF_MS", "20")
 os.environ.setdefault("OUTBOUNDBOT_MAX_BACKOFF_MS", "200")
 os.environ.setdefault("DASHSCOPE_BACKOFF_S", "0.02")
 os.environ.setdefault("DASHSCOPE_MAX_BACKOFF_S", "0.2")
+
+# Where the tests' runs hand the pipeline's per-test variables to step processes forked from a
+# forkserver started in an earlier test (reliability/harness.py, `prepare_step_processes`): set
+# before any forkserver starts, so that every one inherits it; one file per test session.
+_step_env_dir = tempfile.mkdtemp(prefix="call_pipeline_step_env_")
+atexit.register(shutil.rmtree, _step_env_dir, ignore_errors=True)
+os.environ["CALL_PIPELINE_TEST_STEP_ENV_FILE"] = os.path.join(_step_env_dir, "step_env.json")
 
 # The Alibaba SDK sends even loopback traffic through HTTP(S)_PROXY; the tests talk to loopback only.
 drop_proxy_variables()
