@@ -72,10 +72,14 @@ class OutboundBotResource(dg.ConfigurableResource):
                                description="Requests per second across every op and run of the account")
     connect_timeout_ms: int = Field(default=5000, gt=0)
     read_timeout_ms: int = Field(default=10000, gt=0)
-    # The SDK's own retries of one request: attempts, and its exponential backoff with jitter.
+    # The SDK's own retries of one request: attempts, and its exponential backoff with jitter
+    # (README "What happens when things fail": 0.5 s doubling to 8 s, or the server's retry-after).
     max_attempts: int = Field(default=3, ge=1)
-    backoff_ms: int = Field(default=500, ge=0)
-    max_backoff_ms: int = Field(default=8000, ge=0)
+    backoff_ms: int = env_field("OUTBOUNDBOT_BACKOFF_MS", 500, ge=0,
+                                description="The SDK's first retry delay of a request (milliseconds), doubling, "
+                                            "with jitter")
+    max_backoff_ms: int = env_field("OUTBOUNDBOT_MAX_BACKOFF_MS", 8000, ge=0,
+                                    description="The longest retry delay of the SDK (milliseconds)")
 
     def client_config(self) -> OutboundBotConfig:
         return OutboundBotConfig(
@@ -106,8 +110,10 @@ class DashScopeResource(dg.ConfigurableResource):
     request_timeout_s: float = Field(default=60.0, gt=0)
     # Attempts of one call, and the backoff between them (DashScope returns errors, the wrapper retries).
     max_attempts: int = Field(default=3, ge=1)
-    backoff_s: float = Field(default=1.0, ge=0)
-    max_backoff_s: float = Field(default=20.0, ge=0)
+    backoff_s: float = env_field("DASHSCOPE_BACKOFF_S", 1.0, ge=0,
+                                 description="The first retry delay of an LLM call (seconds), doubling, with jitter")
+    max_backoff_s: float = env_field("DASHSCOPE_MAX_BACKOFF_S", 20.0, ge=0,
+                                     description="The longest retry delay of an LLM call (seconds)")
 
     def client_config(self) -> DashScopeConfig:
         return DashScopeConfig(

@@ -3,7 +3,10 @@ for the embedded default, and the simulator on a free port, reached through the 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +23,20 @@ MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_TEST_MYSQL_URL", "mysql+pymys
 # the ops are defined (their retry policy reads the settings then).
 os.environ.setdefault("CALL_PIPELINE_OP_RETRY_DELAY_SECONDS", "0")
 os.environ.setdefault("CALL_PIPELINE_OP_MAX_RETRIES", "1")
+# The SDKs' own retries wait 0.5 s to 8 s (OutboundBot) and 1 s to 20 s (DashScope) in production;
+# against the simulator they retry within milliseconds, with the same number of attempts. Run
+# processes and workers the tests start inherit these; tests of the backoff itself set their own.
+os.environ.setdefault("OUTBOUNDBOT_BACKOFF_MS", "20")
+os.environ.setdefault("OUTBOUNDBOT_MAX_BACKOFF_MS", "200")
+os.environ.setdefault("DASHSCOPE_BACKOFF_S", "0.02")
+os.environ.setdefault("DASHSCOPE_MAX_BACKOFF_S", "0.2")
+
+# Where the tests' runs hand the pipeline's per-test variables to step processes forked from a
+# forkserver started in an earlier test (reliability/harness.py, `prepare_step_processes`): set
+# before any forkserver starts, so that every one inherits it; one file per test session.
+_step_env_dir = tempfile.mkdtemp(prefix="call_pipeline_step_env_")
+atexit.register(shutil.rmtree, _step_env_dir, ignore_errors=True)
+os.environ["CALL_PIPELINE_TEST_STEP_ENV_FILE"] = os.path.join(_step_env_dir, "step_env.json")
 
 # The Alibaba SDK sends even loopback traffic through HTTP(S)_PROXY; the tests talk to loopback only.
 drop_proxy_variables()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,10 +14,17 @@ from call_pipeline.crm.schema import call_tasks, dcc_leads_follow, leads_task_li
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.partitions import call_tasks_partitions
 from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
+from call_pipeline.settings import env_name
 
 ORGANIZATION = 9
 TEST_ACCESS_KEY_SECRET = "test-secret-5f1d0c"
 TEST_DASHSCOPE_KEY = "sk-test-key-8a2b71"
+
+
+def _backoff(model: type, *fields: str) -> dict:
+    """`model`'s backoff settings that the environment sets."""
+    return {field: os.environ[env_name(model, field)] for field in fields
+            if os.environ.get(env_name(model, field))}
 
 
 def pipeline_resources(crm_url: str, simulator, *, max_qps: float = 1000.0, max_concurrency: int = 8,
@@ -27,13 +35,16 @@ def pipeline_resources(crm_url: str, simulator, *, max_qps: float = 1000.0, max_
         "recording_archive": RecordingArchiveResource(
             store_url=recording_store, public_base_url=recording_public_base_url, s3_endpoint=recording_s3_endpoint),
         "crm": CrmDatabase(url=crm_url),
+        # The SDKs' backoff comes from the environment, as in a deployment (conftest.py shortens it).
         "outboundbot": OutboundBotResource(
             access_key_id="test-ak", access_key_secret=TEST_ACCESS_KEY_SECRET, instance_id="inst-test",
             endpoint=simulator.endpoint, protocol="http", max_qps=max_qps, read_timeout_ms=read_timeout_ms,
+            **_backoff(OutboundBotResource, "backoff_ms", "max_backoff_ms"),
         ),
         "dashscope": DashScopeResource(
             api_key=TEST_DASHSCOPE_KEY, base_http_api_url=simulator.dashscope_base_url,
             max_concurrency=max_concurrency, request_timeout_s=request_timeout_s,
+            **_backoff(DashScopeResource, "backoff_s", "max_backoff_s"),
         ),
     }
 

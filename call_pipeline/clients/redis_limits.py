@@ -21,8 +21,7 @@ import redis
 # the rate unless two requests' delays differ by more than JITTER_SECONDS (measured: a few ms at
 # p99, README "Shared limits"). The file limiter's window is widened by the same 5%.
 JITTER_SECONDS = 0.05
-LEASE_SECONDS = 30.0
-RENEW_EVERY_SECONDS = 10.0
+LEASE_SECONDS = 30.0  # renewed every third of it
 POLL_SECONDS = 0.01
 MAX_SLEEP_SECONDS = 1.0
 
@@ -108,11 +107,12 @@ return 0
 
 class RedisLeaseSemaphore:
     """At most `slots` holders at once across processes and machines. A holder's lease lasts
-    LEASE_SECONDS and is renewed while it is held; a holder that dies stops renewing, and its
-    slot is free once the lease runs out."""
+    `lease_seconds` (LEASE_SECONDS) and is renewed a third of that while it is held; a holder
+    that dies stops renewing, and its slot is free once the lease runs out."""
 
-    def __init__(self, url: str, name: str, slots: int, prefix: str) -> None:
+    def __init__(self, url: str, name: str, slots: int, prefix: str, lease_seconds: float = LEASE_SECONDS) -> None:
         self.url, self.slots = url, slots
+        self.lease_seconds = lease_seconds
         self.key = f"{prefix}:leases:{name}"
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._take = self._redis.register_script(_TAKE)
@@ -121,16 +121,17 @@ class RedisLeaseSemaphore:
     def hold(self) -> Iterator[str]:
         lease = uuid.uuid4().hex
         try:
-            while not self._take(keys=[self.key], args=[self.slots, lease, time.time(), time.time() + LEASE_SECONDS]):
+            while not self._take(keys=[self.key], args=[self.slots, lease, time.time(),
+                                                          time.time() + self.lease_seconds]):
                 time.sleep(POLL_SECONDS)
         except (redis.RedisError, OSError) as exc:
             raise _unavailable(self.url, exc) from None
         done = threading.Event()
 
         def renew() -> None:
-            while not done.wait(RENEW_EVERY_SECONDS):
+            while not done.wait(self.lease_seconds / 3):
                 with contextlib.suppress(redis.RedisError, OSError):
-                    self._redis.zadd(self.key, {lease: time.time() + LEASE_SECONDS}, xx=True)
+                    self._redis.zadd(self.key, {lease: time.time() + self.lease_seconds}, xx=True)
 
         # the renewal ends with the hold: it is joined before hold() returns
         renewal = threading.Thread(target=renew, name="call-pipeline-lease", daemon=True)

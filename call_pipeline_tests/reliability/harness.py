@@ -34,6 +34,7 @@ from call_pipeline.resources import (
     RecordingArchiveResource,
     io_manager_from_settings,
 )
+from call_pipeline.settings import from_env
 from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, TEST_DASHSCOPE_KEY
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,24 +48,25 @@ def _env(name: str, default: str) -> str:
 
 
 def resources_for_tests() -> dict:
-    """The pipeline's resources (contract: "Settings"), read from the environment like production;
-    the test-only knobs are the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S)."""
+    """The pipeline's resources (contract: "Settings"), read from the environment like production
+    (`from_env`: secrets as `EnvVar`s, every other setting its variable, e.g. the SDKs' backoff);
+    the test-only knobs are the timeouts (RELIABILITY_READ_TIMEOUT_MS, RELIABILITY_LLM_TIMEOUT_S),
+    and an unset endpoint is a closed port, never the cloud."""
+    _read_step_env()
     return {
         "io_manager": io_manager_from_settings(),
         "crm": CrmDatabase(url=dg.EnvVar("CALL_PIPELINE_CRM_URL")),
         "recording_archive": RecordingArchiveResource(
             store_url=os.environ.get("CALL_PIPELINE_RECORDING_STORE") or None),
-        "outboundbot": OutboundBotResource(
-            access_key_id=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_ID"),
-            access_key_secret=dg.EnvVar("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
-            instance_id=dg.EnvVar("OUTBOUNDBOT_INSTANCE_ID"),
+        "outboundbot": from_env(
+            OutboundBotResource,
             endpoint=_env("OUTBOUNDBOT_ENDPOINT", "127.0.0.1:1"),
             protocol=_env("OUTBOUNDBOT_PROTOCOL", "http"),
             max_qps=float(_env("OUTBOUNDBOT_MAX_QPS", "1000")),
             read_timeout_ms=int(_env("RELIABILITY_READ_TIMEOUT_MS", "5000")),
         ),
-        "dashscope": DashScopeResource(
-            api_key=dg.EnvVar("DASHSCOPE_API_KEY"),
+        "dashscope": from_env(
+            DashScopeResource,
             base_http_api_url=os.environ.get("DASHSCOPE_HTTP_BASE_URL") or None,
             max_concurrency=int(_env("DASHSCOPE_MAX_CONCURRENCY", "8")),
             request_timeout_s=float(_env("RELIABILITY_LLM_TIMEOUT_S", "10")),
@@ -123,13 +125,70 @@ def pipeline_env_vars(crm_url: str, simulator, *, max_qps: float = 1000.0, max_c
     }
 
 
-def forget_step_process_server() -> None:
-    """The multiprocess executor forks its step processes from one forkserver per parent process,
-    which keeps the environment it started with. A run process runs one run, so in production
-    that is the run's environment; the tests run many runs in one process, with a new simulator
-    and database each time, so they stop the server whenever the environment changes (the next
-    run starts a new one). `_stop` is private to multiprocessing; tests only."""
-    multiprocessing.forkserver._forkserver._stop()
+# The multiprocess executor forks its step processes from one forkserver per parent process,
+# which keeps the environment it started with. A run process runs one run, so in production that
+# is the run's environment; the tests run many runs in one process, each test with its own
+# simulator (and port) and database. Starting a forkserver imports the project, pandas and the SDKs
+# (seconds), so the variables that change from test to test (PIPELINE_ENV_NAMES) reach the step
+# processes through a file instead (STEP_ENV_FILE, named by a variable the forkserver inherits and
+# read by `resources_for_tests` in the step process), and the server is restarted only when any
+# other variable differs from the environment it started with.
+STEP_ENV_FILE = "CALL_PIPELINE_TEST_STEP_ENV_FILE"  # set by call_pipeline_tests/conftest.py
+PIPELINE_ENV_NAMES = (
+    "CALL_PIPELINE_CRM_URL", "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+    "OUTBOUNDBOT_INSTANCE_ID", "OUTBOUNDBOT_ENDPOINT", "OUTBOUNDBOT_PROTOCOL", "OUTBOUNDBOT_MAX_QPS",
+    "DASHSCOPE_API_KEY", "DASHSCOPE_HTTP_BASE_URL", "DASHSCOPE_MAX_CONCURRENCY", "RELIABILITY_READ_TIMEOUT_MS",
+    "RELIABILITY_LLM_TIMEOUT_S",
+)
+
+
+def _read_step_env() -> None:
+    """In a step process (or worker) of this session's test process: the pipeline's variables as
+    they were when the test launched the run. Not in the process that wrote them."""
+    path = os.environ.get(STEP_ENV_FILE)
+    if not path or not os.path.exists(path):
+        return
+    written = json.loads(Path(path).read_text(encoding="utf-8"))
+    if written["pid"] == os.getpid():
+        return
+    for name, value in written["env"].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _forkserver_environment() -> dict[str, str] | None:
+    """The environment the running forkserver started with (Linux), or None when none runs.
+    `_forkserver_pid` is private to multiprocessing; tests only."""
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    if pid is None:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(os.fsdecode(item).partition("=")[::2] for item in raw.split(b"\0") if item)
+
+
+def prepare_step_processes() -> None:
+    """Before a run in this process: hand the pipeline's variables to its step processes, and
+    stop the forkserver if any other variable changed since it started (the next run starts a
+    new one). `_stop` is private to multiprocessing; tests only."""
+    path = os.environ.get(STEP_ENV_FILE)
+    if path:
+        temporary = f"{path}.{os.getpid()}.tmp"
+        Path(temporary).write_text(json.dumps(
+            {"pid": os.getpid(), "env": {name: os.environ.get(name) for name in PIPELINE_ENV_NAMES}}),
+            encoding="utf-8")
+        os.replace(temporary, path)  # a step process never reads half a file
+    started_with = _forkserver_environment()
+    if started_with is None:
+        return
+    passed_by_file = set(PIPELINE_ENV_NAMES) if path else set()
+    if {k: v for k, v in started_with.items() if k not in passed_by_file} != \
+            {k: v for k, v in os.environ.items() if k not in passed_by_file}:
+        multiprocessing.forkserver._forkserver._stop()
 
 
 @contextlib.contextmanager
@@ -138,7 +197,6 @@ def pipeline_env(crm_url: str, simulator, **knobs) -> Iterator[dict[str, str]]:
     values = pipeline_env_vars(crm_url, simulator, **knobs)
     previous = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
-    forget_step_process_server()
     try:
         yield values
     finally:
@@ -147,7 +205,6 @@ def pipeline_env(crm_url: str, simulator, **knobs) -> Iterator[dict[str, str]]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        forget_step_process_server()
 
 
 # Batches of two pages: the faults meet batches of several pages, and a scenario still has several
@@ -178,6 +235,7 @@ def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = D
     # Dagster caches the reconstructed job (lru_cache); the resources must read this test's env.
     type(job).get_definition.cache_clear()
     type(job).get_repository_definition.cache_clear()
+    prepare_step_processes()
     options = dg.ReexecutionOptions.from_failure(from_failure_of, instance) if from_failure_of else None
     config = {"ops": {"list_job_pages": {"config": paging}}} if paging else run_config(page_size)
     return dg.execute_job(job, instance, run_config=config,
@@ -288,6 +346,7 @@ def serialized_event_log(instance: dg.DagsterInstance, run_ids) -> str:
 
 def subprocess_env(base: dict[str, str], dagster_home: Path, **extra: str) -> dict[str, str]:
     env = drop_proxy_variables(dict(os.environ))
+    env.pop(STEP_ENV_FILE, None)  # its variables are `base`, in its environment
     env.update(base)
     env.update(DAGSTER_HOME=str(dagster_home), PYTHONPATH=str(PROJECT_ROOT), **extra)
     return env

@@ -47,9 +47,8 @@ def test_two_runs_of_one_partition_at_the_same_time(mariadb_url, simulator, inst
     # each race said so instead of writing a second follow-up
     messages = "\n".join(event_messages(instance, [r["run_id"] for r in reports]))
     raced = messages.count("follow-up already written by another run")
-    assert simulator.state.stats()["dashscope_requests"] >= llm_leads
-    assert raced >= 1 or "got a job from another run meanwhile" in messages, \
-        f"the runs did not overlap: {json.dumps(simulator.state.stats()['requests'])}"
+    assert simulator.state.stats()["dashscope_requests"] > llm_leads
+    assert raced >= 1, f"the runs' step 5 did not overlap: {json.dumps(simulator.state.stats()['requests'])}"
     assert all(a.success for a in settled.attempts)
 
 

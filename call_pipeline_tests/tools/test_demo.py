@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline_tools.demo import describe_warnings
 
@@ -34,6 +36,7 @@ def test_a_line_that_counts_more_jobs_than_it_names_counts_their_leads():
     assert lines == ["32 leads 20010, 20038 and 30 more: job has no call attempts"]
 
 
+@pytest.mark.slow  # the whole demo, in a process of its own: tens of seconds
 def test_the_demo_tables_add_up_and_its_warnings_follow_them(tmp_path):
     result = subprocess.run([sys.executable, "-m", "call_pipeline.cli", "demo", "--data-dir", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=300, env=drop_proxy_variables())
