@@ -86,7 +86,7 @@ class PipelineSettings(BaseModel):
 
     # The sensors
     sensor_tick_seconds: int = env_field(
-        "CALL_PIPELINE_SENSOR_TICK_SECONDS", 30, gt=0,
+        "CALL_PIPELINE_SENSOR_TICK_SECONDS", 20, gt=0,
         description="How often the sensors look at the CRM and the job groups (seconds)")
     sensor_interval_seconds: int = env_field(
         "CALL_PIPELINE_SENSOR_INTERVAL_SECONDS", 300, gt=0,

@@ -566,6 +566,10 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[i
     ender = CallEnder(cloud, call_schedule(cloud.jobs, args.spread, args.seed))
     watcher = FollowUpWatcher(crm_url, live)
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The fresh home's storage is created here, before serve's processes open it: two processes
+    # creating one SQLite storage at once can both stamp its schema version (alembic: "more than
+    # one head"), and the daemon then fails to start.
+    dg.DagsterInstance.get().dispose()
     serve.start(keep_pids={cloud._process.pid})
     try:
         with dg.DagsterInstance.get() as instance:
