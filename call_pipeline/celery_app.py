@@ -8,6 +8,7 @@ pool process that already holds the definitions and one Dagster instance, not a 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery.result import allow_join_result
@@ -33,16 +34,19 @@ execute_plan = create_task(app)
 resume_job = create_resume_job_task(app)
 
 _instance: Any = None
+_opening = threading.Lock()
 
 
 def worker_instance() -> Any:
     """The Dagster instance ($DAGSTER_HOME) of this pool process, opened at its first run and
-    kept: opening it (its storage's engine) is part of what a run would otherwise pay each time."""
+    kept: opening it (its storage's engine) is part of what a run would otherwise pay each time.
+    With the threads pool the runs of the process share it."""
     global _instance  # noqa: PLW0603 - one per process, by design
-    if _instance is None:
-        import dagster as dg
+    with _opening:
+        if _instance is None:
+            import dagster as dg
 
-        _instance = dg.DagsterInstance.get()
+            _instance = dg.DagsterInstance.get()
     return _instance
 
 

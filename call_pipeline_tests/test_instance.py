@@ -67,3 +67,50 @@ def test_production_runs_are_celery_tasks_on_the_queue_the_run_workers_listen_to
     assert launcher["config"]["backend"] == {"env": env_name(PipelineSettings, "celery_backend")}
     assert RUNS_QUEUE in {queue.name for queue in app.conf.task_queues}
     assert "execute_job" in app.tasks and "resume_job" in app.tasks
+
+
+def _dict_config_calls(monkeypatch) -> list[dict]:
+    import logging.config
+
+    calls: list[dict] = []
+    real = logging.config.dictConfig
+    monkeypatch.setattr(logging.config, "dictConfig", lambda config: (calls.append(config), real(config))[1])
+    return calls
+
+
+def _home_with(tmp_path, name: str, text: str):
+    home = tmp_path / name
+    home.mkdir()
+    (home / "dagster.yaml").write_text(text, encoding="utf-8")
+    return InstanceRef.from_dir(str(home))
+
+
+def test_production_instance_starts_a_run_without_reconfiguring_logging(tmp_path, monkeypatch):
+    """A run's log manager asks the instance for its handlers; Dagster's own instance calls
+    logging.config.dictConfig for it every time, which with runs side by side in one process (the
+    run workers' threads pool) deadlocks against a run that is inside a handler. The production
+    instance class skips it when no handlers are configured, and still configures them when they are."""
+    from call_pipeline.instance import PipelineInstance
+
+    instance_class = _load("production")["instance_class"]
+    assert (instance_class["module"], instance_class["class"]) == ("call_pipeline.instance", "PipelineInstance")
+    section = f"instance_class:\n  module: {instance_class['module']}\n  class: {instance_class['class']}\n"
+    logs = "python_logs:\n  python_log_level: INFO\n"
+
+    calls = _dict_config_calls(monkeypatch)
+    with DagsterInstance.from_ref(_home_with(tmp_path, "plain", logs)) as plain:
+        assert type(plain) is DagsterInstance
+        plain.get_handlers()
+    assert len(calls) == 1  # the control: Dagster's instance reconfigures logging for a run
+
+    calls.clear()
+    with DagsterInstance.from_ref(_home_with(tmp_path, "production", section + logs)) as production:
+        assert isinstance(production, PipelineInstance)
+        handlers = production.get_handlers()
+        assert calls == [] and len(handlers) == 1  # the event log's handler only
+
+    handler_config = ("  dagster_handler_config:\n    handlers:\n      out:\n"
+                      "        class: logging.StreamHandler\n        level: INFO\n")
+    with DagsterInstance.from_ref(_home_with(tmp_path, "handlers", section + logs + handler_config)) as configured:
+        handlers = configured.get_handlers()
+    assert len(calls) == 1 and any(type(h).__name__ == "StreamHandler" for h in handlers)

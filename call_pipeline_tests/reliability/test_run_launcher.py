@@ -285,8 +285,10 @@ def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
     workers", for what bounds it here)."""
     tasks = [scenarios.mixed(task_id=7500 + i, n_leads=3, leads_id_offset=10 * i, seed=i) for i in range(100)]
     concurrency = int(os.environ.get("FIGURES_RUN_SLOTS", "4"))
+    pool = os.environ.get("FIGURES_RUN_POOL", "prefork")
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    runs_concurrency=concurrency, CALL_PIPELINE_EXECUTOR="in_process") as (instance, processes, _):
+                    runs_concurrency=concurrency, runs_pool=pool,
+                    CALL_PIPELINE_EXECUTOR="in_process") as (instance, processes, _):
         cpu_before = {name: workers_cpu(processes, (name,)) for name in (RUNS_WORKER, "daemon")}
         for scenario in tasks:
             scenario.install(mariadb_url, simulator)
@@ -301,7 +303,7 @@ def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
         finished = max(r.end_time for r in records)
         waits = sorted(r.start_time - r.create_timestamp.timestamp() for r in records)
         cpu = {name: round(workers_cpu(processes, (name,)) - before, 1) for name, before in cpu_before.items()}
-        print(f"\nFIGURES 100 runs, {concurrency} slots: all launched {launched - created:.1f} s, all started "
+        print(f"\nFIGURES 100 runs, {concurrency} slots ({pool}): all launched {launched - created:.1f} s, all started "
               f"{started - created:.1f} s, all finished {finished - created:.1f} s after the first was queued; "
               f"queued-to-started median {waits[len(waits) // 2]:.1f} s, max {waits[-1]:.1f} s; CPU s {cpu}; "
               f"load average {os.getloadavg()}")

@@ -1,0 +1,44 @@
+"""The Dagster instance class of the production deployment (`instance_class` in deploy/dagster.yaml).
+
+It differs from Dagster's own in one thing: starting a run does not reconfigure the process's
+logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
+Dagster 1.13 calls `logging.config.dictConfig` for every run it starts, handlers or not; dictConfig
+holds logging's module lock while it flushes and closes every handler of the process, each under
+its own lock. In a run worker with a threads pool (many runs in one process, see README "Runs on
+Celery workers") another run's thread that is inside a handler (the event log's, writing to the
+database) and asks for the module lock then deadlocks with it: measured, 100 runs at once on a
+threads pool stopped within a second, every thread waiting on a logging lock. Without configured
+handlers the call only returns an empty list, so it is skipped; with them, one run at a time
+configures them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dagster._core.instance import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
+
+_CONFIGURING = threading.Lock()
+
+
+class PipelineInstance(DagsterInstance):
+    """Dagster's instance; runs started side by side in one process do not reconfigure logging."""
+
+    # What Dagster asks of an `instance_class`: no settings of its own, Dagster's defaults.
+    @classmethod
+    def config_schema(cls) -> Mapping[str, Any]:
+        return {}
+
+    @staticmethod
+    def config_defaults(base_dir: str) -> Mapping[str, Any]:
+        return InstanceRef.config_defaults(base_dir)
+
+    def get_yaml_python_handlers(self) -> Sequence[logging.Handler]:
+        if not self.get_python_log_dagster_handler_config():
+            return []
+        with _CONFIGURING:
+            return super().get_yaml_python_handlers()
