@@ -9,6 +9,8 @@ pool process that already holds the definitions and one Dagster instance, not a 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery.result import allow_join_result
@@ -85,8 +87,43 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
     # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
     # in a task unless allowed (its guard is against a worker waiting for its own queue: the
     # steps go to the design's queues, the run to `runs`).
-    with allow_join_result():
+    with allow_join_result(), interrupted_while_canceling(instance, args.run_id):
         return _execute_run_command_body(
             instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,
             set_exit_code_on_failure=bool(args.set_exit_code_on_failure
                                           if args.set_exit_code_on_failure is not None else True))
+
+
+@contextmanager
+def interrupted_while_canceling(instance: Any, run_id: str) -> Iterator[None]:
+    """While the run is CANCELING (the UI's Terminate, through `PipelineCeleryRunLauncher`), send
+    this process an interrupt every `run_monitoring.cancellation_thread_poll_interval_seconds`
+    until the run has ended. One is not enough: Dagster turns an interrupt inside an op that has a
+    retry policy (ours all do) into a retry of the step; the next interrupt, taken between steps,
+    stops the retry as it starts, and the run ends CANCELED. Dagster's own cancellation thread
+    sends one interrupt only, hence this one. Signals reach only a process's main thread, so with
+    the threads pool (a run off the main thread) nothing is sent and Terminate does not stop a
+    running run. The thread ends with the run."""
+    import os
+    import signal
+
+    from dagster import DagsterRunStatus
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ended = threading.Event()
+
+    def watch() -> None:
+        while not ended.wait(instance.cancellation_thread_poll_interval_seconds):
+            run = instance.get_run_by_id(run_id)
+            if run is not None and run.status == DagsterRunStatus.CANCELING:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=watch, name=f"interrupt-on-cancel-{run_id[:8]}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        watcher.join()

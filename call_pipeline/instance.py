@@ -1,6 +1,7 @@
-"""The Dagster instance class of the production deployment (`instance_class` in deploy/dagster.yaml).
+"""The production deployment's instance class (`instance_class` in deploy/dagster.yaml) and run
+launcher (`run_launcher`).
 
-It differs from Dagster's own in one thing: starting a run does not reconfigure the process's
+The instance class differs from Dagster's own in one thing: starting a run does not reconfigure the process's
 logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
 Dagster 1.13 calls `logging.config.dictConfig` for every run it starts, handlers or not; dictConfig
 holds logging's module lock while it flushes and closes every handler of the process, each under
@@ -21,6 +22,8 @@ from typing import Any
 
 from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
+from dagster_celery.launcher import CeleryRunLauncher
+from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
 
 _CONFIGURING = threading.Lock()
 
@@ -42,3 +45,21 @@ class PipelineInstance(DagsterInstance):
             return []
         with _CONFIGURING:
             return super().get_yaml_python_handlers()
+
+
+class PipelineCeleryRunLauncher(CeleryRunLauncher):
+    """dagster-celery's run launcher (runs as Celery tasks on the `runs` queue), whose `terminate`
+    marks the run CANCELING, as Dagster's own launchers do (upstream's only revokes the task, with
+    a SIGTERM that Dagster turns into a retry of the running step). The run task interrupts its run
+    while it is CANCELING (`celery_app.interrupted_while_canceling`); the revoke, without a
+    signal, keeps a run that has not started yet from starting."""
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        self._instance.report_run_canceling(run)
+        task_id = run.tags.get(DAGSTER_CELERY_TASK_ID_TAG)
+        if task_id:
+            self.celery.AsyncResult(task_id).revoke()
+        return True

@@ -135,11 +135,24 @@ def _string_source(value: Any, env: Mapping[str, str], what: str) -> str:
     return value
 
 
+def _is_celery_run_launcher(launcher: Mapping[str, Any]) -> bool:
+    """dagster-celery's `CeleryRunLauncher` or a subclass of it (the production instance's)."""
+    import importlib
+
+    from dagster_celery.launcher import CeleryRunLauncher
+
+    try:
+        cls = getattr(importlib.import_module(str(launcher.get("module"))), str(launcher.get("class")))
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CeleryRunLauncher)
+
+
 def celery_run_queue(config: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     """The queue runs go to when the instance's run launcher is dagster-celery's
     `CeleryRunLauncher` (its required `default_queue`); None for any other launcher."""
     launcher = config.get("run_launcher")
-    if not isinstance(launcher, dict) or launcher.get("class") != CELERY_RUN_LAUNCHER:
+    if not isinstance(launcher, dict) or not _is_celery_run_launcher(launcher):
         return None
     queue = (launcher.get("config") or {}).get("default_queue")
     return _string_source(queue, env, f"run_launcher.config.default_queue ({CELERY_RUN_LAUNCHER})")

@@ -56,12 +56,16 @@ def test_a_run_prints_info_and_up(tmp_path, capfd):
 def test_production_runs_are_celery_tasks_on_the_queue_the_run_workers_listen_to():
     """deploy/dagster.yaml's launcher sends runs to the queue `call-pipeline worker --queues runs`
     consumes, on the broker and backend the workers use (the same settings, from the environment)."""
+    from dagster_celery.launcher import CeleryRunLauncher
+
     from call_pipeline.celery_app import app
+    from call_pipeline.instance import PipelineCeleryRunLauncher
     from call_pipeline.queues import RUNS_QUEUE, WORKER_QUEUES
     from call_pipeline.settings import PipelineSettings, env_name
 
     launcher = _load("production")["run_launcher"]
-    assert (launcher["module"], launcher["class"]) == ("dagster_celery.launcher", "CeleryRunLauncher")
+    assert (launcher["module"], launcher["class"]) == ("call_pipeline.instance", "PipelineCeleryRunLauncher")
+    assert issubclass(PipelineCeleryRunLauncher, CeleryRunLauncher)
     assert launcher["config"]["default_queue"] == RUNS_QUEUE and RUNS_QUEUE in WORKER_QUEUES
     assert launcher["config"]["broker"] == {"env": env_name(PipelineSettings, "celery_broker")}
     assert launcher["config"]["backend"] == {"env": env_name(PipelineSettings, "celery_backend")}

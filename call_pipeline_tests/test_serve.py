@@ -67,8 +67,11 @@ def test_the_celery_executor_brings_a_worker_on_the_step_queues():
         assert "step worker" not in names
 
 
-def test_a_celery_run_launcher_brings_a_worker_on_its_queue():
-    services = _commands(plan_services({"run_launcher": CELERY_LAUNCHER}, {}, ui=False, host="h", port=1))
+@pytest.mark.parametrize("launcher", [CELERY_LAUNCHER, {**CELERY_LAUNCHER, "module": "call_pipeline.instance",
+                                                       "class": "PipelineCeleryRunLauncher"}],
+                         ids=["dagster-celery's", "the production instance's"])
+def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
+    services = _commands(plan_services({"run_launcher": launcher}, {}, ui=False, host="h", port=1))
     assert list(services) == ["run worker", "dagster-daemon"]
     worker = services["run worker"]
     assert worker[worker.index("--queues") + 1] == RUNS_QUEUE
