@@ -63,6 +63,17 @@ def test_definitions_are_loadable():
     assert {job.name for job in defs.resolve_all_job_defs()} >= {"sync_call_task", "advance_task_states"}
 
 
+def test_dg_check_defs_finds_and_loads_the_definitions(tmp_path):
+    """`dg` (pyproject's [tool.dg]) finds the project's one Definitions without a defs/ folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "VIRTUAL_ENV": sys.prefix,
+           "CALL_PIPELINE_CRM_URL": f"sqlite:///{tmp_path / 'crm.sqlite3'}"}
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dg"), "check", "defs"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All definitions loaded successfully" in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("command", [["--help"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:
