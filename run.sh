@@ -33,7 +33,10 @@ shift || true
 case "$cmd" in
   demo)  setup; exec .venv/bin/call-pipeline demo "$@" ;;
   # the browser test drives Debian's chromium: installed here when missing (needs apt-get)
-  test)  setup; ./scripts/install-browser.sh; exec .venv/bin/python -m pytest "$@" ;;
+  # the suite waits on processes and servers far more than it computes: it runs on
+  # CALL_PIPELINE_TEST_WORKERS pytest-xdist workers (4; -n 0 runs it in one process)
+  test)  setup; ./scripts/install-browser.sh
+         exec .venv/bin/python -m pytest -n "${CALL_PIPELINE_TEST_WORKERS:-4}" --dist loadgroup "$@" ;;
   ui)    setup; exec .venv/bin/call-pipeline ui "$@" ;;
   bench) setup; exec .venv/bin/call-pipeline bench "$@" ;;
   setup) setup ;;

@@ -22,7 +22,8 @@ import requests
 from call_pipeline.crm.database import PROJECT_ROOT
 from call_pipeline_tests.serve_harness import Served, describe, free_port, wait_until
 
-pytestmark = pytest.mark.slow
+# the session's wheels and virtualenvs are built once: every test of this file on one xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("installed_wheels")]
 
 
 @dataclass(frozen=True)
