@@ -1,5 +1,5 @@
 """The production deployment's instance class (`instance_class` in deploy/dagster.yaml) and run
-launcher (`run_launcher`).
+launcher (`run_launcher`), and the pools every instance holds before its first run.
 
 The instance class differs from Dagster's own in one thing: starting a run does not reconfigure the process's
 logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
@@ -24,6 +24,8 @@ from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
+
+from call_pipeline.queues import STEP_QUEUES
 
 _CONFIGURING = threading.Lock()
 
@@ -63,3 +65,13 @@ class PipelineCeleryRunLauncher(CeleryRunLauncher):
         if task_id:
             self.celery.AsyncResult(task_id).revoke()
         return True
+
+
+def create_pools(instance: DagsterInstance) -> None:
+    """Gives each pool of the ops (the step queues) its row at the instance's default limit.
+    Dagster creates that row when a run first claims a slot of the pool; on a new MySQL instance
+    the first runs claim at once and race on that insert (seen: "Duplicate entry 'sync_queue'",
+    the run failed). Called once, before the processes that launch runs start (`serve`)."""
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        for pool in STEP_QUEUES:
+            instance.event_log_storage.initialize_concurrency_limit_to_default(pool)

@@ -111,14 +111,17 @@ def read_instance_config(home: Path) -> dict[str, Any]:
 
 def open_instance_storage(home: Path) -> None:
     """Opens the instance once before its processes start: a new instance's storage (SQLite files,
-    or MySQL tables) is created here, not by the daemon and the webserver at the same moment (their
-    schema migrations race, and one of them dies)."""
+    or MySQL tables) and its pools are created here, not by the daemon, the webserver and the first
+    runs at the same moment (their schema migrations race, and one of them dies; so do the first
+    claims of a pool)."""
     from dagster import DagsterInstance
     from dagster._core.instance.ref import InstanceRef
 
+    from call_pipeline.instance import create_pools
+
     try:
-        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))):
-            pass
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+            create_pools(instance)
     except Exception as exc:
         raise ServeError(f"cannot open the Dagster instance of {home / 'dagster.yaml'}: {exc}") from exc
 

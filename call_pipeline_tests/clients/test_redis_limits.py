@@ -118,6 +118,7 @@ time.sleep(600)
 TEST_LEASE_SECONDS = 3.0
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_slots_of_a_killed_process_are_free_again_within_two_leases(prefix):
     assert LEASE_SECONDS * 2 <= 60  # in production: within a minute

@@ -23,6 +23,7 @@ import pytest
 import requests
 from celery import Celery
 
+from call_pipeline.instance import create_pools
 from call_pipeline.run_status import SYNC_JOB_NAME
 from call_pipeline_tests.reliability import scenarios
 from call_pipeline_tests.reliability.harness import PROJECT_ROOT, pipeline_env_vars, subprocess_env
@@ -105,8 +106,9 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
     instance = None
     processes = Processes(tmp_path)
     try:
-        # the schema, once, before the processes that share it start
+        # the schema and the pools, once, before the processes that share them start (as `serve` does)
         instance = dg.DagsterInstance.from_config(str(ops_home))
+        create_pools(instance)
         port = _free_port()
         workspace = str(PROJECT_ROOT / "workspace.yaml")
         ops_env = {**env, "DAGSTER_HOME": str(ops_home)}

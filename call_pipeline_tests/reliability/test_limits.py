@@ -21,6 +21,7 @@ LLM_SLOTS = 2
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 @pytest.mark.parametrize("shared_through", ["files", "redis"])
 def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, simulator, instance, clean_run,

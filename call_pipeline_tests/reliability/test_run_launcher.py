@@ -307,7 +307,8 @@ def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
               f"{started - created:.1f} s, all finished {finished - created:.1f} s after the first was queued; "
               f"queued-to-started median {waits[len(waits) // 2]:.1f} s, max {waits[-1]:.1f} s; CPU s {cpu}; "
               f"load average {os.getloadavg()}")
-        assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+        failed = [r.run_id for r in runs if r.status != dg.DagsterRunStatus.SUCCESS]
+        assert not failed, "\n".join(m for m in event_messages(instance, failed) if "rror" in m)[-6000:]
         assert len({r.tags["dagster/partition"] for r in runs}) == len(tasks)
         for run in runs[:5]:
             assert_ran_in_the_run_worker(instance, processes, run.run_id)

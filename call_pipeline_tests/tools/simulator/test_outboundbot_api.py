@@ -269,6 +269,7 @@ def test_success_false_does_not_raise(sim, client):
     assert resp.body.http_status_code == 404 and resp.body.jobs is None
 
 
+@pytest.mark.serial
 def test_latency_beyond_read_timeout_raises(sim, make_client):
     _load(sim, 5)
     client = make_client(read_timeout=300)
@@ -310,6 +311,7 @@ def test_faults_over_http_control_plane(sim, client):
 # -- QPS cap, latency, stats ---------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_qps_cap_throttles_a_burst_and_stats_count_it(sim, client):
     _load(sim, 5)
     requests.post(f"{sim.url}/__sim/qps", json={"cap": 5}).raise_for_status()
