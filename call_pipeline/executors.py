@@ -11,8 +11,8 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
-from collections.abc import Sequence
-from typing import get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
 
 import dagster as dg
 
@@ -31,15 +31,41 @@ QUEUE_TAG = "dagster-celery/queue"
 _EXECUTOR_MODULE = "dagster._core.executor.multiprocess"
 
 
-def runs_sync_job(argv: Sequence[str]) -> bool:
-    """Whether `argv` is a run worker's (`dagster api execute_run <ExecuteRunArgs>`, as the
-    default run launcher and the daemon start it) for `sync_call_task`."""
+def _execute_run_payload(argv: Sequence[str]) -> dict | None:
+    """The ExecuteRunArgs of a run worker's command line (`dagster api execute_run <ExecuteRunArgs>`,
+    as the default run launcher and the daemon start it), as JSON; None for any other process."""
     args = list(argv)
     try:
         payload = json.loads(args[args.index("execute_run") + 1])
-        return payload["pipeline_origin"]["pipeline_name"] == SYNC_JOB_NAME
-    except (ValueError, IndexError, KeyError, TypeError):
+    except (ValueError, IndexError, TypeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def runs_sync_job(argv: Sequence[str]) -> bool:
+    """Whether `argv` is a run worker's for `sync_call_task`."""
+    try:
+        return _execute_run_payload(argv)["pipeline_origin"]["pipeline_name"] == SYNC_JOB_NAME
+    except (KeyError, TypeError):
         return False
+
+
+def _run_goes_in_process(argv: Sequence[str]) -> bool:
+    """Whether the run of this run worker was asked to run in process (its run config, read from
+    the instance the command line names)."""
+    from dagster._core.instance import DagsterInstance
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster._serdes import deserialize_value
+
+    try:
+        args = deserialize_value(json.dumps(_execute_run_payload(argv)), ExecuteRunArgs)
+        if args.instance_ref is None:
+            return False
+        with DagsterInstance.from_ref(args.instance_ref) as instance:
+            run = instance.get_run_by_id(args.run_id)
+    except Exception:  # noqa: BLE001 - the run itself reports an instance it cannot read, with its context
+        return False
+    return run is not None and runs_in_process(run.run_config)
 
 
 def start_forkserver_early(argv: Sequence[str]) -> bool:
@@ -47,9 +73,10 @@ def start_forkserver_early(argv: Sequence[str]) -> bool:
     forkserver now, while the worker is still loading the project, so that its imports (2.5 s
     measured, on every run's critical path: Dagster starts it at the first step) run beside the
     worker's on the machine's other core. Dagster's executor then finds it running with the
-    same preload list and uses it; the forkserver ends with the worker, as it would have.
-    Multiprocessing has no option for this, hence the hand-written start."""
-    if settings().executor != "multiprocess" or not runs_sync_job(argv):
+    same preload list and uses it; the forkserver ends with the worker, as it would have. A run
+    asked to run in process (`IN_PROCESS_RUN_CONFIG`) starts none. Multiprocessing has no option
+    for this, hence the hand-written start."""
+    if settings().executor != "multiprocess" or not runs_sync_job(argv) or _run_goes_in_process(argv):
         return False
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([_EXECUTOR_MODULE, *PRELOADED_MODULES])
@@ -81,15 +108,44 @@ def celery_config() -> dict:
             "include": ["call_pipeline.definitions"]}
 
 
+# A run on the multiprocess executor that the sensor expects to carry little work runs its steps
+# in its own process instead, by this run config (`in_process_run_config`): the forkserver's imports
+# and a process per step cost seconds of CPU that overlapping steps 4 and 5 wins back only on
+# a big run (README "Executors").
+IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": True}}}
+
+
+def _multiprocess_or_in_process(max_concurrent: int, per_queue: int) -> dg.ExecutorDefinition:
+    @dg.configured(dg.multi_or_in_process_executor, config_schema={"in_process": dg.Field(
+        bool, default_value=False, description="Run every step in the run's own process (the sensor sets it for a "
+        "run with little work, CALL_PIPELINE_IN_PROCESS_MAX_JOBS)")})
+    def multiprocess(config: dict) -> dict:
+        return {"in_process": {}} if config["in_process"] else {
+            "multiprocess": multiprocess_config(max_concurrent, per_queue)}
+
+    return multiprocess
+
+
+def in_process_run_config() -> dict:
+    """The run config that runs a sync_call_task run in process; empty when CALL_PIPELINE_EXECUTOR
+    is not multiprocess (in_process already is; celery's runs are sized by their workers)."""
+    return IN_PROCESS_RUN_CONFIG if settings().executor == "multiprocess" else {}
+
+
+def runs_in_process(run_config: Mapping[str, Any]) -> bool:
+    """Whether a run's config asks for the in-process mode of the multiprocess executor."""
+    execution = run_config.get("execution") if isinstance(run_config, Mapping) else None
+    config = execution.get("config") if isinstance(execution, Mapping) else None
+    return isinstance(config, Mapping) and config.get("in_process") is True
+
+
 def sync_executor(name: str | None = None) -> dg.ExecutorDefinition:
     """The executor named by `name` (default: CALL_PIPELINE_EXECUTOR)."""
     name = name or settings().executor
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
-        return dg.multiprocess_executor.configured(
-            multiprocess_config(settings().max_concurrent_steps, settings().max_concurrent_steps_per_queue),
-            name="multiprocess")
+        return _multiprocess_or_in_process(settings().max_concurrent_steps, settings().max_concurrent_steps_per_queue)
     if name == "celery":
         from dagster_celery import celery_executor
 

@@ -18,6 +18,7 @@ from call_pipeline.domain.alerts import Alert, StoppedGroupAlert, alert_payload,
 from call_pipeline.domain.job_groups import (
     GroupProgress,
     StoppedGroup,
+    jobs_for_the_next_run,
     list_start_time,
     next_page_is_cheaper,
     pages_left,
@@ -26,6 +27,7 @@ from call_pipeline.domain.job_groups import (
     tasks_with_late_jobs,
     track_stopped_group,
 )
+from call_pipeline.executors import in_process_run_config
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG, task_name_tag_value
 from call_pipeline.partitions import call_tasks_partitions
@@ -121,6 +123,14 @@ def run_key_for(task_id: int, progress: str, work_left: int, last: dg.RunRecord 
     return None
 
 
+def run_config_for_size(expected_jobs: int | None) -> dict:
+    """A run expected to carry at most CALL_PIPELINE_IN_PROCESS_MAX_JOBS jobs runs in process
+    (when the executor is multiprocess: README "Executors"); any other keeps its executor's."""
+    if expected_jobs is not None and expected_jobs <= settings().in_process_max_jobs:
+        return in_process_run_config()
+    return {}
+
+
 def check_stopped_groups(context: dg.SensorEvaluationContext, tasks: list[repo.TaskRow],
                          groups: dict[str, GroupProgress], remembered: dict, now: float) -> dict:
     """Alerts for the tasks whose job group has been Paused, Draft or Initializing for longer than
@@ -189,15 +199,18 @@ def call_task_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
             continue
         group = groups.get(task.job_group_id or "")
         progress = progress_tag(group)
-        run_key = run_key_for(task.id, progress, work[task.id].work_left, last_completed_run(context.instance, task.id),
-                          now)
+        last = last_completed_run(context.instance, task.id)
+        run_key = run_key_for(task.id, progress, work[task.id].work_left, last, now)
         if run_key is None:
             quiet.append(str(task.id))
             continue
         tags = {TASK_NAME_TAG: task_name_tag_value(task.task_name), PROGRESS_TAG: progress}
         if group is not None and group.status:
             tags[GROUP_STATUS_TAG] = group.status
-        run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key, tags=tags))
+        expected = jobs_for_the_next_run(group, last.dagster_run.tags.get(PROGRESS_TAG) if last else None,
+                                         work[task.id].matched, work[task.id].work_left)
+        run_requests.append(dg.RunRequest(partition_key=str(task.id), run_key=run_key, tags=tags,
+                                          run_config=run_config_for_size(expected)))
     skipped = sorted(busy & {str(task.id) for task in tasks})
     if skipped:
         context.log.info("tasks with a queued or running run (or a retry coming), not relaunched: "
@@ -258,7 +271,11 @@ def late_jobs_sensor_tick(context: dg.SensorEvaluationContext, crm: CrmDatabase,
             continue
         if key not in known:
             new_keys.append(key)
-        requests.append(dg.RunRequest(partition_key=key, run_key=run_key,
+        last = last_completed_run(context.instance, task.id)
+        expected = jobs_for_the_next_run(progress.get(task.job_group_id or ""),
+                                         last.dagster_run.tags.get(PROGRESS_TAG) if last else None,
+                                         work[task.id].matched, work[task.id].work_left)
+        requests.append(dg.RunRequest(partition_key=key, run_key=run_key, run_config=run_config_for_size(expected),
                                       tags={LATE_JOBS_TAG: "true", TASK_NAME_TAG: task_name_tag_value(task.task_name)}))
     return dg.SensorResult(
         run_requests=requests,

@@ -133,6 +133,10 @@ class PipelineSettings(BaseModel):
         "CALL_PIPELINE_MAX_CONCURRENT_STEPS_PER_QUEUE", 2, ge=1,
         description="multiprocess: of those, step-4 or step-5 steps at once (each kind keeps slots "
                     "while the other runs)")
+    in_process_max_jobs: int = env_field(
+        "CALL_PIPELINE_IN_PROCESS_MAX_JOBS", 300, ge=0,
+        description="multiprocess: a run the sensor expects to carry at most this many jobs (not yet matched, "
+                    "completed since the last run, or with work left) runs its steps in its own process")
     celery_broker: str = env_field("CALL_PIPELINE_CELERY_BROKER", "pyamqp://guest:guest@127.0.0.1:5672//",
                                    secret=True, description="celery: the broker")
     celery_backend: str = env_field("CALL_PIPELINE_CELERY_BACKEND", "redis://127.0.0.1:6379/0", secret=True,

@@ -85,7 +85,7 @@ def test_without_the_preload_a_forked_step_process_would_import_them_itself(tmp_
     assert _forked_child(tmp_path, ["call_pipeline.definitions"]) == "[False, False, False]"
 
 
-def _execute_run_argv(job_name: str) -> list[str]:
+def _execute_run_argv(job_name: str, instance_ref=None, run_id: str = "r1") -> list[str]:
     """A run worker's command line, as the default run launcher builds it."""
     from dagster import serialize_value
     from dagster._core.code_pointer import ModuleCodePointer
@@ -94,7 +94,7 @@ def _execute_run_argv(job_name: str) -> list[str]:
 
     origin = JobPythonOrigin(job_name, RepositoryPythonOrigin(
         sys.executable, ModuleCodePointer("call_pipeline.definitions", "defs", str(PROJECT))))
-    args = ExecuteRunArgs(job_origin=origin, run_id="r1", instance_ref=None, set_exit_code_on_failure=True)
+    args = ExecuteRunArgs(job_origin=origin, run_id=run_id, instance_ref=instance_ref, set_exit_code_on_failure=True)
     return ["dagster/__main__.py", "api", "execute_run", serialize_value(args)]
 
 
@@ -134,7 +134,8 @@ child.join(timeout=60)
 def _run_worker(tmp_path, argv: list[str], executor: str = "multiprocess") -> str:
     import json
 
-    env = {**os.environ, "DAGSTER_HOME": _home(tmp_path, PROJECT / "dagster.yaml"), "CALL_PIPELINE_EXECUTOR": executor}
+    home = tmp_path if (tmp_path / "dagster.yaml").exists() else _home(tmp_path, PROJECT / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "CALL_PIPELINE_EXECUTOR": executor}
     done = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT, json.dumps(argv)], cwd=PROJECT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
@@ -149,6 +150,22 @@ def test_other_processes_leave_the_forkserver_to_dagster(tmp_path):
     assert _run_worker(tmp_path, _execute_run_argv("advance_task_states")) == "no forkserver"
     assert _run_worker(tmp_path, ["dagster-webserver", "-m", "call_pipeline.definitions"]) == "no forkserver"
     assert _run_worker(tmp_path, _execute_run_argv("sync_call_task"), executor="in_process") == "no forkserver"
+
+
+def test_a_run_asked_to_run_in_process_starts_no_forkserver(tmp_path):
+    """The sensor's small runs (IN_PROCESS_RUN_CONFIG) need no step processes; other runs of the
+    same instance still get their forkserver early."""
+    from dagster import DagsterInstance, DagsterRun
+    from dagster._core.instance.ref import InstanceRef
+
+    from call_pipeline.executors import IN_PROCESS_RUN_CONFIG
+
+    ref = InstanceRef.from_dir(_home(tmp_path, PROJECT / "dagster.yaml"))
+    with DagsterInstance.from_ref(ref) as instance:
+        instance.add_run(DagsterRun(job_name="sync_call_task", run_id="small", run_config=IN_PROCESS_RUN_CONFIG))
+        instance.add_run(DagsterRun(job_name="sync_call_task", run_id="big", run_config={}))
+    assert _run_worker(tmp_path, _execute_run_argv("sync_call_task", ref, "small")) == "no forkserver"
+    assert _run_worker(tmp_path, _execute_run_argv("sync_call_task", ref, "big")) == "[True, True]"
 
 
 def test_a_forked_step_process_finds_the_crm_ssl_context_built(tmp_path):

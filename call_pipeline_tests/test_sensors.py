@@ -134,6 +134,7 @@ def test_definitions_load_with_sensor_and_schedule_running_by_default():
 def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(mariadb_url, simulator, instance):
     """The late-jobs sensor sees (one call) that a concluded task's group grew and
     requests a run; the run matches the new job and completes its lead; the task stays at 4."""
+    from call_pipeline.executors import IN_PROCESS_RUN_CONFIG
     from call_pipeline.ops import LATE_JOBS_TAG
     from call_pipeline.sensors import make_late_jobs_sensor
     from call_pipeline_tests.pipeline_harness import new_reference, pipeline_resources, run_sync, snapshot
@@ -171,6 +172,7 @@ def test_a_job_that_comes_after_the_task_reached_4_is_matched_and_followed_up(ma
     assert [r.partition_key for r in result.run_requests] == [str(task_id)]
     request = result.run_requests[0]
     assert request.tags[LATE_JOBS_TAG] == "true" and request.tags["call_pipeline/task_name"]
+    assert request.run_config == IN_PROCESS_RUN_CONFIG  # one late job: a small run (the default multiprocess)
 
     assert run_sync(mariadb_url, simulator, task_id, instance, tags=request.tags).success
     crm = snapshot(mariadb_url, task_id)
@@ -281,3 +283,45 @@ def test_a_run_for_a_task_with_nothing_to_do_still_carries_its_name(mariadb_url,
     result = run_sync(mariadb_url, simulator, task_id, instance)  # a backfill over a concluded task
     assert result.success
     assert instance.get_run_by_id(result.run_id).tags[TASK_NAME_TAG] == "已完成的任务"
+
+
+def test_a_run_with_little_work_is_asked_to_run_in_process_and_a_first_sync_is_not(mariadb_url, instance,
+                                                                                    simulator, monkeypatch):
+    """CALL_PIPELINE_IN_PROCESS_MAX_JOBS on the multiprocess executor: the first sync of a group
+    (every job to match) keeps the executor's steps in processes of their own; once the task is
+    synced, a run for a call that ended runs in process."""
+    from call_pipeline.executors import IN_PROCESS_RUN_CONFIG
+    from call_pipeline_tests.pipeline_harness import new_reference, run_sync
+    from call_pipeline_tests.test_sync_job import create_task_leads
+    from call_pipeline_tools.simulator.scenarios import build_job_group
+
+    monkeypatch.setenv("CALL_PIPELINE_EXECUTOR", "multiprocess")
+    monkeypatch.setenv("CALL_PIPELINE_IN_PROCESS_MAX_JOBS", "4")
+    settings.cache_clear()
+    task_id = create_task(mariadb_url, job_group_id="jg-sized", leads=[])
+    leads = [{"leads_id": n, "leads_phone": f"1360000{n:04d}", "reference_id": new_reference(task_id, n)}
+             for n in range(1, 6)]
+    create_task_leads(mariadb_url, task_id, leads)
+    group = build_job_group("jg-sized", leads, task_id=task_id, seed=5, status_mix={"Succeeded": 1.0})
+    for job in group["jobs"][:3]:
+        job["Status"] = "Executing"
+    simulator.state.add_job_group(group)
+    try:
+        first = evaluate(instance, mariadb_url, simulator).run_requests
+        assert [r.partition_key for r in first] == [str(task_id)]
+        assert first[0].run_config == {}  # 5 jobs to match and 2 completed: more than 4
+        assert run_sync(mariadb_url, simulator, task_id, instance).success
+        simulator.state.set_job_status(group["jobs"][0]["JobId"], "Succeeded")
+        later = evaluate(instance, mariadb_url, simulator).run_requests
+        assert [r.partition_key for r in later] == [str(task_id)]
+        assert later[0].run_config == IN_PROCESS_RUN_CONFIG  # one call ended since
+        monkeypatch.setenv("CALL_PIPELINE_IN_PROCESS_MAX_JOBS", "0")
+        settings.cache_clear()
+        assert evaluate(instance, mariadb_url, simulator).run_requests[0].run_config == {}
+        monkeypatch.setenv("CALL_PIPELINE_IN_PROCESS_MAX_JOBS", "4")
+        monkeypatch.setenv("CALL_PIPELINE_EXECUTOR", "in_process")
+        settings.cache_clear()
+        assert evaluate(instance, mariadb_url, simulator).run_requests[0].run_config == {}  # already in process
+    finally:
+        monkeypatch.undo()
+        settings.cache_clear()

@@ -73,6 +73,27 @@ def tasks_with_late_jobs(groups: dict[str, GroupProgress], tasks: dict[int, str]
     return late
 
 
+def completed_in_tag(tag: str | None) -> int | None:
+    """TotalCompleted as a run's progress tag (`GroupProgress.tag`) recorded it; None when the tag
+    holds no progress ("unknown", missing)."""
+    total, _, completed = (tag or "").partition("/")
+    return int(completed) if total.isdigit() and completed.isdigit() else None
+
+
+def jobs_for_the_next_run(progress: GroupProgress | None, last_progress_tag: str | None, matched: int,
+                          work_left: int) -> int | None:
+    """How much work the next run of a task is expected to carry, in jobs: the group's jobs that
+    no lead holds yet (to list and match), the jobs completed since the task's last completed run
+    saw the group (their results, recordings and follow-ups), and the leads the CRM holds work for
+    (a job of a first sync counts once to match and once more when it has completed). None when
+    the group's progress is unknown: the run may have anything to do."""
+    if progress is None:
+        return None
+    unmatched = max(progress.total_jobs - matched, 0)
+    completed_before = completed_in_tag(last_progress_tag) or 0
+    return unmatched + max(progress.total_completed - completed_before, 0) + work_left
+
+
 # Reading the watched groups. ListJobGroups pages over every group the instance ever had unless
 # it is filtered; its creation-time filter (StartTime, ms) keeps only groups created since the
 # oldest watched one. DescribeJobGroup reads one group. A tick asks for whichever costs fewer calls.

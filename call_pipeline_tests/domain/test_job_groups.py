@@ -107,3 +107,27 @@ def test_a_group_that_moves_again_is_forgotten_and_an_unread_one_is_kept():
     # paused again later: counted from then, not from the first pause
     seen, due = track_stopped_group(None, "Paused", now=200.0, threshold_seconds=10)
     assert seen.since == 200.0 and not due
+
+
+def test_the_next_run_carries_the_unmatched_the_newly_completed_and_the_work_left():
+    from call_pipeline.domain.job_groups import jobs_for_the_next_run
+
+    group = GroupProgress(total_jobs=200, total_completed=130)
+    # a first sync: every job of the group to match, and the completed ones to carry through
+    assert jobs_for_the_next_run(group, None, matched=0, work_left=0) == 200 + 130
+    # a live task: all matched, 12 calls ended since the last run, 3 leads with a unit that failed
+    assert jobs_for_the_next_run(group, "200/118", matched=200, work_left=3) == 12 + 3
+    # the group grew by 50 jobs, none completed since
+    assert jobs_for_the_next_run(GroupProgress(250, 130), "200/130", matched=200, work_left=0) == 50
+    # nothing new at all
+    assert jobs_for_the_next_run(group, "200/130", matched=200, work_left=0) == 0
+    # a last run that saw no progress counts every completed job
+    assert jobs_for_the_next_run(group, "unknown", matched=200, work_left=0) == 130
+    assert jobs_for_the_next_run(None, "200/130", matched=200, work_left=0) is None
+
+
+def test_the_completed_count_is_read_back_from_a_runs_progress_tag():
+    from call_pipeline.domain.job_groups import completed_in_tag
+
+    assert completed_in_tag(GroupProgress(200, 118).tag) == 118
+    assert [completed_in_tag(tag) for tag in ("unknown", None, "", "200/", "x/3")] == [None] * 5

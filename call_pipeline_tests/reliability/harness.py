@@ -227,9 +227,10 @@ def ensure_partition(instance: dg.DagsterInstance, task_id: int) -> None:
 
 def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = DEFAULT_PAGE_SIZE,
                from_failure_of: str | None = None, executor: str | None = None,
-               paging: dict | None = None) -> dg.JobExecutionResult:
+               paging: dict | None = None, extra_config: dict | None = None) -> dg.JobExecutionResult:
     """One run of the partition, or a re-execution from failure of `from_failure_of` (tags are
-    passed again: ReexecutionOptions.from_failure does not copy the parent's)."""
+    passed again: ReexecutionOptions.from_failure does not copy the parent's). `extra_config`: more
+    run config (the sensor's `execution`)."""
     ensure_partition(instance, task_id)
     job = reconstructable_job(executor)
     # Dagster caches the reconstructed job (lru_cache); the resources must read this test's env.
@@ -238,7 +239,7 @@ def launch_run(instance: dg.DagsterInstance, task_id: int, *, page_size: int = D
     prepare_step_processes()
     options = dg.ReexecutionOptions.from_failure(from_failure_of, instance) if from_failure_of else None
     config = {"ops": {"list_job_pages": {"config": paging}}} if paging else run_config(page_size)
-    return dg.execute_job(job, instance, run_config=config,
+    return dg.execute_job(job, instance, run_config={**config, **(extra_config or {})},
                           tags=partition_tags(task_id), raise_on_error=False, reexecution_options=options)
 
 

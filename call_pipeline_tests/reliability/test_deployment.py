@@ -21,6 +21,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import requests
+import yaml
 from celery import Celery
 
 from call_pipeline.instance import create_pools
@@ -43,9 +44,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _home(path: Path) -> Path:
+def _home(path: Path, overrides: dict | None = None) -> Path:
+    """A DAGSTER_HOME with deploy/dagster.yaml, its sections updated by `overrides` (one level deep:
+    {"concurrency": {"runs": {...}}} replaces `concurrency.runs`)."""
     path.mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "deploy" / "dagster.yaml", path / "dagster.yaml")
+    if overrides:
+        config = yaml.safe_load((path / "dagster.yaml").read_text(encoding="utf-8"))
+        for section, values in overrides.items():
+            config[section] = {**config.get(section, {}), **values}
+        (path / "dagster.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 
@@ -87,9 +95,9 @@ class Processes:
 @contextlib.contextmanager
 def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, redis_prefix: str,
                dagster_mysql_env: dict, s3, runs_concurrency: int = 2, runs_pool: str = "prefork",
-               **extra_env: str):
+               instance_overrides: dict | None = None, **extra_env: str):
     """The daemon, the webserver, the two step workers and the run worker up; yields
-    (instance, processes, env)."""
+    (instance, processes, env). `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
     bucket = s3.new_bucket()
     env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, **extra_env.pop("knobs", {})),
                          dagster_home=tmp_path / "unused", **{
@@ -101,7 +109,7 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1",
         "CALL_PIPELINE_SENSOR_TICK_SECONDS": "5", **extra_env,
     })
-    ops_home = _home(tmp_path / "ops_home")
+    ops_home = _home(tmp_path / "ops_home", instance_overrides)
     os.environ.update(dagster_mysql_env)
     instance = None
     processes = Processes(tmp_path)
@@ -116,8 +124,9 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                                       "-p", str(port)], ops_env)
         for name in QUEUES_OF:
-            start_worker(processes, env, tmp_path, name)
-        start_worker(processes, env, tmp_path, RUNS_WORKER, concurrency=runs_concurrency, pool=runs_pool)
+            start_worker(processes, env, tmp_path, name, overrides=instance_overrides)
+        start_worker(processes, env, tmp_path, RUNS_WORKER, concurrency=runs_concurrency, pool=runs_pool,
+                     overrides=instance_overrides)
         processes.check_alive()
         _wait_for_workers(broker_url, [f"{name}@localhost" for name in (*QUEUES_OF, RUNS_WORKER)])
         processes.webserver_url = f"http://127.0.0.1:{port}"
@@ -132,8 +141,8 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
 
 
 def start_worker(processes: Processes, env: dict, tmp_path: Path, name: str, suffix: str = "",
-                 concurrency: int = 2, pool: str = "prefork") -> None:
-    home = _home(tmp_path / f"{name}{suffix}_home")
+                 concurrency: int = 2, pool: str = "prefork", overrides: dict | None = None) -> None:
+    home = _home(tmp_path / f"{name}{suffix}_home", overrides)
     queues = QUEUES_OF.get(name, name)
     processes.start(name + suffix, [sys.executable, "-m", "call_pipeline.cli", "worker", "--queues", queues,
                                     "--concurrency", str(concurrency), "--pool", pool,

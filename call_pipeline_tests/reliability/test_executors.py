@@ -81,3 +81,27 @@ def test_the_celery_executor_with_one_local_worker(mariadb_url, simulator, insta
     llm = sum(1 for lead in clean["leads"].values() if lead["follow_up"] in ("llm", "ai_fallback"))
     assert stats["dashscope_requests"] == llm
     assert stats["download_recording_repeats"] == 0
+
+
+@pytest.mark.parametrize("sized", ["in process", "multiprocess"])
+def test_the_multiprocess_executor_runs_a_run_asked_in_process_in_its_own_process(
+        mariadb_url, simulator, instance, env, clean_run, sized):
+    """The sensor's run config for a run with little work (`IN_PROCESS_RUN_CONFIG`) makes the
+    multiprocess executor run every step in the run's process; without it, each step has a process
+    of its own. Both end as a clean run does."""
+    from call_pipeline.executors import IN_PROCESS_RUN_CONFIG
+    from call_pipeline_tests.reliability.harness import event_messages
+
+    scenario = scenarios.mixed(task_id=7460, n_leads=20, seed=99)
+    clean = clean_run(scenario)
+    scenario.install(mariadb_url, simulator)
+    result = launch_run(instance, scenario.task_id, executor="multiprocess",
+                        extra_config=IN_PROCESS_RUN_CONFIG if sized == "in process" else None)
+    assert result.success
+    messages = "\n".join(event_messages(instance, [result.run_id]))
+    step_processes = messages.count("Launching subprocess for")
+    if sized == "in process":
+        assert "Executing steps in process" in messages and step_processes == 0
+    else:
+        assert "Executing steps using multiprocess executor" in messages and step_processes >= 6
+    assert_matches_clean_run(normalized(mariadb_url, scenario.task_id), clean)

@@ -186,9 +186,9 @@ def test_figures_of_a_big_and_a_small_run_on_the_run_worker(
         executor, pool, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials,
         tmp_path):
     """Prints the wall time and CPU (summed over the worker processes the run used) of a first sync
-    of 200 leads (FIGURES_LEADS) and of a run with little new work, with `executor` inside the run
-    worker."""
-    scenario = scenarios.mixed(task_id=7430, n_leads=int(os.environ.get("FIGURES_LEADS", "200")), seed=96)
+    of FIGURES_LEADS leads (50 in the suite, 200 and 1,000 for the README's figures) and of a run
+    with little new work, with `executor` inside the run worker."""
+    scenario = scenarios.mixed(task_id=7430, n_leads=int(os.environ.get("FIGURES_LEADS", "50")), seed=96)
     step_workers = ("sync-query", "download-ai") if executor == "celery" else ()
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
                     runs_concurrency=2, runs_pool=pool, CALL_PIPELINE_EXECUTOR=executor,
@@ -275,6 +275,14 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
     assert follow_up_count(mariadb_url) == expected
 
 
+def _deploy_config() -> dict:
+    import yaml
+
+    from call_pipeline.crm.database import PROJECT_ROOT
+
+    return yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text(encoding="utf-8"))
+
+
 @pytest.mark.slow
 def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
         mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials, tmp_path):
@@ -286,8 +294,16 @@ def test_a_hundred_runs_queued_at_once_all_run_on_the_run_worker(
     tasks = [scenarios.mixed(task_id=7500 + i, n_leads=3, leads_id_offset=10 * i, seed=i) for i in range(100)]
     concurrency = int(os.environ.get("FIGURES_RUN_SLOTS", "4"))
     pool = os.environ.get("FIGURES_RUN_POOL", "prefork")
+    # FIGURES_MAX_RUNS: the daemon's max_concurrent_runs; FIGURES_POOL_LIMIT: the pools' default limit
+    overrides = {}
+    if os.environ.get("FIGURES_MAX_RUNS"):
+        overrides["concurrency"] = {"runs": {**_deploy_config()["concurrency"]["runs"],
+                                             "max_concurrent_runs": int(os.environ["FIGURES_MAX_RUNS"])}}
+    if os.environ.get("FIGURES_POOL_LIMIT"):
+        overrides.setdefault("concurrency", dict(_deploy_config()["concurrency"]))["pools"] = {
+            "default_limit": int(os.environ["FIGURES_POOL_LIMIT"])}
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    runs_concurrency=concurrency, runs_pool=pool,
+                    runs_concurrency=concurrency, runs_pool=pool, instance_overrides=overrides,
                     CALL_PIPELINE_EXECUTOR="in_process") as (instance, processes, _):
         cpu_before = {name: workers_cpu(processes, (name,)) for name in (RUNS_WORKER, "daemon")}
         for scenario in tasks:
