@@ -138,12 +138,19 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
 _SERIAL_LOCK_DIR = pytest.StashKey[str]()
 
 
-def pytest_collection_modifyitems(items) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that reach MariaDB carry the `mariadb` marker (`-m "not mariadb"`: the rest, in
-    seconds, with no server); CI runs everything."""
+    seconds, with no server); CI runs everything. Under xdist the modules of long tests (browser,
+    then slow) are handed out first, so that none of them starts last and runs on alone."""
     for item in items:
         if MARIADB_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mariadb)
+    if hasattr(config, "workerinput"):
+        # whole modules move, so that a module's fixtures are still made once
+        long_modules = {marker: {item.module for item in items if item.get_closest_marker(marker)}
+                        for marker in ("browser", "slow")}
+        items.sort(key=lambda item: (item.module not in long_modules["browser"],
+                                     item.module not in long_modules["slow"]))
 
 
 @pytest.fixture(scope="session")
