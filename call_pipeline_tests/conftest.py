@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from call_pipeline.clients.proxies import drop_proxy_variables
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables
 from call_pipeline.settings import settings
-from call_pipeline_tests import serial
+from call_pipeline_tests import xdist_shared
 
 MARIADB_SERVER_URL = os.environ.get("CALL_PIPELINE_TEST_MYSQL_URL", "mysql+pymysql://root:@127.0.0.1:3306")
 
@@ -116,26 +116,26 @@ MARIADB_FIXTURES = {"mariadb_url", "mariadb_database_url", "crm_url", "clean_dat
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The controlling process of an xdist session makes the lock of `serial` tests (serial.py).
+    # The controlling process of an xdist session makes the folder its workers share (xdist_shared.py).
     if not hasattr(config, "workerinput") and config.getoption("numprocesses", default=None):
-        config.stash[_SERIAL_LOCK_DIR] = serial.make_lock_dir()
+        config.stash[_SHARED_DIR] = xdist_shared.make_shared_dir()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _SERIAL_LOCK_DIR in config.stash:
-        serial.remove_lock_dir(config.stash[_SERIAL_LOCK_DIR])
+    if _SHARED_DIR in config.stash:
+        xdist_shared.remove_shared_dir(config.stash[_SHARED_DIR])
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    lock_dir = os.environ.get(serial.LOCK_DIR_VARIABLE)
-    if not lock_dir:
+    shared = xdist_shared.shared_dir()
+    if shared is None:
         return (yield)
-    with serial.holding(lock_dir, serial=item.get_closest_marker("serial") is not None):
+    with xdist_shared.holding(str(shared), serial=item.get_closest_marker("serial") is not None):
         return (yield)
 
 
-_SERIAL_LOCK_DIR = pytest.StashKey[str]()
+_SHARED_DIR = pytest.StashKey[str]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

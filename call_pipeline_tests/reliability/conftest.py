@@ -16,6 +16,7 @@ from call_pipeline_tests.conftest import MARIADB_SERVER_URL
 from call_pipeline_tests.reliability.harness import pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
+from call_pipeline_tests.xdist_shared import computed_once, shared_dir
 from call_pipeline_tools.simulator.server import start_simulator
 
 
@@ -46,22 +47,30 @@ def clean_database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def clean_run(clean_database_url, tmp_path_factory) -> Callable[[Scenario], dict]:
     """`clean_run(scenario)`: the normalized CRM after a clean run of the scenario (every job
-    loaded from the start, no faults), cached per scenario name and task id."""
+    loaded from the start, no faults), cached per scenario name and task id: in this process, and
+    under xdist for every worker of the session (the first that asks computes it)."""
     cache: dict[tuple, dict] = {}
+
+    def compute(scenario: Scenario, page_size: int) -> dict:
+        engine = create_crm_engine(clean_database_url)
+        create_crm_tables(engine, replace=True)
+        engine.dispose()
+        home = tmp_path_factory.mktemp("clean_home")
+        with start_simulator() as simulator, pipeline_env(clean_database_url, simulator), \
+                dg.instance_for_test(temp_dir=str(home)) as instance:
+            scenario.install(clean_database_url, simulator, all_jobs=True)
+            settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size)
+            assert all(a.success for a in settled.attempts), f"the clean run of {scenario.name} failed"
+            return normalized(clean_database_url, scenario.task_id)
 
     def run(scenario: Scenario, page_size: int = 20) -> dict:
         key = (scenario.name, scenario.task_id, len(scenario.leads), page_size)
         if key not in cache:
-            engine = create_crm_engine(clean_database_url)
-            create_crm_tables(engine, replace=True)
-            engine.dispose()
-            home = tmp_path_factory.mktemp("clean_home")
-            with start_simulator() as simulator, pipeline_env(clean_database_url, simulator), \
-                    dg.instance_for_test(temp_dir=str(home)) as instance:
-                scenario.install(clean_database_url, simulator, all_jobs=True)
-                settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size)
-                assert all(a.success for a in settled.attempts), f"the clean run of {scenario.name} failed"
-                cache[key] = normalized(clean_database_url, scenario.task_id)
+            shared = shared_dir()
+            # across workers the scenario's content is part of the key too
+            shared_key = ("clean_run", *key, repr((scenario.leads, scenario.group)))
+            cache[key] = (computed_once(shared, shared_key, lambda: compute(scenario, page_size))
+                          if shared else compute(scenario, page_size))
         return cache[key]
 
     return run

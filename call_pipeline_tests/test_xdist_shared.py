@@ -1,5 +1,6 @@
-"""The suite's readers-writer lock for `serial` tests (serial.py), with threads standing for
-xdist workers: `flock` locks belong to each open file, so threads exclude each other as processes do."""
+"""What xdist workers share (xdist_shared.py): the readers-writer lock of `serial` tests and the
+cache of values computed once, with threads standing for workers (`flock` locks belong to each
+open file, so threads exclude each other as processes do)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from call_pipeline_tests.serial import holding
+from call_pipeline_tests.xdist_shared import computed_once, holding
 
 
 def _hold(lock_dir: str, serial: bool, log: list[str], name: str, entered: threading.Event,
@@ -67,3 +68,25 @@ def test_tests_that_are_not_serial_run_side_by_side(tmp_path):
     a.join(10)
     b.join(10)
     assert sorted(log) == ["a in", "a out", "b in", "b out"]
+
+
+def test_a_value_asked_by_several_workers_at_once_is_computed_once(tmp_path):
+    computed: list[int] = []
+    started = threading.Event()
+
+    def compute() -> dict:
+        computed.append(1)
+        started.set()
+        time.sleep(0.3)  # the others ask meanwhile and wait for it
+        return {"leads": [1, 2, 3]}
+
+    answers: list[dict] = []
+    threads = [threading.Thread(target=lambda: answers.append(computed_once(tmp_path, ("mixed", 7), compute)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert started.is_set() and computed == [1]
+    assert answers == [{"leads": [1, 2, 3]}] * 4
+    assert computed_once(tmp_path, ("mixed", 8), lambda: "other key") == "other key"
