@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import yaml
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
@@ -29,7 +30,8 @@ def test_a_new_instance_has_every_pool_at_its_default_limit_before_any_run(insta
     open_instance_storage(home)
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         default_limit = instance.global_op_concurrency_default_limit
-        assert default_limit == 4
+        assert default_limit == yaml.safe_load(INSTANCE_FILES[instance_file].read_text())["concurrency"]["pools"][
+            "default_limit"]
         assert set(instance.event_log_storage.get_concurrency_keys()) == set(STEP_QUEUES)
         for pool in STEP_QUEUES:
             info = instance.event_log_storage.get_concurrency_info(pool)
