@@ -11,6 +11,7 @@ no run of its lineage completed (call_pipeline/steps/catch_up.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -38,6 +39,35 @@ def count(crm_url: str, sql: str) -> int:
 
 
 FOLLOW_UPS = "SELECT COUNT(*) FROM dcc_leads_follow"
+STEP_ENDS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
+             dg.DagsterEventType.STEP_UP_FOR_RETRY}
+
+
+def kill_unfinished_steps(instance: dg.DagsterInstance, processes: list) -> set[int]:
+    """SIGKILLs the step processes whose step has not reported its end; returns their pids.
+    A step process lives on for a moment after its step's success, and the multiprocess executor
+    takes a kill then for an engine error ("Attempted to mark step ... as complete that was not
+    known to be in flight"): the whole run fails, not the step. So the processes are frozen first
+    (SIGSTOP): a step writes its end to the event log before it tells the run process, so what the
+    log holds once they are frozen decides, and nothing reports an end between the read and the kill."""
+    import psutil
+
+    frozen = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
+            frozen.append(process)
+    ended = {entry.dagster_event.pid for run in instance.get_runs()
+             for entry in instance.all_logs(run.run_id, of_type=STEP_ENDS)}
+    killed = set()
+    for process in frozen:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.pid in ended:
+                process.resume()
+            else:
+                process.send_signal(signal.SIGKILL)
+                killed.add(process.pid)
+    return killed
 MATCHED = "SELECT COUNT(*) FROM leads_task_list WHERE call_job_id IS NOT NULL"
 
 
@@ -135,11 +165,11 @@ def test_step_processes_killed_mid_batch(mariadb_url, simulator, instance, env, 
                 assert time.monotonic() < deadline, "the run made no progress"
                 fresh = [p for p in step_processes(proc.pid) if p.pid not in killed]
                 if fresh and count(mariadb_url, FOLLOW_UPS) >= written_before + 2:
-                    break
+                    killed_now = kill_unfinished_steps(instance, fresh)
+                    if killed_now:
+                        killed |= killed_now
+                        break
                 time.sleep(0.02)
-            for step in fresh:
-                step.send_signal(signal.SIGKILL)
-                killed.add(step.pid)
         report = finish_run_process(proc, timeout=120)
         run = instance.get_run_by_id(report["run_id"])
         messages = [record.message or "" for record in instance.all_logs(run.run_id)]
