@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
 from call_pipeline_tests.conftest import MARIADB_SERVER_URL
-from call_pipeline_tests.reliability.harness import pipeline_env, settle
+from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
 from call_pipeline_tests.xdist_shared import computed_once, shared_dir
@@ -59,7 +59,8 @@ def clean_run(clean_database_url, tmp_path_factory) -> Callable[[Scenario], dict
         with start_simulator() as simulator, pipeline_env(clean_database_url, simulator), \
                 dg.instance_for_test(temp_dir=str(home)) as instance:
             scenario.install(clean_database_url, simulator, all_jobs=True)
-            settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size)
+            settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size,
+                             executor=FAULT_RUNS_EXECUTOR)
             assert all(a.success for a in settled.attempts), f"the clean run of {scenario.name} failed"
             return normalized(clean_database_url, scenario.task_id)
 

@@ -99,6 +99,17 @@ _JOB_BY_EXECUTOR = {None: reliability_sync_job, "in_process": reliability_sync_j
                     "multiprocess": reliability_sync_job_multiprocess, "celery": reliability_sync_job_celery}
 
 
+# The executor of the clean runs and of the cloud-fault cases (test_outboundbot_faults.py,
+# test_dashscope_faults.py): a fault meets the SDK's retries and the op's retry policy, and a
+# re-execution from failure finishes the work, whichever executor runs the steps; in process is
+# what production's run workers and the sensor's small runs use (README, "Executors"), and it
+# starts no step process, so those cases cost far less CPU. What a process per step adds (a
+# step process killed, the forkserver, steps side by side) keeps its cases on the default
+# executor: test_process_kill.py, test_executors.py, test_concurrency.py, test_bad_input.py,
+# test_security.py.
+FAULT_RUNS_EXECUTOR = "in_process"
+
+
 def reconstructable_job(executor: str | None = None):
     """Made on first use, not at import: building it loads Dagster's storage modules, whose
     global SQLAlchemy hook compiles every MySQL DateTime as DATETIME(6) — collecting this package

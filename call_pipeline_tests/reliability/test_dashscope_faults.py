@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from call_pipeline_tests.reliability import scenarios
-from call_pipeline_tests.reliability.harness import event_messages, settle
+from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, event_messages, settle
 from call_pipeline_tests.reliability.invariant import Monitor, assert_matches_clean_run, normalized
 from call_pipeline_tests.reliability.scenarios import MARK_A, MARK_B, MARK_C, MARKERS
 
@@ -30,7 +30,7 @@ def prepare(mariadb_url, simulator, clean_run):
 
 def settle_checked(mariadb_url, instance, scenario):
     with Monitor(mariadb_url, [scenario.task_id]):
-        return settle(instance, mariadb_url, scenario.task_id)
+        return settle(instance, mariadb_url, scenario.task_id, executor=FAULT_RUNS_EXECUTOR)
 
 
 def test_throttling_and_server_errors_within_the_retries_change_nothing(mariadb_url, simulator, instance, env,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from call_pipeline_tests.reliability import scenarios
-from call_pipeline_tests.reliability.harness import event_messages, settle
+from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, event_messages, settle
 from call_pipeline_tests.reliability.invariant import Monitor, assert_matches_clean_run, normalized
 
 SHORT, LONG = 2, 7  # failing answers in a row: within the SDK's retries / beyond SDK × op retries
@@ -32,7 +32,7 @@ def prepare(mariadb_url, simulator, clean_run):
 
 def settle_and_compare(mariadb_url, instance, scenario, clean, **compare_kw):
     with Monitor(mariadb_url, [scenario.task_id]):
-        settled = settle(instance, mariadb_url, scenario.task_id)
+        settled = settle(instance, mariadb_url, scenario.task_id, executor=FAULT_RUNS_EXECUTOR)
     assert_matches_clean_run(normalized(mariadb_url, scenario.task_id), clean, **compare_kw)
     return settled
 
