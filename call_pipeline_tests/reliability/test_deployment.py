@@ -95,8 +95,9 @@ class Processes:
 @contextlib.contextmanager
 def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, redis_prefix: str,
                dagster_mysql_env: dict, s3, runs_concurrency: int = 2, runs_pool: str = "prefork",
-               instance_overrides: dict | None = None, **extra_env: str):
-    """The daemon, the webserver, the two step workers and the run worker up; yields
+               instance_overrides: dict | None = None, ui: bool = True, **extra_env: str):
+    """The daemon, the webserver (unless `ui` is false: `serve --no-ui`), the run worker and, on the
+    celery executor, the two step workers (the workers `serve` starts for the instance) up; yields
     (instance, processes, env). `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
     bucket = s3.new_bucket()
     env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, **extra_env.pop("knobs", {})),
@@ -121,16 +122,19 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         workspace = str(PROJECT_ROOT / "workspace.yaml")
         ops_env = {**env, "DAGSTER_HOME": str(ops_home)}
         processes.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], ops_env)
-        processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
-                                      "-p", str(port)], ops_env)
-        for name in QUEUES_OF:
-            start_worker(processes, env, tmp_path, name, overrides=instance_overrides)
-        start_worker(processes, env, tmp_path, RUNS_WORKER, concurrency=runs_concurrency, pool=runs_pool,
-                     overrides=instance_overrides)
+        if ui:
+            processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
+                                          "-p", str(port)], ops_env)
+        workers = (*QUEUES_OF, RUNS_WORKER) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else (RUNS_WORKER,)
+        for name in workers:
+            start_worker(processes, env, tmp_path, name, overrides=instance_overrides,
+                         **({"concurrency": runs_concurrency, "pool": runs_pool} if name == RUNS_WORKER else {}))
         processes.check_alive()
-        _wait_for_workers(broker_url, [f"{name}@localhost" for name in (*QUEUES_OF, RUNS_WORKER)])
-        processes.webserver_url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok, 120, "the webserver")
+        _wait_for_workers(broker_url, [f"{name}@localhost" for name in workers])
+        if ui:
+            processes.webserver_url = f"http://127.0.0.1:{port}"
+            _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok, 120,
+                      "the webserver")
         yield instance, processes, env
     finally:
         processes.stop()
@@ -158,8 +162,8 @@ def test_the_sensor_runs_two_tasks_through_the_daemon_on_two_celery_workers(
     cleans = {s.task_id: clean_run(s) for s in tasks}
     for scenario in tasks:
         scenario.install(mariadb_url, simulator)
-    with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3) as (
-            instance, processes, _):
+    with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
+                    ui=False) as (instance, processes, _):
         runs = _wait_for_runs(instance, [s.task_id for s in tasks], processes)
         ran_on = {}
         for run in runs:
@@ -204,7 +208,7 @@ def test_a_worker_killed_in_the_middle_of_a_step(mariadb_url, simulator, clean_r
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     simulator.state.set_latency(dashscope_ms=300)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    knobs={"max_concurrency": 2}) as (instance, processes, env):
+                    ui=False, knobs={"max_concurrency": 2}) as (instance, processes, env):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 3, 180, "the first follow-ups")
         written = follow_up_count(mariadb_url)
         proc, _ = processes.running["download-ai"]

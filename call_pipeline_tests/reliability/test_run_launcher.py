@@ -238,7 +238,8 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     simulator.state.set_latency(dashscope_ms=300)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2}) as (instance, processes, env):
+                    ui=False, CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2}) as (
+            instance, processes, env):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 3, 180, "the first follow-ups")
         killed_run = next(r for r in sync_runs(instance) if r.status == dg.DagsterRunStatus.STARTED)
         worker, _ = processes.running[RUNS_WORKER]
@@ -304,7 +305,7 @@ def test_runs_queued_at_once_all_run_on_the_run_worker(
         overrides.setdefault("concurrency", dict(_deploy_config()["concurrency"]))["pools"] = {
             "default_limit": int(os.environ["FIGURES_POOL_LIMIT"])}
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    runs_concurrency=concurrency, runs_pool=pool, instance_overrides=overrides,
+                    runs_concurrency=concurrency, runs_pool=pool, instance_overrides=overrides, ui=False,
                     CALL_PIPELINE_EXECUTOR="in_process") as (instance, processes, _):
         cpu_before = {name: workers_cpu(processes, (name,)) for name in (RUNS_WORKER, "daemon")}
         for scenario in tasks:
