@@ -6,6 +6,7 @@ The ops of the batch steps after matching are built from their list (steps/batch
 runs."""
 
 
+import os
 import re
 
 import dagster as dg
@@ -22,7 +23,13 @@ from call_pipeline.domain.paging import group_jobs_of_progress_tag, needs_paging
 from call_pipeline.domain.summary import describe_given_up, render_run_summary
 from call_pipeline.domain.task_state import TASK_FOLLOW_UP_DONE
 from call_pipeline.queues import celery_tags
-from call_pipeline.resources import CrmDatabase, DashScopeResource, OutboundBotResource, RecordingArchiveResource
+from call_pipeline.resources import (
+    SECRET_VARIABLES,
+    CrmDatabase,
+    DashScopeResource,
+    OutboundBotResource,
+    RecordingArchiveResource,
+)
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
 from call_pipeline.settings import settings
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
@@ -367,11 +374,6 @@ def _alert_given_up(context: dg.OpExecutionContext, crm: CrmDatabase, task: repo
     marked alerted; a post that fails is tried again by the task's next run."""
     context.log.warning(f"task {task.id}: {len(given_up)} unit(s) of one lead given up: " + "; ".join(named))
     if settings().alert_webhook_url:
-        # Imported here: the sensors module imports the job, which imports these ops.
-        import os
-
-        from call_pipeline.sensors import SECRET_VARIABLES
-
         secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
         error = (f"{len(given_up)} unit(s) of one lead failed in {settings().max_unit_attempts} runs and were "
                  f"given up: " + "; ".join(named))

@@ -19,7 +19,7 @@ from call_pipeline.clients.outboundbot import OutboundBotClient, OutboundBotConf
 from call_pipeline.clients.recording_store import RecordingArchive, open_store
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.io_managers import ReexecutionSafeFilesystemIOManager
-from call_pipeline.settings import env_field, from_env, settings
+from call_pipeline.settings import PipelineSettings, env_field, from_env, secret_variables, settings
 
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
@@ -159,6 +159,8 @@ class RecordingArchiveResource(dg.ConfigurableResource):
 
 
 RESOURCE_SETTINGS = (CrmDatabase, OutboundBotResource, DashScopeResource, RecordingArchiveResource)
+# What an alert must never show: every secret setting's value, and boto3's own secret key.
+SECRET_VARIABLES = (*secret_variables(PipelineSettings, *RESOURCE_SETTINGS), "AWS_SECRET_ACCESS_KEY")
 
 
 def io_manager_from_settings() -> dg.ConfigurableIOManagerFactory | dg.ConfigurableIOManager:

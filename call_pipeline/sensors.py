@@ -31,9 +31,9 @@ from call_pipeline.executors import in_process_run_config
 from call_pipeline.jobs import sync_call_task
 from call_pipeline.ops import GROUP_STATUS_TAG, LATE_JOBS_TAG, PROGRESS_TAG, TASK_NAME_TAG, task_name_tag_value
 from call_pipeline.partitions import call_tasks_partitions
-from call_pipeline.resources import RESOURCE_SETTINGS, CrmDatabase, OutboundBotResource
+from call_pipeline.resources import SECRET_VARIABLES, CrmDatabase, OutboundBotResource
 from call_pipeline.run_status import partitions_with_active_runs
-from call_pipeline.settings import PipelineSettings, secret_variables, settings
+from call_pipeline.settings import settings
 
 JOB_GROUPS_PAGE_SIZE = 100
 
@@ -306,10 +306,6 @@ def _hot_lead_work(crm: CrmDatabase) -> dict:
         return {}
     ensure_pipeline_tables(crm.engine)
     return {"unposted_hot_leads": True}
-
-
-# What an alert must never show: every secret setting's value, and boto3's own secret key.
-SECRET_VARIABLES = (*secret_variables(PipelineSettings, *RESOURCE_SETTINGS), "AWS_SECRET_ACCESS_KEY")
 
 
 def _root_message(error) -> str:
