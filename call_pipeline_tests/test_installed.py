@@ -56,8 +56,10 @@ def wheels(tmp_path_factory) -> Wheels:
         shutil.copy(PROJECT_ROOT / name, source / name)
     shutil.copytree(PROJECT_ROOT / "call_pipeline", source / "call_pipeline", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    # beside call_pipeline, where the `call_pipeline*` pattern of setuptools would take it in
+    # beside call_pipeline, where the `call_pipeline*` pattern of setuptools would take them in
     shutil.copytree(PROJECT_ROOT / "tools" / "call_pipeline_tools", source / "call_pipeline_tools",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT_ROOT / "call_pipeline_tests", source / "call_pipeline_tests",
                     ignore=shutil.ignore_patterns("__pycache__"))
     tools_source = root / "tools_source"
     tools_source.mkdir()
@@ -118,13 +120,15 @@ def test_the_project_comes_from_the_wheel(installed, tmp_path):
     assert packaged.is_file() and not packaged.is_symlink()
 
 
-def test_the_wheel_holds_no_tools(wheels):
+def test_the_wheel_holds_no_tools_and_no_tests(wheels):
     with zipfile.ZipFile(wheels.main) as wheel:
         names = wheel.namelist()
     assert any(name.startswith("call_pipeline/") for name in names), names
     tools = [name for name in names if name.startswith(("call_pipeline/simulator/", "call_pipeline/bench",
                                                          "call_pipeline/demo", "call_pipeline_tools/"))]
     assert not tools, tools
+    tests = [name for name in names if name.startswith("call_pipeline_tests/")]
+    assert not tests, tests
 
 
 def test_the_tools_commands_say_how_to_install_the_tools(installed, tmp_path):
