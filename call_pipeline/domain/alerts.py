@@ -57,6 +57,7 @@ def hot_lead_payload(lead: HotLead, fmt: str) -> dict:
 
 
 def _chat_payload(title: str, lines: list[str], fmt: str) -> dict:
+    """The body a chat webhook of `fmt` takes: the title, then a line each."""
     if fmt == "dingtalk":
         return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
     if fmt == "wecom":
@@ -82,15 +83,7 @@ def alert_payload(alert: Alert, fmt: str) -> dict:
         return asdict(alert)
     title = f"call_pipeline: task {alert.task_id} ({alert.task_name}) failed"
     lines = [f"job: {alert.job}", f"step: {alert.step}", f"error: {alert.error}", f"run: {alert.run_url}"]
-    if fmt == "dingtalk":
-        return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
-    if fmt == "wecom":
-        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{title}**", *lines])}}
-    if fmt == "feishu":
-        return {"msg_type": "text", "content": {"text": "\n".join([title, *lines])}}
-    if fmt == "slack":
-        return {"text": "\n".join([f"*{title}*", *lines])}
-    raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")
+    return _chat_payload(title, lines, fmt)
 
 
 @dataclass(frozen=True)
@@ -116,16 +109,4 @@ def stopped_group_payload(alert: StoppedGroupAlert, fmt: str) -> dict:
     lines = [f"job group: {alert.job_group_id}", f"status: {alert.status}",
              f"stopped since: {alert.stopped_since}", "the task stays at 2 until the group calls again",
              f"task: {alert.task_url}"]
-    return _chat_body(title, lines, fmt)
-
-
-def _chat_body(title: str, lines: list[str], fmt: str) -> dict:
-    if fmt == "dingtalk":
-        return {"msgtype": "markdown", "markdown": {"title": title, "text": "\n\n".join([f"### {title}", *lines])}}
-    if fmt == "wecom":
-        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{title}**", *lines])}}
-    if fmt == "feishu":
-        return {"msg_type": "text", "content": {"text": "\n".join([title, *lines])}}
-    if fmt == "slack":
-        return {"text": "\n".join([f"*{title}*", *lines])}
-    raise ValueError(f"CALL_PIPELINE_ALERT_FORMAT must be one of {', '.join(ALERT_FORMATS)}, got {fmt!r}")
+    return _chat_payload(title, lines, fmt)
