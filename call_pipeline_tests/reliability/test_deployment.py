@@ -1,5 +1,6 @@
-"""The production shape with real processes: dagster-daemon and dagster-webserver on a MariaDB
-instance (deploy/dagster.yaml: queued runs, run retries, run monitoring), the celery executor with
+"""The production shape with real processes, as `serve` starts it: dagster-daemon on a MariaDB
+instance (deploy/dagster.yaml: queued runs, run retries, run monitoring) and dagster-webserver
+where a test uses the UI's API (`production(ui=...)`), the celery executor with
 RabbitMQ as broker and Redis for results and for the shared limits, step outputs in an
 S3-compatible bucket (moto's server), and two Celery workers, each with a home folder and a state
 folder of its own (as on two machines): one on sync_queue,query_queue, one on
