@@ -9,8 +9,6 @@ pool process that already holds the definitions and one Dagster instance, not a 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery.result import allow_join_result
@@ -21,6 +19,7 @@ from dagster_celery.tasks import create_resume_job_task, create_task
 from kombu import Queue
 
 from call_pipeline.queues import WORKER_QUEUES
+from call_pipeline.run_worker import execute_run
 from call_pipeline.settings import settings
 
 app = make_app({"broker": settings().celery_broker, "backend": settings().celery_backend,
@@ -70,7 +69,6 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
     died under it (RabbitMQ delivers the message again only when the one that held it is gone):
     it is failed here, with the reason, so that its run retry takes over."""
     from dagster import DagsterRunStatus
-    from dagster._cli.api import _execute_run_command_body
     from dagster._core.events import JobFailureData, RunFailureReason
     from dagster._grpc.types import ExecuteRunArgs
     from dagster._serdes import unpack_value
@@ -87,43 +85,5 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
     # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
     # in a task unless allowed (its guard is against a worker waiting for its own queue: the
     # steps go to the design's queues, the run to `runs`).
-    with allow_join_result(), interrupted_while_canceling(instance, args.run_id):
-        return _execute_run_command_body(
-            instance=instance, run_id=args.run_id, write_stream_fn=lambda _e: None,
-            set_exit_code_on_failure=bool(args.set_exit_code_on_failure
-                                          if args.set_exit_code_on_failure is not None else True))
-
-
-@contextmanager
-def interrupted_while_canceling(instance: Any, run_id: str) -> Iterator[None]:
-    """While the run is CANCELING (the UI's Terminate, through `PipelineCeleryRunLauncher`), send
-    this process an interrupt every `run_monitoring.cancellation_thread_poll_interval_seconds`
-    until the run has ended. One is not enough: Dagster turns an interrupt inside an op that has a
-    retry policy (ours all do) into a retry of the step; the next interrupt, taken between steps,
-    stops the retry as it starts, and the run ends CANCELED. Dagster's own cancellation thread
-    sends one interrupt only, hence this one. Signals reach only a process's main thread, so with
-    the threads pool (a run off the main thread) nothing is sent and Terminate does not stop a
-    running run. The thread ends with the run."""
-    import os
-    import signal
-
-    from dagster import DagsterRunStatus
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    ended = threading.Event()
-
-    def watch() -> None:
-        while not ended.wait(instance.cancellation_thread_poll_interval_seconds):
-            run = instance.get_run_by_id(run_id)
-            if run is not None and run.status == DagsterRunStatus.CANCELING:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    watcher = threading.Thread(target=watch, name=f"interrupt-on-cancel-{run_id[:8]}", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        ended.set()
-        watcher.join()
+    with allow_join_result():
+        return execute_run(instance, args.run_id)

@@ -27,8 +27,9 @@ PRELOADED_MODULES = ["call_pipeline.definitions", "pandas", "alibabacloud_outbou
                      "alibabacloud_outboundbot20191226.models", "alibabacloud_tea_openapi.models", "darabonba.core",
                      "dashscope", "call_pipeline.forkserver_preload"]
 QUEUE_TAG = "dagster-celery/queue"
-# Dagster's multiprocess executor puts this module first in the forkserver's preload list.
-_EXECUTOR_MODULE = "dagster._core.executor.multiprocess"
+# Dagster's multiprocess executor puts its own module first in the forkserver's preload list; a
+# forkserver started by the project preloads the same, so that the executor can use it.
+FORKSERVER_PRELOAD = ["dagster._core.executor.multiprocess", *PRELOADED_MODULES]
 
 
 def _execute_run_payload(argv: Sequence[str]) -> dict | None:
@@ -78,10 +79,22 @@ def start_forkserver_early(argv: Sequence[str]) -> bool:
     for this, hence the hand-written start."""
     if settings().executor != "multiprocess" or not runs_sync_job(argv) or _run_goes_in_process(argv):
         return False
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([_EXECUTOR_MODULE, *PRELOADED_MODULES])
-    multiprocessing.forkserver.ensure_running()
+    _start_forkserver()
     return True
+
+
+def start_step_forkserver(run: dg.DagsterRun) -> bool:
+    """`start_forkserver_early` for a run process that has the project imported already (forked by
+    `instance.PreloadedRunLauncher`): its step processes' forkserver starts while the run opens."""
+    if settings().executor != "multiprocess" or run.job_name != SYNC_JOB_NAME or runs_in_process(run.run_config):
+        return False
+    _start_forkserver()
+    return True
+
+
+def _start_forkserver() -> None:
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
 
 
 def multiprocess_config(max_concurrent: int, per_queue: int) -> dict:

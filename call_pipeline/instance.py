@@ -1,5 +1,6 @@
-"""The production deployment's instance class (`instance_class` in deploy/dagster.yaml) and run
-launcher (`run_launcher`), and the pools every instance holds before its first run.
+"""The project's instance class (`instance_class` in deploy/dagster.yaml), its run launchers (the
+production shape's Celery one, the embedded default's preloaded one), and the pools every
+instance holds before its first run.
 
 The instance class differs from Dagster's own in one thing: starting a run does not reconfigure the process's
 logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
@@ -16,16 +17,25 @@ configures them.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.forkserver
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import psutil
 from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG
 
+from call_pipeline.executors import FORKSERVER_PRELOAD, start_step_forkserver
 from call_pipeline.queues import STEP_QUEUES
+from call_pipeline.run_worker import execute_run
 
 _CONFIGURING = threading.Lock()
 
@@ -53,7 +63,7 @@ class PipelineCeleryRunLauncher(CeleryRunLauncher):
     """dagster-celery's run launcher (runs as Celery tasks on the `runs` queue), whose `terminate`
     marks the run CANCELING, as Dagster's own launchers do (upstream's only revokes the task, with
     a SIGTERM that Dagster turns into a retry of the running step). The run task interrupts its run
-    while it is CANCELING (`celery_app.interrupted_while_canceling`); the revoke, without a
+    while it is CANCELING (`run_worker.interrupted_while_canceling`); the revoke, without a
     signal, keeps a run that has not started yet from starting."""
 
     def terminate(self, run_id: str) -> bool:
@@ -65,6 +75,117 @@ class PipelineCeleryRunLauncher(CeleryRunLauncher):
         if task_id:
             self.celery.AsyncResult(task_id).revoke()
         return True
+
+
+# Where a preloaded run process runs: its host, pid and start time (a pid alone may be reused).
+RUN_PROCESS_TAG = "call_pipeline/run_process"
+
+
+class PreloadedRunLauncher(RunLauncher, ConfigurableClass):
+    """The embedded default's run launcher: each run executes in a process of its own, forked from
+    a server that has imported Dagster, the project and the SDKs already (multiprocessing's
+    forkserver, started by the first launch, with the step processes' preload list).
+
+    Dagster's `DefaultRunLauncher` asks the code server, which starts every run with `spawn`
+    (`dagster/_grpc/server.py`): each run imports Dagster and the project again, about 3 s of CPU
+    before its first step and the most of a small run's cost (README "Live campaigns"). Dagster has
+    no launcher that forks, hence this one. What the operator gets stays Dagster's: a run is a
+    process of its own (`dagster api execute_run`'s body, `run_worker.execute_run`); Terminate marks
+    it CANCELING and the run process interrupts itself (`run_worker.interrupted_while_canceling`);
+    run monitoring asks whether the process lives (`check_run_worker_health`), so a run whose
+    process was killed is failed and retried.
+
+    The runs execute the code the launching process (the daemon) has installed, not a code
+    server's: both are the project's own environment in `serve`, `./run.sh ui` and the demo."""
+
+    def __init__(self, inst_data: ConfigurableClassData | None = None) -> None:
+        self._inst_data = inst_data
+        self._lock = threading.Lock()
+        self._processes: dict[str, Any] = {}
+        super().__init__()
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls) -> dict:
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
+                          ) -> PreloadedRunLauncher:
+        return cls(inst_data=inst_data)
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        if run.job_code_origin is None:
+            raise ValueError(f"Run {run.run_id} has no code origin to execute.")
+        forkserver = multiprocessing.get_context("forkserver")
+        with self._lock:
+            self._reap()
+            forkserver.set_forkserver_preload(FORKSERVER_PRELOAD)
+            process = forkserver.Process(target=_run_process, args=(self._instance.get_ref(), run.run_id),
+                                         name=f"run-{run.run_id[:8]}")
+            process.start()
+            # Multiprocessing joins every child it knows of when the launching process exits: the
+            # daemon would wait for its runs before it stops. A run is a process of its own, as
+            # under Dagster's launcher, and goes on; this launcher reaps it (`_reap`).
+            multiprocessing.process._children.discard(process)  # noqa: SLF001
+            self._processes[run.run_id] = process
+        started = psutil.Process(process.pid).create_time()
+        self._instance.add_run_tags(run.run_id, {RUN_PROCESS_TAG: f"{socket.gethostname()}:{process.pid}:{started}"})
+
+    def _reap(self) -> None:
+        # A finished child's exit code must be read once, or its pipe stays open in the launcher.
+        for run_id, process in list(self._processes.items()):
+            if not process.is_alive():
+                process.close()
+                del self._processes[run_id]
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        self._instance.report_run_canceling(run)
+        return True
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        where = run.tags.get(RUN_PROCESS_TAG)
+        if where is None:
+            return CheckRunHealthResult(WorkerStatus.UNKNOWN, "The run has no process yet.")
+        host, pid, started = where.rsplit(":", 2)
+        if host != socket.gethostname():
+            return CheckRunHealthResult(WorkerStatus.UNKNOWN, f"The run's process is on {host}.")
+        try:
+            process = psutil.Process(int(pid))
+            alive = process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - float(started)) < 0.01
+        except psutil.NoSuchProcess:
+            alive = False
+        if alive:
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"The run's process (pid {pid} on {host}) is gone.")
+
+    def dispose(self) -> None:
+        # The runs go on: each is a process of its own, as with Dagster's launcher.
+        with self._lock:
+            self._reap()
+
+
+def _run_process(instance_ref: InstanceRef, run_id: str) -> None:
+    """The body of a run process forked by `PreloadedRunLauncher`: its exit code is the run's."""
+    import sys
+
+    with DagsterInstance.from_ref(instance_ref) as instance:
+        run = instance.get_run_by_id(run_id)
+        if run is not None:
+            start_step_forkserver(run)
+        code = execute_run(instance, run_id)
+    sys.exit(code)
 
 
 def create_pools(instance: DagsterInstance) -> None:

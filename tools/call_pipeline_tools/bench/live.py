@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-concurrency", type=int, default=16, help="DASHSCOPE_MAX_CONCURRENCY (16)")
     p.add_argument("--settle", type=float, default=600.0,
                    help="after the last call ends, wait at most this long for every live task to reach 4 (600 s)")
+    p.add_argument("--idle-window", type=float, default=60.0,
+                   help="after the first syncs, before any call ends: seconds in which the machine only watches, "
+                        "to tell the CPU of watching (sensors, schedule, daemon) from the runs' (60)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="keep the benchmark's folder (serve's log, the instance)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
@@ -346,6 +349,10 @@ class LiveFigures:
     cpu_s: float = 0.0
     live_runs: int = 0  # runs started after the first syncs, while the calls ended
     live_cpu_s: float = 0.0  # the CPU of that phase
+    live_wall_s: float = 0.0
+    idle_wall_s: float = 0.0  # the idle window: no call ends, the sensors only watch
+    idle_cpu_s: float = 0.0
+    idle_runs: int = 0
     wall_s: float = 0.0
     tasks_at_4: int = 0
     outboundbot_requests: int = 0
@@ -355,6 +362,13 @@ class LiveFigures:
     llm_needed: int = 0
     left_behind: list[str] = field(default_factory=list)
     max_start_delay_s: float = 0.0
+
+    def run_cpu_beyond_watching(self) -> float | None:
+        """CPU per run of the live phase beyond what the machine spends watching (the idle window's
+        rate over the live phase's wall time): what a run costs, its launch included."""
+        if not self.live_runs or not self.idle_wall_s or self.idle_runs:
+            return None
+        return (self.live_cpu_s - self.idle_cpu_s / self.idle_wall_s * self.live_wall_s) / self.live_runs
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -371,6 +385,8 @@ class LiveFigures:
                 "cpu_per_run_s": self.cpu_s / self.runs_launched if self.runs_launched else None,
                 "live_runs": self.live_runs, "live_cpu_s": self.live_cpu_s,
                 "live_cpu_per_run_s": self.live_cpu_s / self.live_runs if self.live_runs else None,
+                "idle_wall_s": self.idle_wall_s, "idle_cpu_s": self.idle_cpu_s, "idle_runs": self.idle_runs,
+                "run_cpu_beyond_watching_s": self.run_cpu_beyond_watching(),
                 "wall_s": self.wall_s, "tasks_at_4": self.tasks_at_4,
                 "outboundbot_requests": self.outboundbot_requests, "requests": self.requests,
                 "outboundbot_calls_per_result": self.outboundbot_requests / max(1, self.live * self.leads),
@@ -392,6 +408,11 @@ def print_figures(figures: LiveFigures) -> None:
           + f"; while the calls ended: {figures.live_cpu_s:.1f} s for {figures.live_runs} run(s)"
           + (f", {live_per_run:.2f} s per run (the sensors' and the daemon's share included)"
              if live_per_run is not None else ""))
+    if figures.idle_wall_s:
+        beyond = d["run_cpu_beyond_watching_s"]
+        print(f"CPU of watching (the idle window: {figures.idle_wall_s:.0f} s, {figures.idle_runs} run(s)): "
+              f"{figures.idle_cpu_s:.1f} s, {60 * figures.idle_cpu_s / figures.idle_wall_s:.1f} s a minute"
+              + (f"; a run beyond watching: {beyond:.2f} s" if beyond is not None else ""))
     print(f"OutboundBot calls: {figures.outboundbot_requests} ({d['outboundbot_calls_per_result']:.2f} per result; "
           + ", ".join(f"{k} {v}" for k, v in sorted(figures.requests.items())) + f"); throttled {figures.throttled}")
     print(f"LLM calls: {figures.llm_calls} for {figures.llm_needed} leads that need one"
@@ -576,6 +597,13 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[i
             first_syncs = wait_for_first_syncs(instance, serve, len(tasks), args.settle)
         print(f"  {time.time() - serve.started_at:6.1f} s  every task's first sync is done ({first_syncs} run(s)); "
               "the calls start ending", flush=True)
+        if args.idle_window > 0:
+            idle_from, idle_cpu_from = time.time(), serve.tree_cpu()
+            time.sleep(args.idle_window)
+            figures.idle_wall_s, figures.idle_cpu_s = time.time() - idle_from, serve.tree_cpu() - idle_cpu_from
+            with dg.DagsterInstance.get() as instance:
+                figures.idle_runs = run_figures(instance, idle_from)[2]
+            print(f"  {time.time() - serve.started_at:6.1f} s  the idle window has passed", flush=True)
         live_from, cpu_from = time.time(), serve.tree_cpu()
         ender.start()
         watcher.start()
@@ -595,6 +623,7 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[i
                   f"{len(ender.ended_at)}; stopping serve", flush=True)
             figures.wall_s = time.time() - serve.started_at
             figures.live_cpu_s = serve.tree_cpu() - cpu_from
+            figures.live_wall_s = time.time() - live_from
             figures.runs, figures.runs_launched, figures.live_runs, figures.max_start_delay_s = \
                 run_figures(instance, live_from)
     finally:
