@@ -4,6 +4,10 @@ started and stopped as one.
 What it starts, from the instance it runs with (`$DAGSTER_HOME/dagster.yaml`; with `DAGSTER_HOME`
 unset, a home folder under the current one holding the packaged copy of the project's
 `dagster.yaml`):
+- `dagster code-server start`: the code location, loaded once, that the daemon and the webserver
+  share (started on their own, each would spawn a code server of its own, and the daemon replaces
+  its code server with a new process, which imports the project again, every minute: about 3 s of
+  CPU a minute on a machine that only watches);
 - `dagster-daemon run` (sensors, schedule, run queue, run retries and monitoring);
 - `dagster-webserver`, unless `--no-ui`;
 - a Celery worker on the step queues when `CALL_PIPELINE_EXECUTOR=celery`;
@@ -29,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,9 +46,11 @@ import yaml
 
 from call_pipeline.queues import STEP_QUEUES
 
-# The code location, as workspace.yaml names it: a module of the installed package, not a path
-# into a checkout.
+# The code location: a module of the installed package, not a path into a checkout. Its name is
+# the one Dagster gives that module (`dagster dev`, workspace.yaml): the sensors' and the schedule's
+# state (cursors, on or off) is kept under it.
 WORKSPACE_ARGS = ("-m", "call_pipeline.definitions", "-a", "defs")
+CODE_LOCATION = "call_pipeline.definitions:defs"
 CELERY_RUN_LAUNCHER = "CeleryRunLauncher"
 # The queue deploy/dagster.yaml's CeleryRunLauncher sends runs to (its `default_queue`).
 STOP_TIMEOUT_S = 20.0
@@ -161,9 +168,17 @@ def celery_run_queue(config: Mapping[str, Any], env: Mapping[str, str]) -> str |
     return _string_source(queue, env, f"run_launcher.config.default_queue ({CELERY_RUN_LAUNCHER})")
 
 
+def write_workspace(path: Path, code_port: int) -> Path:
+    """A workspace file naming the code server of `serve` (on `code_port`) as the code location."""
+    path.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
+        "host": "127.0.0.1", "port": code_port, "location_name": CODE_LOCATION}}]}), encoding="utf-8")
+    return path
+
+
 def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool, host: str, port: int,
-                  python: str = sys.executable) -> list[Service]:
-    """What one machine runs for the instance `config` and the settings in `env`."""
+                  code_port: int, workspace: Path, python: str = sys.executable) -> list[Service]:
+    """What one machine runs for the instance `config` and the settings in `env`; `workspace`
+    (`write_workspace`) names the code server, which listens on `code_port`."""
     from call_pipeline.settings import PipelineSettings, from_env
 
     services: list[Service] = []
@@ -174,9 +189,12 @@ def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool
     run_queue = celery_run_queue(config, env)
     if run_queue is not None:
         services.append(Service("run worker", (*worker, "--queues", run_queue, "--name", "runs@%h")))
-    services.append(Service("dagster-daemon", (python, "-m", "dagster._daemon", "run", *WORKSPACE_ARGS)))
+    services.append(Service("code server", (python, "-m", "dagster", "code-server", "start", *WORKSPACE_ARGS,
+                                             "--location-name", CODE_LOCATION, "-h", "127.0.0.1",
+                                             "-p", str(code_port), "--log-level", "warning"), port=code_port))
+    services.append(Service("dagster-daemon", (python, "-m", "dagster._daemon", "run", "-w", str(workspace))))
     if ui:
-        services.append(Service("dagster-webserver", (python, "-m", "dagster_webserver", *WORKSPACE_ARGS,
+        services.append(Service("dagster-webserver", (python, "-m", "dagster_webserver", "-w", str(workspace),
                                                       "-h", host, "-p", str(port))))
     return services
 
@@ -382,13 +400,24 @@ def serve(*, ui: bool, host: str, port: int, data_dir: Path, env: Mapping[str, s
           before: Sequence[Service] = ()) -> int:
     """Plans and runs the services of one machine (after `before`: the demo's simulator)."""
     env = dict(os.environ if env is None else env)
-    try:
-        env, home = serve_environment(env, data_dir)
-        open_instance_storage(home)
-        services = [*before, *plan_services(read_instance_config(home), env, ui=ui, host=host, port=port)]
-    except (ServeError, ValueError) as exc:
-        log(f"error: {exc}")
-        return 2
-    if ui:
-        log(f"Dagster UI on http://{host}:{port}")
-    return Supervisor(services, env).run()
+    with tempfile.TemporaryDirectory(prefix="call_pipeline_serve_") as own:
+        try:
+            env, home = serve_environment(env, data_dir)
+            open_instance_storage(home)
+            code_port = free_port()
+            workspace = write_workspace(Path(own) / "workspace.yaml", code_port)
+            services = [*before, *plan_services(read_instance_config(home), env, ui=ui, host=host, port=port,
+                                                code_port=code_port, workspace=workspace)]
+        except (ServeError, ValueError) as exc:
+            log(f"error: {exc}")
+            return 2
+        if ui:
+            log(f"Dagster UI on http://{host}:{port}")
+        return Supervisor(services, env).run()
+
+
+def free_port() -> int:
+    """A port free on this machine now (the code server's: nothing outside serve connects to it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -21,11 +21,13 @@ from call_pipeline.cli import main
 from call_pipeline.crm.database import PROJECT_ROOT
 from call_pipeline.queues import RUNS_QUEUE
 from call_pipeline.serve import (
+    CODE_LOCATION,
     ServeError,
     celery_run_queue,
     packaged_instance_yaml,
     plan_services,
     resolve_home,
+    write_workspace,
 )
 from call_pipeline_tests.serve_harness import Served, alive, describe, free_port, wait_until
 
@@ -38,32 +40,51 @@ def _commands(services) -> dict[str, tuple[str, ...]]:
     return {service.name: service.command for service in services}
 
 
+WORKSPACE = Path("/run/serve/workspace.yaml")
+
+
+def _plan(config: dict, env: dict, *, ui: bool = False, host: str = "h", port: int = 1):
+    return plan_services(config, env, ui=ui, host=host, port=port, code_port=4266, workspace=WORKSPACE)
+
+
 # -- the plan ----------------------------------------------------------------------------------
 
 
-def test_one_machine_runs_the_daemon_and_the_webserver_from_the_installed_module():
-    services = _commands(plan_services({}, {}, ui=True, host="10.0.0.5", port=3001))
-    assert list(services) == ["dagster-daemon", "dagster-webserver"]
-    daemon, webserver = services["dagster-daemon"], services["dagster-webserver"]
-    assert daemon[1:4] == ("-m", "dagster._daemon", "run")
-    assert webserver[1:3] == ("-m", "dagster_webserver")
-    assert webserver[-4:] == ("-h", "10.0.0.5", "-p", "3001")
+def test_one_machine_runs_one_code_server_for_the_daemon_and_the_webserver():
+    services = _commands(_plan({}, {}, ui=True, host="10.0.0.5", port=3001))
+    assert list(services) == ["code server", "dagster-daemon", "dagster-webserver"]
+    code, daemon, webserver = services["code server"], services["dagster-daemon"], services["dagster-webserver"]
+    assert code[1:5] == ("-m", "dagster", "code-server", "start")
     # a module of the installed package, never a workspace.yaml inside a checkout
-    assert daemon[4:8] == webserver[3:7] == ("-m", "call_pipeline.definitions", "-a", "defs")
-    for command in (daemon, webserver):
-        assert not any("workspace.yaml" in part for part in command)
+    assert code[5:9] == ("-m", "call_pipeline.definitions", "-a", "defs")
+    assert code[code.index("--location-name") + 1] == CODE_LOCATION == "call_pipeline.definitions:defs"
+    assert code[code.index("-p") + 1] == "4266"
+    assert daemon[1:] == ("-m", "dagster._daemon", "run", "-w", str(WORKSPACE))
+    assert webserver[1:] == ("-m", "dagster_webserver", "-w", str(WORKSPACE), "-h", "10.0.0.5", "-p", "3001")
+    for command in (code, daemon, webserver):
         assert command[0] == sys.executable
-    assert list(_commands(plan_services({}, {}, ui=False, host="127.0.0.1", port=3000))) == ["dagster-daemon"]
+    assert list(_commands(_plan({}, {}, ui=False, host="127.0.0.1", port=3000))) == ["code server", "dagster-daemon"]
+
+
+def test_the_workspace_names_the_code_server_under_the_modules_own_location_name(tmp_path):
+    """The sensors' and the schedule's state is kept under the location's name: the name Dagster
+    gives the module when it loads it itself (`dagster dev`, the repository's workspace.yaml)."""
+    from dagster._core.workspace.load import location_origin_from_module_name
+
+    written = yaml.safe_load(write_workspace(tmp_path / "workspace.yaml", 4266).read_text(encoding="utf-8"))
+    assert written == {"load_from": [{"grpc_server": {"host": "127.0.0.1", "port": 4266,
+                                                      "location_name": CODE_LOCATION}}]}
+    assert location_origin_from_module_name("call_pipeline.definitions", "defs", None).location_name == CODE_LOCATION
 
 
 def test_the_celery_executor_brings_a_worker_on_the_step_queues():
-    services = _commands(plan_services({}, {"CALL_PIPELINE_EXECUTOR": "celery"}, ui=False, host="h", port=1))
-    assert list(services) == ["step worker", "dagster-daemon"]
+    services = _commands(_plan({}, {"CALL_PIPELINE_EXECUTOR": "celery"}, ui=False, host="h", port=1))
+    assert list(services) == ["step worker", "code server", "dagster-daemon"]
     worker = services["step worker"]
     assert worker[1:4] == ("-m", "call_pipeline.cli", "worker")
     assert worker[worker.index("--queues") + 1] == "sync_queue,query_queue,download_queue,ai_queue"
     for executor in ("multiprocess", "in_process"):
-        names = _commands(plan_services({}, {"CALL_PIPELINE_EXECUTOR": executor}, ui=False, host="h", port=1))
+        names = _commands(_plan({}, {"CALL_PIPELINE_EXECUTOR": executor}, ui=False, host="h", port=1))
         assert "step worker" not in names
 
 
@@ -71,18 +92,17 @@ def test_the_celery_executor_brings_a_worker_on_the_step_queues():
                                                        "class": "PipelineCeleryRunLauncher"}],
                          ids=["dagster-celery's", "the production instance's"])
 def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
-    services = _commands(plan_services({"run_launcher": launcher}, {}, ui=False, host="h", port=1))
-    assert list(services) == ["run worker", "dagster-daemon"]
+    services = _commands(_plan({"run_launcher": launcher}, {}, ui=False, host="h", port=1))
+    assert list(services) == ["run worker", "code server", "dagster-daemon"]
     worker = services["run worker"]
     assert worker[worker.index("--queues") + 1] == RUNS_QUEUE
     # the two workers of one machine have names of their own
-    both = _commands(plan_services({"run_launcher": CELERY_LAUNCHER}, {"CALL_PIPELINE_EXECUTOR": "celery"},
-                                   ui=False, host="h", port=1))
+    both = _commands(_plan({"run_launcher": CELERY_LAUNCHER}, {"CALL_PIPELINE_EXECUTOR": "celery"}))
     names = {command[command.index("--name") + 1] for command in (both["run worker"], both["step worker"])}
     assert len(names) == 2
     # any other launcher runs runs itself
     other = {"run_launcher": {"module": "dagster", "class": "DefaultRunLauncher"}}
-    assert "run worker" not in _commands(plan_services(other, {}, ui=False, host="h", port=1))
+    assert "run worker" not in _commands(_plan(other, {}, ui=False, host="h", port=1))
 
 
 def test_the_run_queue_is_the_launchers_own_and_may_come_from_the_environment():
@@ -151,8 +171,8 @@ def _assert_all_gone(served: Served, code: int, left, expected_code: int = 0) ->
                          ids=["no-ui-SIGTERM", "ui-SIGINT"])
 def test_serve_stops_every_process_it_started_on_a_signal(tmp_path, sqlite_url, simulator, ui, signum):
     """DAGSTER_HOME unset: the project's dagster.yaml in a home under the current folder. The
-    daemon (and the webserver) come up with their code servers; the signal, to serve alone, ends
-    all of them before serve exits."""
+    code server, the daemon (and the webserver) come up, the daemon and the webserver on the one
+    code server; the signal, to serve alone, ends all of them before serve exits."""
     port = free_port()
     home = tmp_path / "data" / "dagster_home"
     args = [] if ui else ["--no-ui"]
@@ -164,11 +184,12 @@ def test_serve_stops_every_process_it_started_on_a_signal(tmp_path, sqlite_url, 
         assert (home / "dagster.yaml").read_text(encoding="utf-8") == packaged_instance_yaml()
         if ui:
             wait_until(lambda: served.running() and _server_info(port), 180, "the webserver")
-            # the daemon's code server and the webserver's
-            wait_until(lambda: sum("api grpc" in line for line in served.cmdlines()) >= 2, 120,
-                       "the webserver's code server")
         else:
             assert not any("dagster_webserver" in line for line in lines)
+        # one code server (Dagster's proxy and the server it runs), none spawned by the others
+        lines = served.cmdlines()
+        assert sum("code-server start" in line for line in lines) == 1, lines
+        assert sum("api grpc" in line for line in lines) == 1, lines
         code, left = served.stop(signum)
         _assert_all_gone(served, code, left)
         assert f"{signal.Signals(signum).name} received" in served.log()
