@@ -7,7 +7,8 @@ starting, for each stream of each step, a `tail -F` and a Python watcher process
 a step, about 0.08 s of CPU, measured, which is most of what a run with little new work costs
 beyond its own work (SPEC §11). Here one thread per stream copies what the step writes to its
 file and to where the output went before; the files, what the UI shows and what the terminal
-shows stay the same. Dagster has no option for this, hence the class.
+shows stay the same. Dagster has no option for this, hence the class. Off the main thread (runs
+side by side in a Celery threads pool) it captures as Dagster does.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class MirroredComputeLogManager(LocalComputeLogManager):
 
     @contextmanager
     def capture_logs(self, log_key: Sequence[str]) -> Generator[CapturedLogContext, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            # Runs side by side in one process (a Celery threads pool) would take the process's
+            # stdout and stderr from each other: Dagster's own way there, as before.
+            with super().capture_logs(log_key) as context:
+                yield context
+            return
         outpath = self.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDOUT])
         errpath = self.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDERR])
         with mirrored(sys.stdout, outpath), mirrored(sys.stderr, errpath):

@@ -91,3 +91,18 @@ def test_a_steps_output_is_in_the_uis_logs_and_no_process_mirrors_it(tmp_path, c
 def test_both_instance_files_use_it():
     for path in (PROJECT_ROOT / "dagster.yaml", PROJECT_ROOT / "deploy" / "dagster.yaml"):
         assert yaml.safe_load(path.read_text(encoding="utf-8"))["compute_logs"] == COMPUTE_LOGS, path
+
+
+def test_off_the_main_thread_it_is_dagsters_own(tmp_path):
+    """Runs side by side in one process (a Celery threads pool) keep Dagster's capture: a tail
+    process mirrors the step's output there."""
+    import threading
+
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides={"compute_logs": COMPUTE_LOGS}) as instance:
+        results = []
+        thread = threading.Thread(target=lambda: results.append(printing_job.execute_in_process(instance=instance)))
+        thread.start()
+        thread.join()
+        [result] = results
+        assert result.success
+        assert any(command.startswith("tail -F") for command in result.output_for_node("prints"))
