@@ -38,16 +38,27 @@ _instance: Any = None
 _opening = threading.Lock()
 
 
+# A pool process keeps one storage connection open, as the webserver does (Dagster's
+# `optimize_for_webserver`; recycled after an hour, the webserver's default); Dagster's MySQL
+# storage otherwise opens a connection for every event a run writes. Beyond the one kept, as many
+# as the runs of a threads pool ask for at once (-1: no cap, so that none waits for another's),
+# each closed when given back, as before.
+_POOL_RECYCLE_S = 3600
+_POOL_MAX_OVERFLOW = -1
+_STATEMENT_TIMEOUT_MS = 15000
+
+
 def worker_instance() -> Any:
     """The Dagster instance ($DAGSTER_HOME) of this pool process, opened at its first run and
-    kept: opening it (its storage's engine) is part of what a run would otherwise pay each time.
-    With the threads pool the runs of the process share it."""
+    kept, with its storage connections: opening them is part of what a run would otherwise pay
+    each time. With the threads pool the runs of the process share it."""
     global _instance  # noqa: PLW0603 - one per process, by design
     with _opening:
         if _instance is None:
             import dagster as dg
 
             _instance = dg.DagsterInstance.get()
+            _instance.optimize_for_webserver(_STATEMENT_TIMEOUT_MS, _POOL_RECYCLE_S, _POOL_MAX_OVERFLOW)
     return _instance
 
 

@@ -170,12 +170,10 @@ def io_manager_from_settings() -> dg.ConfigurableIOManagerFactory | dg.Configura
     parsed = urlparse(settings().io_store)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"CALL_PIPELINE_IO_STORE must be s3://bucket/prefix, got {settings().io_store!r}")
-    from dagster_aws.s3 import S3Resource
-
-    from call_pipeline.s3_io_manager import ReexecutionSafeS3PickleIOManager
+    from call_pipeline.s3_io_manager import ProcessS3Resource, ReexecutionSafeS3PickleIOManager
 
     return ReexecutionSafeS3PickleIOManager(
-        s3_resource=S3Resource(endpoint_url=settings().io_s3_endpoint), s3_bucket=parsed.netloc,
+        s3_resource=ProcessS3Resource(endpoint_url=settings().io_s3_endpoint), s3_bucket=parsed.netloc,
         s3_prefix=parsed.path.strip("/") or "dagster")
 
 
