@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from celery.result import allow_join_result
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_init, worker_process_shutdown
 from dagster_celery.config import TASK_EXECUTE_JOB_NAME
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_resume_job_task, create_task
@@ -60,6 +60,19 @@ def worker_instance() -> Any:
             _instance = dg.DagsterInstance.get()
             _instance.optimize_for_webserver(_STATEMENT_TIMEOUT_MS, _POOL_RECYCLE_S, _POOL_MAX_OVERFLOW)
     return _instance
+
+
+@worker_init.connect
+def _preload(**_kwargs: Any) -> None:
+    """In the worker's main process, before it forks its pool: what the step processes' forkserver
+    preloads (the SDKs, pandas and the instance's storage, which the project imports only where it
+    uses them), so that each pool process does not import them again at its first run or step."""
+    import importlib
+
+    from call_pipeline.executors import PRELOADED_MODULES
+
+    for module in PRELOADED_MODULES:
+        importlib.import_module(module)
 
 
 @worker_process_shutdown.connect
