@@ -73,6 +73,9 @@ def _home(path: Path) -> Path:
     config["run_monitoring"]["poll_interval_seconds"] = MONITORING_POLL_S
     path.mkdir(parents=True)
     (path / "dagster.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    # The SQLite storage is made here, before serve and the test open it side by side: two
+    # processes making it at once can both stamp its schema (alembic: "more than one head").
+    dg.DagsterInstance.from_config(str(path)).dispose()
     return path
 
 
