@@ -4,8 +4,8 @@ one, whose mirror of a step's output costs no process.
 Dagster's `LocalComputeLogManager` keeps each step's stdout and stderr in files under the
 instance's `storage/` (the UI's step logs) and mirrors them to the process's own output by
 starting, for each stream of each step, a `tail -F` and a Python watcher process: four processes
-a step, about 0.08 s of CPU, measured, which is most of what a run with little new work costs
-beyond its own work (SPEC §11). Here one thread per stream copies what the step writes to its
+a step (measured: 100 runs of a 3-lead task on a Celery run worker took 82.6 s of its CPU without
+them, 87.7 s with them; README "Runs on Celery workers"). Here one thread per stream copies what the step writes to its
 file and to where the output went before; the files, what the UI shows and what the terminal
 shows stay the same. Dagster has no option for this, hence the class. Off the main thread (runs
 side by side in a Celery threads pool) it captures as Dagster does.

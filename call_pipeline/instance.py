@@ -59,6 +59,17 @@ class PipelineInstance(DagsterInstance):
             return super().get_yaml_python_handlers()
 
 
+def mark_canceling(instance: DagsterInstance, run_id: str) -> DagsterRun | None:
+    """Terminate, as the project's launchers do it: the run, unless unknown or finished, is marked
+    CANCELING, and its run worker interrupts it (`run_worker.interrupted_while_canceling`). The
+    run marked; None when there is nothing to terminate."""
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.is_finished:
+        return None
+    instance.report_run_canceling(run)
+    return run
+
+
 class PipelineCeleryRunLauncher(CeleryRunLauncher):
     """dagster-celery's run launcher (runs as Celery tasks on the `runs` queue), whose `terminate`
     marks the run CANCELING, as Dagster's own launchers do (upstream's only revokes the task, with
@@ -67,10 +78,9 @@ class PipelineCeleryRunLauncher(CeleryRunLauncher):
     signal, keeps a run that has not started yet from starting."""
 
     def terminate(self, run_id: str) -> bool:
-        run = self._instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
+        run = mark_canceling(self._instance, run_id)
+        if run is None:
             return False
-        self._instance.report_run_canceling(run)
         task_id = run.tags.get(DAGSTER_CELERY_TASK_ID_TAG)
         if task_id:
             self.celery.AsyncResult(task_id).revoke()
@@ -144,11 +154,7 @@ class PreloadedRunLauncher(RunLauncher, ConfigurableClass):
                 del self._processes[run_id]
 
     def terminate(self, run_id: str) -> bool:
-        run = self._instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            return False
-        self._instance.report_run_canceling(run)
-        return True
+        return mark_canceling(self._instance, run_id) is not None
 
     @property
     def supports_check_run_worker_health(self) -> bool:
