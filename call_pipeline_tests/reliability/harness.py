@@ -390,8 +390,10 @@ def step_processes(run_pid: int) -> list:
 
     steps = []
     for child in psutil.Process(run_pid).children():
-        if any("forkserver" in part for part in child.cmdline()):
-            steps += child.children()
+        # a child that ends meanwhile (exited, not yet reaped: a zombie) is no forkserver
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            if any("forkserver" in part for part in child.cmdline()):
+                steps += child.children()
     return steps
 
 
