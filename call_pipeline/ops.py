@@ -8,6 +8,7 @@ runs."""
 
 import os
 import re
+from functools import partial
 
 import dagster as dg
 from pydantic import Field
@@ -31,6 +32,7 @@ from call_pipeline.resources import (
     RecordingArchiveResource,
 )
 from call_pipeline.run_status import UNFINISHED_RUN_STATUSES, last_sync_run_status
+from call_pipeline.run_worker import raise_if_canceling
 from call_pipeline.settings import settings
 from call_pipeline.steps.batch import BatchResult, PageBatch, PageRequest
 from call_pipeline.steps.batch_steps import BATCH_STEPS, BatchStep, last_steps
@@ -142,13 +144,16 @@ def _ledger(context: dg.OpExecutionContext, crm: CrmDatabase) -> UnitLedger:
 def _step_env(context: dg.OpExecutionContext, crm: CrmDatabase, outboundbot: OutboundBotResource | None = None,
               dashscope: DashScopeResource | None = None,
               recording_archive: RecordingArchiveResource | None = None) -> StepEnv:
-    """What the op's steps work with, from its resources (a client it has no resource for is None)."""
+    """What the op's steps work with, from its resources (a client it has no resource for is None).
+    A step of a run being terminated stops here, before it starts (`run_worker.raise_if_canceling`)."""
+    stop = partial(raise_if_canceling, context.run_id)
+    stop()
     return StepEnv(engine=crm.engine, zone=crm.zone, clock=crm.now, logger=context.log,
                    outboundbot=outboundbot.get_client() if outboundbot is not None else None,
                    llm=dashscope.get_client() if dashscope is not None else None,
                    llm_concurrency=dashscope.max_concurrency if dashscope is not None else 1,
                    archive=recording_archive.get_archive() if recording_archive is not None else None,
-                   ledger=_ledger(context, crm))
+                   ledger=_ledger(context, crm), stop=stop)
 
 
 def _raise_if_failed(report: StepReport, what: str) -> None:

@@ -26,11 +26,13 @@ def call_and_write(
     batch_size: int,
     max_wait_s: float,
     name: str,
+    stop: Callable[[], None] | None = None,
 ) -> None:
     """Run `call` for every unit on up to `threads` threads and hand the results to `write`, on
     the calling thread, in lists of up to `batch_size` (or what came within `max_wait_s` of the
     oldest unwritten result). `call` reports a unit's failure in its result; an exception from
-    `call` or `write` cancels the calls not yet started and is raised once the others ended."""
+    `call`, `write` or `stop` (called after each write: it raises when the work is to end early)
+    cancels the calls not yet started and is raised once the others ended."""
     todo = iter(units)
     first = next(todo, _END)
     if first is _END:
@@ -65,6 +67,8 @@ def call_and_write(
                 batch, ready = ready[:batch_size], ready[batch_size:]
                 write(batch)
                 oldest = time.monotonic()
+                if stop is not None:
+                    stop()
         while ready:
             batch, ready = ready[:batch_size], ready[batch_size:]
             write(batch)

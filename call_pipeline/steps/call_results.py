@@ -92,7 +92,7 @@ def update_call_results(env: StepEnv, batch: PageBatch) -> StepReport:
     # thread as they come, up to STORED_TOGETHER jobs a transaction.
     call_and_write(calls, fetch, store, threads=LIST_JOBS_IN_FLIGHT,
                    batch_size=max(1, STORED_TOGETHER // LIST_JOBS_MAX_IDS), max_wait_s=1.0,
-                   name="call-pipeline-list-jobs")
+                   name="call-pipeline-list-jobs", stop=env.stop)
     for problem, jobs in jobs_with.items():
         logger.warning("task %s: %s: %s", task_id, problem, named_jobs(jobs))
     if ledger is not None and (not_returned or returned):

@@ -24,7 +24,9 @@ class StepEnv:
     A client an op has no resource for is None: only the steps that need it read it. `clock`
     gives now as the CRM stores it (naive, in `zone`); a step that needs one "now" for all its
     work reads it once, at its start. With a `ledger`, the units of one lead that keep failing
-    are counted and given up (steps/give_up.py)."""
+    are counted and given up (steps/give_up.py). `stop` raises when the run is to end early (its
+Terminate, where no signal reaches it): a step that calls out in many units calls it between
+the batches it writes."""
 
     engine: Engine
     zone: ZoneInfo
@@ -35,3 +37,4 @@ class StepEnv:
     llm_concurrency: int = 1
     archive: RecordingArchive | None = None
     ledger: UnitLedger | None = None
+    stop: Callable[[], None] = lambda: None

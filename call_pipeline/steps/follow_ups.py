@@ -136,7 +136,7 @@ def write_follow_ups(env: StepEnv, batch: PageBatch) -> StepReport:
 
     try:
         call_and_write(leads, decide, write, threads=concurrency + SPARE_THREADS, batch_size=WRITTEN_TOGETHER,
-                       max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-follow-ups")
+                       max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-follow-ups", stop=env.stop)
     finally:
         conn.close()
     given_up = _give_up(engine, llm, ledger, task_id, failed, written, answered[0], clock, report, logger)

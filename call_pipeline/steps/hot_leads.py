@@ -118,7 +118,7 @@ def post_hot_leads(env: StepEnv, task_id: int, job_ids: Sequence[str] | None = N
                                    task_id, item.lead.leads_id, item.error)
 
     call_and_write(leads, post, tally, threads=POST_THREADS, batch_size=100, max_wait_s=1.0,
-                   name="call-pipeline-hot-leads")
+                   name="call-pipeline-hot-leads", stop=env.stop)
     if not_tried:
         logger.warning("task %s: %d hot lead(s) left for a later run after a failed post: leads %s%s", task_id,
                        len(not_tried), ", ".join(map(str, not_tried[:20])), " …" if len(not_tried) > 20 else "")

@@ -33,7 +33,7 @@ def match_jobs_of_pages(env: StepEnv, request: PageRequest) -> PageBatch:
 
     call_and_write(range(request.page_number, request.page_number + request.page_count), fetch, pages.update,
                    threads=PAGES_IN_FLIGHT, batch_size=request.page_count, max_wait_s=0.0,
-                   name="call-pipeline-pages")
+                   name="call-pipeline-pages", stop=env.stop)
     shortfalls = [problem for number in sorted(pages)
                   if (problem := page_shortfall(number, request.page_size, pages[number]))]
     if shortfalls:

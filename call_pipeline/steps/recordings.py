@@ -106,7 +106,7 @@ def save_recordings(env: StepEnv, batch: PageBatch, *, threads: int = RECORDING_
             saved.extend(lead_row_id for lead_row_id, _ in fetched)
 
     call_and_write(leads, download, write, threads=threads, batch_size=WRITTEN_TOGETHER,
-                   max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-recordings")
+                   max_wait_s=WRITE_AT_LEAST_EVERY_S, name="call-pipeline-recordings", stop=env.stop)
     given_up: set[int] = set()
     if ledger is not None:
         given_up = set(ledger.record(task_id, repo.UNIT_RECORDING,

@@ -334,20 +334,23 @@ def test_runs_queued_at_once_all_run_on_the_run_worker(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_a_run_terminated_from_the_ui_is_canceled_and_its_pool_process_lives_on(
-        mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials, tmp_path):
+        pool, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials,
+        tmp_path):
     """The UI's "Terminate" (the webserver's terminateRun) in the middle of step 5: the production
-    launcher marks the run CANCELING, the run task interrupts it, the retry policy of the
-    interrupted step does not carry it on, and the run ends CANCELED soon (not after run
-    monitoring's cancel timeout), without every follow-up written; the pool process that ran it
-    runs the next run, which finishes the task."""
+    launcher marks the run CANCELING, the run task stops it (an interrupt on a prefork pool
+    process's main thread; on a threads pool, which no signal reaches, the step stops itself
+    between the batches it writes), the retry policy of the interrupted step does not carry it
+    on, and the run ends CANCELED soon (not after run monitoring's cancel timeout), without every
+    follow-up written; the process that ran it runs the next run, which finishes the task."""
     from call_pipeline_tests.reliability.test_database_faults import follow_up_count
 
     scenario = scenarios.mixed(task_id=7450, n_leads=60, seed=98)
     scenario.install(mariadb_url, simulator)
     simulator.state.set_latency(dashscope_ms=1000)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    runs_concurrency=1, CALL_PIPELINE_EXECUTOR="in_process",
+                    runs_concurrency=1, runs_pool=pool, CALL_PIPELINE_EXECUTOR="in_process",
                     knobs={"max_concurrency": 1}) as (instance, processes, _):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 1, 180, "the first follow-up")
         run = next(r for r in sync_runs(instance) if r.status == dg.DagsterRunStatus.STARTED)

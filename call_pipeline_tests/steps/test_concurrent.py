@@ -93,3 +93,21 @@ def test_units_given_as_a_generator_are_read_as_they_go():
                    threads=2, batch_size=5, max_wait_s=5.0, name=NAME)
     assert len(handed) == 50
     assert seen_when_first_written[0] < 50
+
+
+def test_a_stop_after_a_write_keeps_that_write_and_ends_every_thread_before_raising():
+    calls, written = Calls(0.002), []
+
+    class Stopped(BaseException):
+        pass
+
+    def stop() -> None:
+        if written:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        call_and_write(range(10_000), calls, written.extend, threads=4, batch_size=10, max_wait_s=5.0,
+                       name=NAME, stop=stop)
+    assert len(written) == 10  # the first batch was written before the stop, and no other
+    assert len(calls.made) <= 9 + 8 + 8
+    assert _threads_left() == []
