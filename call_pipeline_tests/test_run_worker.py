@@ -45,33 +45,47 @@ def test_a_run_whose_step_waits_for_its_pool_sleeps_instead_of_spinning():
     assert cpu_waiting < 1.0, f"{cpu_waiting:.2f} s of CPU in 3 s of waiting for a slot"
 
 
-def test_a_run_off_the_main_thread_is_interrupted_only_once_it_is_canceling(tmp_path):
-    """`raise_if_canceling` is what a step of a threads-pool run calls: silent until the run's
-    watcher has seen it CANCELING, then Dagster's interrupt (which no op's retry policy turns into
-    a retry: it is no Exception); nothing is left marked when the run ends."""
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        run = instance.create_run_for_job(_pooled_job)
-        seen: list[BaseException | None] = []
+def _watchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "interrupt-on-cancel"]
 
-        def in_a_worker_thread() -> None:
-            with run_worker.interrupted_while_canceling(instance, run.run_id):
-                run_worker.raise_if_canceling(run.run_id)  # not CANCELING: no interrupt
-                instance.report_run_canceling(run)
+
+def test_runs_off_the_main_thread_share_one_watcher_and_only_the_canceling_one_is_interrupted(tmp_path):
+    """Two runs in worker threads (as on a Celery threads pool): one watcher thread asks for both;
+    `raise_if_canceling` stays silent for each until its own run is CANCELING, then raises
+    Dagster's interrupt (which no op's retry policy turns into a retry: it is no Exception); the
+    other run is not touched; the watcher ends with the last run and nothing stays marked."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        terminated, kept = instance.create_run_for_job(_pooled_job), instance.create_run_for_job(_pooled_job)
+        both_in, release = threading.Barrier(3), threading.Event()
+        seen: dict[str, BaseException | None] = {}
+
+        def run(run_id: str) -> None:
+            with run_worker.interrupted_while_canceling(instance, run_id):
+                run_worker.raise_if_canceling(run_id)  # not CANCELING: no interrupt
+                both_in.wait()
                 deadline = time.monotonic() + 30
                 try:
-                    while time.monotonic() < deadline:
-                        run_worker.raise_if_canceling(run.run_id)
+                    while time.monotonic() < deadline and not (run_id == kept.run_id and release.is_set()):
+                        run_worker.raise_if_canceling(run_id)
                         time.sleep(0.05)
-                    seen.append(None)
+                    seen[run_id] = None
                 except DagsterExecutionInterruptedError as interrupt:
-                    seen.append(interrupt)
+                    seen[run_id] = interrupt
+                    release.set()
 
-        thread = threading.Thread(target=in_a_worker_thread)
-        thread.start()
-        thread.join(timeout=60)
-        assert seen and isinstance(seen[0], DagsterExecutionInterruptedError)
-        assert not isinstance(seen[0], Exception)
-        run_worker.raise_if_canceling(run.run_id)  # the run ended: no longer marked
+        threads = [threading.Thread(target=run, args=(r.run_id,)) for r in (terminated, kept)]
+        for thread in threads:
+            thread.start()
+        both_in.wait()
+        assert len(_watchers()) == 1
+        instance.report_run_canceling(terminated)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert isinstance(seen[terminated.run_id], DagsterExecutionInterruptedError)
+        assert not isinstance(seen[terminated.run_id], Exception)
+        assert seen[kept.run_id] is None
+        assert _watchers() == []
+        run_worker.raise_if_canceling(terminated.run_id)  # the run ended: no longer marked
 
 
 @pytest.fixture(autouse=True)
