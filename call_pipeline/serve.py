@@ -52,7 +52,8 @@ from call_pipeline.queues import STEP_QUEUES
 WORKSPACE_ARGS = ("-m", "call_pipeline.definitions", "-a", "defs")
 CODE_LOCATION = "call_pipeline.definitions:defs"
 CELERY_RUN_LAUNCHER = "CeleryRunLauncher"
-# The queue deploy/dagster.yaml's CeleryRunLauncher sends runs to (its `default_queue`).
+# The run worker's threads when the instance does not bound the runs it hands over.
+DEFAULT_RUN_SLOTS = 8
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.5
 
@@ -168,6 +169,14 @@ def celery_run_queue(config: Mapping[str, Any], env: Mapping[str, str]) -> str |
     return _string_source(queue, env, f"run_launcher.config.default_queue ({CELERY_RUN_LAUNCHER})")
 
 
+def run_slots(config: Mapping[str, Any]) -> int | None:
+    """How many runs the instance hands to its run workers at once (`concurrency.runs.
+    max_concurrent_runs`); None when unbounded (Dagster's default)."""
+    runs = ((config.get("concurrency") or {}).get("runs") or {})
+    limit = runs.get("max_concurrent_runs")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def write_workspace(path: Path, code_port: int) -> Path:
     """A workspace file naming the code server of `serve` (on `code_port`) as the code location."""
     path.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
@@ -188,7 +197,11 @@ def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool
         services.append(Service("step worker", (*worker, "--queues", ",".join(STEP_QUEUES), "--name", "steps@%h")))
     run_queue = celery_run_queue(config, env)
     if run_queue is not None:
-        services.append(Service("run worker", (*worker, "--queues", run_queue, "--name", "runs@%h")))
+        # Runs side by side on threads of one process, as many as the instance hands over at once:
+        # a burst of new tasks all start within seconds, in one process's memory, and a run
+        # waits for the cloud and the databases most of its time (README, "Runs on Celery workers").
+        slots = ("--pool", "threads", "--concurrency", str(run_slots(config) or DEFAULT_RUN_SLOTS))
+        services.append(Service("run worker", (*worker, "--queues", run_queue, *slots, "--name", "runs@%h")))
     services.append(Service("code server", (python, "-m", "dagster", "code-server", "start", *WORKSPACE_ARGS,
                                              "--location-name", CODE_LOCATION, "-h", "127.0.0.1",
                                              "-p", str(code_port), "--log-level", "warning"), port=code_port))

@@ -22,6 +22,7 @@ from call_pipeline.crm.database import PROJECT_ROOT
 from call_pipeline.queues import RUNS_QUEUE
 from call_pipeline.serve import (
     CODE_LOCATION,
+    DEFAULT_RUN_SLOTS,
     ServeError,
     celery_run_queue,
     packaged_instance_yaml,
@@ -96,6 +97,12 @@ def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
     assert list(services) == ["run worker", "code server", "dagster-daemon"]
     worker = services["run worker"]
     assert worker[worker.index("--queues") + 1] == RUNS_QUEUE
+    # runs side by side on threads, as many as the instance hands over at once
+    assert worker[worker.index("--pool") + 1] == "threads"
+    assert worker[worker.index("--concurrency") + 1] == str(DEFAULT_RUN_SLOTS)
+    bounded = _commands(_plan({"run_launcher": launcher, "concurrency": {"runs": {"max_concurrent_runs": 30}}}, {},
+                              ui=False, host="h", port=1))["run worker"]
+    assert bounded[bounded.index("--concurrency") + 1] == "30"
     # the two workers of one machine have names of their own
     both = _commands(_plan({"run_launcher": CELERY_LAUNCHER}, {"CALL_PIPELINE_EXECUTOR": "celery"}))
     names = {command[command.index("--name") + 1] for command in (both["run worker"], both["step worker"])}
@@ -103,6 +110,12 @@ def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
     # any other launcher runs runs itself
     other = {"run_launcher": {"module": "dagster", "class": "DefaultRunLauncher"}}
     assert "run worker" not in _commands(_plan(other, {}, ui=False, host="h", port=1))
+
+
+def test_the_production_instance_runs_as_many_runs_at_once_as_it_hands_over():
+    deploy = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text(encoding="utf-8"))
+    worker = _commands(_plan(deploy, {}, ui=False, host="h", port=1))["run worker"]
+    assert worker[worker.index("--concurrency") + 1] == str(deploy["concurrency"]["runs"]["max_concurrent_runs"])
 
 
 def test_the_run_queue_is_the_launchers_own_and_may_come_from_the_environment():

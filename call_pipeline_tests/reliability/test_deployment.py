@@ -95,11 +95,12 @@ class Processes:
 
 @contextlib.contextmanager
 def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, redis_prefix: str,
-               dagster_mysql_env: dict, s3, runs_concurrency: int = 2, runs_pool: str = "prefork",
+               dagster_mysql_env: dict, s3, runs_concurrency: int = 8, runs_pool: str = "threads",
                instance_overrides: dict | None = None, ui: bool = True, **extra_env: str):
-    """The daemon, the webserver (unless `ui` is false: `serve --no-ui`), the run worker and, on the
-    celery executor, the two step workers (the workers `serve` starts for the instance) up; yields
-    (instance, processes, env). `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
+    """The daemon, the webserver (unless `ui` is false: `serve --no-ui`), the run worker (a threads
+    pool, as `serve` starts it; its threads fewer than serve's) and, on the celery executor, the
+    two step workers (the workers `serve` starts for the instance) up; yields (instance,
+    processes, env). `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
     bucket = s3.new_bucket()
     env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, **extra_env.pop("knobs", {})),
                          dagster_home=tmp_path / "unused", **{

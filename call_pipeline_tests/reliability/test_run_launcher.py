@@ -219,12 +219,13 @@ def test_figures_of_a_big_and_a_small_run_on_the_run_worker(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", ["worker", "pool process"])
+@pytest.mark.parametrize(("killed", "pool"), [("worker", "threads"), ("worker", "prefork"),
+                                               ("pool process", "prefork")])
 def test_a_run_whose_worker_is_killed_is_failed_and_retried(
-        killed, mariadb_url, simulator, clean_run, broker_url, redis_prefix, dagster_mysql_env, s3,
+        killed, pool, mariadb_url, simulator, clean_run, broker_url, redis_prefix, dagster_mysql_env, s3,
         aws_test_credentials, tmp_path):
     """SIGKILL in the middle of step 5: the whole run worker (a second one is started on `runs`),
-    or only the pool process that executes the run (its worker starts another). The run's task,
+    or only the prefork pool process that executes the run (its worker starts another). The run's task,
     acknowledged late, is delivered again; that delivery fails the run (it does not stay STARTED)
     and the daemon's run retry finishes the task; the task's Celery state ends SUCCESS; the CRM
     is a clean run's, no follow-up written twice."""
@@ -238,14 +239,14 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     simulator.state.set_latency(dashscope_ms=300)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    ui=False, CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2}) as (
+                    runs_pool=pool, ui=False, CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2}) as (
             instance, processes, env):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 3, 180, "the first follow-ups")
         killed_run = next(r for r in sync_runs(instance) if r.status == dg.DagsterRunStatus.STARTED)
         worker, _ = processes.running[RUNS_WORKER]
         if killed == "worker":
             os.killpg(worker.pid, signal.SIGKILL)
-            start_worker(processes, env, tmp_path, RUNS_WORKER, suffix="-2")
+            start_worker(processes, env, tmp_path, RUNS_WORKER, suffix="-2", pool=pool)
         else:
             os.kill(run_pid(instance, killed_run.run_id), signal.SIGKILL)
         written = follow_up_count(mariadb_url)
@@ -263,7 +264,7 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
         assert retry.status == dg.DagsterRunStatus.SUCCESS
         if killed == "worker":
             new_worker, _ = processes.running[f"{RUNS_WORKER}-2"]
-            assert run_pid(instance, retry.run_id) in pool_processes(new_worker.pid)
+            assert run_pid(instance, retry.run_id) in {new_worker.pid} | pool_processes(new_worker.pid)
         else:
             assert_ran_in_the_run_worker(instance, processes, retry.run_id)
         app = Celery(broker=env["CALL_PIPELINE_CELERY_BROKER"], backend=env["CALL_PIPELINE_CELERY_BACKEND"])
@@ -288,14 +289,18 @@ def _deploy_config() -> dict:
 def test_runs_queued_at_once_all_run_on_the_run_worker(
         mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3, aws_test_credentials, tmp_path):
     """FIGURES_RUNS tasks of 3 leads (30 in the suite; 100 for the README's figures) appear at once;
-    the sensor queues a run for each in one tick; each runs in a pool process of the run worker.
+    the sensor queues a run for each in one tick; each runs on the run worker (FIGURES_RUN_POOL,
+    FIGURES_RUN_SLOTS: by default as `serve` starts it, threads as many as deploy/dagster.yaml's
+    max_concurrent_runs).
     Prints, counted from the first run's creation: every run launched (handed to the broker),
     started (RUN_START) and finished, and the CPU of the run worker and of the daemon (§11 asks for
     100 all started within 30 s: see README, "Runs on Celery workers", for what bounds it here)."""
     count = int(os.environ.get("FIGURES_RUNS", "30"))
     tasks = [scenarios.mixed(task_id=7500 + i, n_leads=3, leads_id_offset=10 * i, seed=i) for i in range(count)]
-    concurrency = int(os.environ.get("FIGURES_RUN_SLOTS", "4"))
-    pool = os.environ.get("FIGURES_RUN_POOL", "prefork")
+    # as `serve` starts the run worker: threads, as many as the runs handed over at once
+    concurrency = int(os.environ.get("FIGURES_RUN_SLOTS", str(_deploy_config()["concurrency"]["runs"][
+        "max_concurrent_runs"])))
+    pool = os.environ.get("FIGURES_RUN_POOL", "threads")
     # FIGURES_MAX_RUNS: the daemon's max_concurrent_runs; FIGURES_POOL_LIMIT: the pools' default limit
     overrides = {}
     if os.environ.get("FIGURES_MAX_RUNS"):
@@ -377,7 +382,8 @@ def test_the_multiprocess_executor_cannot_start_steps_in_a_prefork_pool_process(
     a daemonic process may not start children, so the run fails at its first step."""
     scenario = scenarios.mixed(task_id=7460, n_leads=5, seed=99)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    CALL_PIPELINE_EXECUTOR="multiprocess", CALL_PIPELINE_SENSOR_TICK_SECONDS="100000") as (
+                    runs_pool="prefork", CALL_PIPELINE_EXECUTOR="multiprocess",
+                    CALL_PIPELINE_SENSOR_TICK_SECONDS="100000") as (
             instance, processes, _):
         scenario.install(mariadb_url, simulator)
         instance.add_dynamic_partitions("call_tasks", [str(scenario.task_id)])
