@@ -52,7 +52,7 @@ from call_pipeline.queues import STEP_QUEUES
 WORKSPACE_ARGS = ("-m", "call_pipeline.definitions", "-a", "defs")
 CODE_LOCATION = "call_pipeline.definitions:defs"
 CELERY_RUN_LAUNCHER = "CeleryRunLauncher"
-# The run worker's threads when the instance does not bound the runs it hands over.
+# The run workers' threads (in all) when the instance does not bound the runs it hands over.
 DEFAULT_RUN_SLOTS = 8
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.5
@@ -185,9 +185,11 @@ def write_workspace(path: Path, code_port: int) -> Path:
 
 
 def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool, host: str, port: int,
-                  code_port: int, workspace: Path, python: str = sys.executable) -> list[Service]:
-    """What one machine runs for the instance `config` and the settings in `env`; `workspace`
-    (`write_workspace`) names the code server, which listens on `code_port`."""
+                  code_port: int, workspace: Path, python: str = sys.executable,
+                  cpus: int | None = None) -> list[Service]:
+    """What one machine (of `cpus` CPUs, the machine's own by default) runs for the instance
+    `config` and the settings in `env`; `workspace` (`write_workspace`) names the code server,
+    which listens on `code_port`."""
     from call_pipeline.settings import PipelineSettings, from_env
 
     services: list[Service] = []
@@ -197,11 +199,15 @@ def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool
         services.append(Service("step worker", (*worker, "--queues", ",".join(STEP_QUEUES), "--name", "steps@%h")))
     run_queue = celery_run_queue(config, env)
     if run_queue is not None:
-        # Runs side by side on threads of one process, as many as the instance hands over at once:
-        # a burst of new tasks all start within seconds, in one process's memory, and a run
-        # waits for the cloud and the databases most of its time (README, "Runs on Celery workers").
-        slots = ("--pool", "threads", "--concurrency", str(run_slots(config) or DEFAULT_RUN_SLOTS))
-        services.append(Service("run worker", (*worker, "--queues", run_queue, *slots, "--name", "runs@%h")))
+        # Runs side by side on threads, as many in all as the instance hands over at once (a
+        # burst of new tasks all start within seconds), in one worker per CPU: each process's runs
+        # share its interpreter lock (README, "Runs on Celery workers", says what was measured).
+        count = max(1, cpus or os.cpu_count() or 1)
+        threads = str(-(-(run_slots(config) or DEFAULT_RUN_SLOTS) // count))
+        for i in range(1, count + 1):
+            services.append(Service("run worker" if count == 1 else f"run worker {i}", (
+                *worker, "--queues", run_queue, "--pool", "threads", "--concurrency", threads,
+                "--name", f"runs{'' if count == 1 else i}@%h")))
     services.append(Service("code server", (python, "-m", "dagster", "code-server", "start", *WORKSPACE_ARGS,
                                              "--location-name", CODE_LOCATION, "-h", "127.0.0.1",
                                              "-p", str(code_port), "--log-level", "warning"), port=code_port))

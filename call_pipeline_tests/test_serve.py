@@ -44,8 +44,8 @@ def _commands(services) -> dict[str, tuple[str, ...]]:
 WORKSPACE = Path("/run/serve/workspace.yaml")
 
 
-def _plan(config: dict, env: dict, *, ui: bool = False, host: str = "h", port: int = 1):
-    return plan_services(config, env, ui=ui, host=host, port=port, code_port=4266, workspace=WORKSPACE)
+def _plan(config: dict, env: dict, *, ui: bool = False, host: str = "h", port: int = 1, cpus: int = 1):
+    return plan_services(config, env, ui=ui, host=host, port=port, code_port=4266, workspace=WORKSPACE, cpus=cpus)
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -103,6 +103,12 @@ def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
     bounded = _commands(_plan({"run_launcher": launcher, "concurrency": {"runs": {"max_concurrent_runs": 30}}}, {},
                               ui=False, host="h", port=1))["run worker"]
     assert bounded[bounded.index("--concurrency") + 1] == "30"
+    # one worker per CPU, the threads shared out among them, each worker named apart
+    two = _commands(_plan({"run_launcher": launcher, "concurrency": {"runs": {"max_concurrent_runs": 31}}}, {},
+                          cpus=2))
+    assert list(two) == ["run worker 1", "run worker 2", "code server", "dagster-daemon"]
+    assert [c[c.index("--concurrency") + 1] for c in (two["run worker 1"], two["run worker 2"])] == ["16", "16"]
+    assert len({c[c.index("--name") + 1] for c in (two["run worker 1"], two["run worker 2"])}) == 2
     # the two workers of one machine have names of their own
     both = _commands(_plan({"run_launcher": CELERY_LAUNCHER}, {"CALL_PIPELINE_EXECUTOR": "celery"}))
     names = {command[command.index("--name") + 1] for command in (both["run worker"], both["step worker"])}
@@ -114,8 +120,10 @@ def test_a_celery_run_launcher_brings_a_worker_on_its_queue(launcher):
 
 def test_the_production_instance_runs_as_many_runs_at_once_as_it_hands_over():
     deploy = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text(encoding="utf-8"))
-    worker = _commands(_plan(deploy, {}, ui=False, host="h", port=1))["run worker"]
-    assert worker[worker.index("--concurrency") + 1] == str(deploy["concurrency"]["runs"]["max_concurrent_runs"])
+    handed_over = deploy["concurrency"]["runs"]["max_concurrent_runs"]
+    workers = _commands(_plan(deploy, {}, ui=False, host="h", port=1, cpus=2))
+    threads = [int(c[c.index("--concurrency") + 1]) for name, c in workers.items() if name.startswith("run worker")]
+    assert len(threads) == 2 and handed_over <= sum(threads) < handed_over + 2
 
 
 def test_the_run_queue_is_the_launchers_own_and_may_come_from_the_environment():

@@ -96,11 +96,12 @@ class Processes:
 @contextlib.contextmanager
 def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, redis_prefix: str,
                dagster_mysql_env: dict, s3, runs_concurrency: int = 8, runs_pool: str = "threads",
-               instance_overrides: dict | None = None, ui: bool = True, **extra_env: str):
+               instance_overrides: dict | None = None, ui: bool = True, runs_workers: int = 1, **extra_env: str):
     """The daemon, the webserver (unless `ui` is false: `serve --no-ui`), the run worker (a threads
-    pool, as `serve` starts it; its threads fewer than serve's) and, on the celery executor, the
-    two step workers (the workers `serve` starts for the instance) up; yields (instance,
-    processes, env). `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
+    pool, as `serve` starts it; its threads fewer than serve's; `runs_workers` of them: the first
+    named RUNS_WORKER, the others RUNS_WORKER-1...) and, on the celery executor, the two step
+    workers (the workers `serve` starts for the instance) up; yields (instance, processes, env).
+    `instance_overrides`: changes to deploy/dagster.yaml (`_home`)."""
     bucket = s3.new_bucket()
     env = subprocess_env(pipeline_env_vars(mariadb_url, simulator, **extra_env.pop("knobs", {})),
                          dagster_home=tmp_path / "unused", **{
@@ -127,10 +128,13 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         if ui:
             processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                                           "-p", str(port)], ops_env)
-        workers = (*QUEUES_OF, RUNS_WORKER) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else (RUNS_WORKER,)
+        run_workers = [RUNS_WORKER, *(f"{RUNS_WORKER}-{i}" for i in range(1, runs_workers))]
+        workers = (*QUEUES_OF, *run_workers) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else tuple(run_workers)
         for name in workers:
-            start_worker(processes, env, tmp_path, name, overrides=instance_overrides,
-                         **({"concurrency": runs_concurrency, "pool": runs_pool} if name == RUNS_WORKER else {}))
+            runs = name in run_workers
+            start_worker(processes, env, tmp_path, RUNS_WORKER if runs else name, overrides=instance_overrides,
+                         suffix=name.removeprefix(RUNS_WORKER) if runs else "",
+                         **({"concurrency": runs_concurrency, "pool": runs_pool} if runs else {}))
         processes.check_alive()
         _wait_for_workers(broker_url, [f"{name}@localhost" for name in workers])
         if ui:

@@ -201,8 +201,9 @@ class CallEnder(threading.Thread):
 
 
 class FollowUpWatcher(threading.Thread):
-    """Reads the CRM every 0.5 s for follow-ups written since the last read (by follow-up id) and
-    keeps when each live job's follow-up was first seen."""
+    """Reads the CRM every 0.5 s for the live jobs whose lead has its follow-up and keeps when each
+    was first seen. Not by follow-up id above the last one read: run workers writing side by side
+    commit ids out of order, and an id committed after a higher one was read would never be seen."""
 
     def __init__(self, crm_url: str, task_ids: list[int]) -> None:
         super().__init__(name="bench-follow-up-watcher", daemon=True)
@@ -216,16 +217,13 @@ class FollowUpWatcher(threading.Thread):
         from call_pipeline.crm.schema import leads_task_list as L
 
         engine = create_crm_engine(self.crm_url)
-        last = 0
         try:
             while not self.stop_event.is_set():
                 with engine.connect() as conn:
-                    rows = conn.execute(sa.select(F.c.id, L.c.call_job_id)
-                                        .join(L, L.c.leads_follow_id == F.c.id)
-                                        .where(F.c.id > last, L.c.task_id.in_(self.task_ids))).all()
+                    rows = conn.execute(sa.select(L.c.call_job_id).join(F, L.c.leads_follow_id == F.c.id)
+                                        .where(L.c.task_id.in_(self.task_ids))).scalars().all()
                 now = time.time()
-                for follow_id, job_id in rows:
-                    last = max(last, follow_id)
+                for job_id in rows:
                     self.seen_at.setdefault(job_id, now)
                 self.stop_event.wait(0.5)
         finally:
