@@ -32,7 +32,7 @@ from call_pipeline.serve import (
 )
 from call_pipeline_tests.serve_harness import Served, alive, describe, free_port, wait_until
 
-READY = re.compile(r"\b(steps|runs)@\S+ ready\.")
+READY = re.compile(r"\b(steps|runs\d*)@\S+ ready\.")
 CELERY_LAUNCHER = {"module": "dagster_celery.launcher", "class": "CeleryRunLauncher",
                    "config": {"default_queue": "runs"}}
 
@@ -242,8 +242,8 @@ def test_when_one_process_dies_serve_stops_the_others_and_fails(tmp_path, sqlite
 @pytest.mark.slow
 def test_serve_starts_and_stops_the_celery_workers_the_instance_needs(tmp_path, sqlite_url, simulator):
     """CALL_PIPELINE_EXECUTOR=celery and a CeleryRunLauncher in $DAGSTER_HOME/dagster.yaml: a
-    worker on the step queues and one on the runs queue, each on the machine's RabbitMQ, come up
-    beside the daemon, and go with it."""
+    worker on the step queues and one per CPU on the runs queue, each on the machine's RabbitMQ,
+    come up beside the daemon, and go with it."""
     home = tmp_path / "home"
     home.mkdir()
     config = yaml.safe_load(packaged_instance_yaml())
@@ -253,11 +253,12 @@ def test_serve_starts_and_stops_the_celery_workers_the_instance_needs(tmp_path, 
     with Served(_serve_command("--no-ui"), env, tmp_path, home) as served:
         served.wait_for_daemon()
         # each worker says so once it consumes from the broker
-        wait_until(lambda: served.running() and len(set(READY.findall(served.log()))) == 2, 180,
-                   "both Celery workers to be ready")
+        workers = 1 + (os.cpu_count() or 1)
+        wait_until(lambda: served.running() and len(set(READY.findall(served.log()))) == workers, 180,
+                   f"the {workers} Celery workers to be ready")
         lines = served.cmdlines()
         assert any("-Q sync_queue,query_queue,download_queue,ai_queue" in line for line in lines), lines
-        assert any(f"-Q {RUNS_QUEUE}" in line for line in lines), lines
+        assert sum(f"-Q {RUNS_QUEUE} " in line and "--pool threads" in line for line in lines) == workers - 1, lines
         assert not (tmp_path / "data").exists()  # the operator's home, not one of serve's own
         code, left = served.stop(signal.SIGTERM)
         _assert_all_gone(served, code, left)
