@@ -8,6 +8,7 @@ embedded default)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -15,6 +16,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def execute_run(instance: Any, run_id: str) -> int:
@@ -79,7 +82,12 @@ class _CancelWatch:
                 runs = dict(self.runs)
             if not runs:
                 continue
-            found = self.instance.get_run_ids(RunsFilter(run_ids=list(runs), statuses=[DagsterRunStatus.CANCELING]))
+            try:
+                found = self.instance.get_run_ids(RunsFilter(run_ids=list(runs),
+                                                             statuses=[DagsterRunStatus.CANCELING]))
+            except Exception as exc:  # noqa: BLE001 - the storage unreachable for a moment: ask again next poll
+                log.warning("could not read which runs are being terminated: %s: %s", type(exc).__name__, exc)
+                continue
             with _lock:
                 running = [run_id for run_id in found if run_id in self.runs]  # not ended meanwhile
                 self.canceling.update(run_id for run_id in running if not self.runs[run_id])

@@ -88,6 +88,46 @@ def test_runs_off_the_main_thread_share_one_watcher_and_only_the_canceling_one_i
         run_worker.raise_if_canceling(terminated.run_id)  # the run ended: no longer marked
 
 
+class _StorageOnceUnreachable:
+    """The instance, whose first question about terminated runs fails as a lost connection would."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self._instance, self.failed = instance, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._instance, name)
+
+    def get_run_ids(self, *args, **kwargs):
+        if not self.failed:
+            self.failed += 1
+            raise ConnectionError("Lost connection to MySQL server during query")
+        return self._instance.get_run_ids(*args, **kwargs)
+
+
+def test_a_failed_poll_does_not_end_the_watch(tmp_path, caplog):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as real:
+        instance = _StorageOnceUnreachable(real)
+        run = real.create_run_for_job(_pooled_job)
+        real.report_run_canceling(run)
+        seen: list[BaseException] = []
+
+        def in_a_worker_thread() -> None:
+            with run_worker.interrupted_while_canceling(instance, run.run_id):
+                deadline = time.monotonic() + 30
+                try:
+                    while time.monotonic() < deadline:
+                        run_worker.raise_if_canceling(run.run_id)
+                        time.sleep(0.05)
+                except DagsterExecutionInterruptedError as interrupt:
+                    seen.append(interrupt)
+
+        thread = threading.Thread(target=in_a_worker_thread)
+        thread.start()
+        thread.join(timeout=60)
+        assert instance.failed == 1 and seen
+        assert "could not read which runs are being terminated: ConnectionError" in caplog.text
+
+
 @pytest.fixture(autouse=True)
 def _fast_cancel_poll(monkeypatch):
     monkeypatch.setattr(dg.DagsterInstance, "cancellation_thread_poll_interval_seconds", property(lambda _self: 0.2))
