@@ -99,8 +99,22 @@ def _wait_for_run(served: Served, instance: dg.DagsterInstance, find, what: str,
     try:
         return wait_until(found, timeout_s, what)
     except AssertionError as timed_out:
-        seen = [(r.run_id[:8], r.status.value, r.tags.get("dagster/parent_run_id")) for r in _sync_runs(instance)]
-        raise AssertionError(f"{timed_out}: {seen}\n{served.log()[-4000:]}") from None
+        seen = [(r.run_id[:8], r.status.value, r.tags.get("dagster/parent_run_id"), r.tags.get("dagster/will_retry"))
+                for r in _sync_runs(instance)]
+        raise AssertionError(f"{timed_out}: {seen}\n{_retry_daemon_state(instance)}\n{served.log()[-4000:]}") from None
+
+
+def _retry_daemon_state(instance: dg.DagsterInstance) -> str:
+    """Where the daemon's run-retry consumer stands against the run failures in the event log: what
+    a retry that never came is to be read from (seen once in CI, not explained)."""
+    storage = instance.event_log_storage
+    cursors = instance.daemon_cursor_storage.get_cursor_values(
+        {f"EVENT_LOG_CONSUMER_CURSOR-{t.value}" for t in (dg.DagsterEventType.RUN_FAILURE,
+                                                           dg.DagsterEventType.RUN_SUCCESS)})
+    failures = storage.get_logs_for_all_runs_by_log_id(after_cursor=-1,
+                                                       dagster_event_type={dg.DagsterEventType.RUN_FAILURE})
+    return (f"retry consumer's cursors {cursors}; the event log's last id {storage.get_maximum_record_id()}; "
+            f"run failures by id {[(i, e.run_id[:8]) for i, e in failures.items()]}")
 
 
 def _forked_by_the_daemon(pid: int) -> None:
