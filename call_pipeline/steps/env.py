@@ -25,8 +25,8 @@ class StepEnv:
     gives now as the CRM stores it (naive, in `zone`); a step that needs one "now" for all its
     work reads it once, at its start. With a `ledger`, the units of one lead that keep failing
     are counted and given up (steps/give_up.py). `stop` raises when the run is to end early (its
-Terminate, where no signal reaches it): a step that calls out in many units calls it between
-the batches it writes."""
+    Terminate, where no signal reaches it): a step that calls out in many units calls it between
+    the batches it writes."""
 
     engine: Engine
     zone: ZoneInfo

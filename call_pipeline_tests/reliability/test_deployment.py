@@ -128,13 +128,14 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         if ui:
             processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
                                           "-p", str(port)], ops_env)
-        run_workers = [RUNS_WORKER, *(f"{RUNS_WORKER}-{i}" for i in range(1, runs_workers))]
-        workers = (*QUEUES_OF, *run_workers) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else tuple(run_workers)
-        for name in workers:
-            runs = name in run_workers
-            start_worker(processes, env, tmp_path, RUNS_WORKER if runs else name, overrides=instance_overrides,
-                         suffix=name.removeprefix(RUNS_WORKER) if runs else "",
-                         **({"concurrency": runs_concurrency, "pool": runs_pool} if runs else {}))
+        step_workers = tuple(QUEUES_OF) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else ()
+        for name in step_workers:
+            start_worker(processes, env, tmp_path, name, overrides=instance_overrides)
+        suffixes = ["", *(f"-{i}" for i in range(1, runs_workers))]
+        for suffix in suffixes:
+            start_worker(processes, env, tmp_path, RUNS_WORKER, suffix=suffix, overrides=instance_overrides,
+                         concurrency=runs_concurrency, pool=runs_pool)
+        workers = (*step_workers, *(RUNS_WORKER + suffix for suffix in suffixes))
         processes.check_alive()
         _wait_for_workers(broker_url, [f"{name}@localhost" for name in workers])
         if ui:
