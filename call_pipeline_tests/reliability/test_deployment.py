@@ -248,6 +248,20 @@ def _wait_for_workers(broker: str, names: list[str], timeout_s: float = 120.0) -
         app.close()
 
 
+def _failure_report(instance: dg.DagsterInstance, failed: list, processes: Processes) -> str:
+    """What a failed run's event log and the workers' output say about why it failed."""
+    lines = []
+    for run in failed:
+        for entry in instance.all_logs(run.run_id):
+            event = entry.dagster_event
+            if event and (event.is_failure or event.event_type_value in ("RUN_FAILURE", "ENGINE_EVENT")):
+                error = getattr(event.event_specific_data, "error", None)
+                lines.append(f"{run.run_id[:8]} {event.event_type_value} {event.step_key or ''}: "
+                             f"{entry.message} {error.to_string() if error else ''}")
+    outputs = {name: processes.output(name)[-2000:] for name in processes.running}
+    return "\n".join(lines) + "".join(f"\n--- {name}:\n{text}" for name, text in outputs.items())
+
+
 def _wait_for_runs(instance: dg.DagsterInstance, task_ids: list[int], processes: Processes,
                    timeout_s: float = 300.0, allow_failed: bool = False, skip: tuple[str, ...] = ()) -> list:
     """The runs the sensor launched for the tasks, once each task has a successful one."""
@@ -259,7 +273,7 @@ def _wait_for_runs(instance: dg.DagsterInstance, task_ids: list[int], processes:
             return [run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS]
         processes.check_alive(skip)
         failed = [run for run in runs if run.status == dg.DagsterRunStatus.FAILURE]
-        assert allow_failed or not failed, processes.output("daemon")[-3000:]
+        assert allow_failed or not failed, _failure_report(instance, failed, processes)
         assert time.monotonic() < deadline, (
             f"runs: {[(r.tags.get('dagster/partition'), r.status.value) for r in runs]}\\n"
             + processes.output("daemon")[-3000:])
