@@ -140,20 +140,13 @@ _SHARED_DIR = pytest.StashKey[str]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that reach MariaDB carry the `mariadb` marker (`-m "not mariadb"`: the rest, in
-    seconds, with no server); CI runs everything. Under xdist the modules of long tests (browser,
-    then slow) are handed out first, so that none of them starts last and runs on alone, and the
-    `serial` tests last: a serial test waits for every running test to end while the other workers
-    stand idle, which at the start meant three workers waiting for the browser test (150 s)."""
+    seconds, with no server); CI runs everything. Under xdist the tests are handed out in
+    `xdist_shared.hand_out_order`."""
     for item in items:
         if MARIADB_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.mariadb)
     if hasattr(config, "workerinput"):
-        # whole modules move, so that a module's fixtures are still made once
-        long_modules = {marker: {item.module for item in items if item.get_closest_marker(marker)}
-                        for marker in ("browser", "slow")}
-        items.sort(key=lambda item: (item.get_closest_marker("serial") is not None,
-                                     item.module not in long_modules["browser"],
-                                     item.module not in long_modules["slow"]))
+        xdist_shared.hand_out_order(items)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from call_pipeline_tests.xdist_shared import computed_once, holding
+from call_pipeline_tests.xdist_shared import computed_once, hand_out_order, holding
+
+pytest_plugins = ["pytester"]
 
 
 def _hold(lock_dir: str, serial: bool, log: list[str], name: str, entered: threading.Event,
@@ -90,3 +92,17 @@ def test_a_value_asked_by_several_workers_at_once_is_computed_once(tmp_path):
     assert started.is_set() and computed == [1]
     assert answers == [{"leads": [1, 2, 3]}] * 4
     assert computed_once(tmp_path, ("mixed", 8), lambda: "other key") == "other key"
+
+
+def test_long_modules_are_handed_out_first_and_serial_tests_last(pytester):
+    pytester.makeini("[pytest]\nmarkers =\n    slow\n    serial\n    browser\n")
+    pytester.makepyfile(
+        test_a_quick="def test_quick(): pass",
+        test_b_slow="import pytest\npytestmark = pytest.mark.slow\ndef test_slow(): pass\n"
+                    "@pytest.mark.serial\ndef test_measures(): pass\ndef test_slow_too(): pass\n",
+        test_c_ui="import pytest\n@pytest.mark.browser\ndef test_ui(): pass\ndef test_beside_it(): pass\n")
+    items, _ = pytester.inline_genitems()
+    assert [item.name for item in items][:2] == ["test_quick", "test_slow"]  # collected in file order
+    hand_out_order(items)
+    assert [item.name for item in items] == ["test_ui", "test_beside_it", "test_slow", "test_slow_too",
+                                             "test_quick", "test_measures"]

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 # Set by the controlling pytest process before its workers start; they inherit it.
 SHARED_DIR_VARIABLE = "CALL_PIPELINE_TEST_SHARED_DIR"
 
@@ -84,3 +86,16 @@ def holding(lock_dir: str, serial: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(running, fcntl.LOCK_UN)
+
+
+def hand_out_order(items: list[pytest.Item]) -> None:
+    """Sorts the session's tests in the order the workers get them: the modules of long tests
+    (browser, then slow) first, so that none of them starts last and runs on alone; `serial`
+    tests last, since one waits for every running test to end while the other workers stand idle
+    (first in their slow module, one held three workers for the browser test's 150 s). Whole
+    modules move, except their serial tests, so that a module's fixtures are still made once."""
+    long_modules = {marker: {item.module for item in items if item.get_closest_marker(marker)}
+                    for marker in ("browser", "slow")}
+    items.sort(key=lambda item: (item.get_closest_marker("serial") is not None,
+                                 item.module not in long_modules["browser"],
+                                 item.module not in long_modules["slow"]))

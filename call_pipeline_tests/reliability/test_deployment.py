@@ -27,12 +27,12 @@ from celery import Celery
 
 from call_pipeline.instance import create_pools
 from call_pipeline.run_status import SYNC_JOB_NAME
+from call_pipeline.serve import plan_services, read_instance_config, write_workspace
 from call_pipeline_tests.reliability import scenarios
 from call_pipeline_tests.reliability.harness import PROJECT_ROOT, pipeline_env_vars, subprocess_env
 from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, normalized
 
 RESULT_BACKEND = "redis://127.0.0.1:6379/0"
-BIN = Path(sys.executable).parent
 QUEUES_OF = {"sync-query": "sync_queue,query_queue", "download-ai": "download_queue,ai_queue"}
 RUNS_WORKER = "runs"
 WORKER_OF_QUEUE = {"sync_queue": "sync-query", "query_queue": "sync-query", "download_queue": "download-ai",
@@ -121,13 +121,19 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
         # the schema and the pools, once, before the processes that share them start (as `serve` does)
         instance = dg.DagsterInstance.from_config(str(ops_home))
         create_pools(instance)
-        port = _free_port()
-        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        port, code_port = _free_port(), _free_port()
         ops_env = {**env, "DAGSTER_HOME": str(ops_home)}
-        processes.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], ops_env)
+        # One code server for the daemon and the webserver, with serve's commands: started alone,
+        # each would spawn its own and the daemon a new one every minute.
+        services = {service.name: service.command for service in plan_services(
+            read_instance_config(ops_home), ops_env, ui=ui, host="127.0.0.1", port=port, code_port=code_port,
+            workspace=write_workspace(tmp_path / "workspace.yaml", code_port), cpus=1)}
+        processes.start("code-server", list(services["code server"]), ops_env)
+        _wait_for(lambda: socket.create_connection(("127.0.0.1", code_port), timeout=1).close() is None, 120,
+                  "the code server")
+        processes.start("daemon", list(services["dagster-daemon"]), ops_env)
         if ui:
-            processes.start("webserver", [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
-                                          "-p", str(port)], ops_env)
+            processes.start("webserver", list(services["dagster-webserver"]), ops_env)
         step_workers = tuple(QUEUES_OF) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else ()
         for name in step_workers:
             start_worker(processes, env, tmp_path, name, overrides=instance_overrides)
