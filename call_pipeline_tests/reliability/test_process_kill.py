@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import dagster as dg
@@ -39,6 +40,7 @@ def count(crm_url: str, sql: str) -> int:
 
 
 FOLLOW_UPS = "SELECT COUNT(*) FROM dcc_leads_follow"
+READ_FROZEN_S = 5.0
 STEP_ENDS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
              dg.DagsterEventType.STEP_UP_FOR_RETRY}
 
@@ -49,7 +51,11 @@ def kill_unfinished_steps(instance: dg.DagsterInstance, processes: list) -> set[
     takes a kill then for an engine error ("Attempted to mark step ... as complete that was not
     known to be in flight"): the whole run fails, not the step. So the processes are frozen first
     (SIGSTOP): a step writes its end to the event log before it tells the run process, so what the
-    log holds once they are frozen decides, and nothing reports an end between the read and the kill."""
+    log holds once they are frozen decides, and nothing reports an end between the read and the kill.
+    A process frozen while it writes its run's SQLite event log (or checkpoints it) holds the log's
+    lock, and the read would wait for it (Dagster retries "database is locked" for minutes): when
+    the read has not returned within READ_FROZEN_S, the processes go on, the read's answer is
+    dropped, and nothing is killed this time (an empty set: the caller tries again)."""
     import psutil
 
     frozen = []
@@ -57,8 +63,27 @@ def kill_unfinished_steps(instance: dg.DagsterInstance, processes: list) -> set[
         with contextlib.suppress(psutil.NoSuchProcess):
             process.suspend()
             frozen.append(process)
-    ended = {entry.dagster_event.pid for run in instance.get_runs()
-             for entry in instance.all_logs(run.run_id, of_type=STEP_ENDS)}
+    answer: list = []
+
+    def read() -> None:
+        try:
+            answer.append({entry.dagster_event.pid for run in instance.get_runs()
+                           for entry in instance.all_logs(run.run_id, of_type=STEP_ENDS)})
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+            answer.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(READ_FROZEN_S)
+    if reader.is_alive() or isinstance(answer[0], Exception):
+        for process in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+        reader.join()
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return set()
+    ended = answer[0]
     killed = set()
     for process in frozen:
         with contextlib.suppress(psutil.NoSuchProcess):
