@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -116,6 +117,11 @@ MARIADB_FIXTURES = {"mariadb_url", "mariadb_database_url", "crm_url", "clean_dat
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a script (`... &`: SIGINT ignored, as POSIX shells do)
+    # would hand the ignored SIGINT to every process it starts, and `serve` keeps an ignored
+    # SIGINT ignored; the tests that press Ctrl-C on it need SIGINT as a terminal gives it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # The controlling process of an xdist session makes the folder its workers share (xdist_shared.py).
     if not hasattr(config, "workerinput") and config.getoption("numprocesses", default=None):
         config.stash[_SHARED_DIR] = xdist_shared.make_shared_dir()

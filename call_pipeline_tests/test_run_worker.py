@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 
 import dagster as dg
 import pytest
@@ -31,8 +33,15 @@ def test_a_run_whose_step_waits_for_its_pool_sleeps_instead_of_spinning():
         storage = instance.event_log_storage
         storage.set_concurrency_slots("call_pipeline_test_pool", 1)
         assert storage.claim_concurrency_slot("call_pipeline_test_pool", "another-run", "its-step").is_claimed
-        results: list[dg.ExecuteInProcessResult] = []
-        runner = threading.Thread(target=lambda: results.append(_pooled_job.execute_in_process(instance=instance)))
+        results: list[dg.ExecuteInProcessResult | BaseException] = []
+
+        def run() -> None:
+            try:
+                results.append(_pooled_job.execute_in_process(instance=instance))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                results.append(exc)
+
+        runner = threading.Thread(target=run, daemon=True)
         runner.start()
         time.sleep(0.5)  # the run is set up and its step asks for the slot
         cpu_before = time.process_time()
@@ -41,7 +50,11 @@ def test_a_run_whose_step_waits_for_its_pool_sleeps_instead_of_spinning():
         assert runner.is_alive()  # still waiting for the slot
         storage.free_concurrency_slots_for_run("another-run")
         runner.join(timeout=60)
-        assert results and results[0].success
+        frame = sys._current_frames().get(runner.ident) if runner.is_alive() else None  # noqa: SLF001
+        assert frame is None, "the run still waits 60 s after the slot was freed:\n" + "".join(
+            traceback.format_stack(frame))
+        assert results and not isinstance(results[0], BaseException), results
+        assert results[0].success
     assert cpu_waiting < 1.0, f"{cpu_waiting:.2f} s of CPU in 3 s of waiting for a slot"
 
 
