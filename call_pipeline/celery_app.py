@@ -8,7 +8,9 @@ pool process that already holds the definitions and one Dagster instance, not a 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from celery.result import allow_join_result
@@ -36,6 +38,40 @@ resume_job = create_resume_job_task(app)
 
 _instance: Any = None
 _opening = threading.Lock()
+
+
+class _JoinAllowance:
+    """Celery's `allow_join_result`, shared by the runs of one process. The `celery` executor,
+    inside a run task, waits for its steps' results; Celery forbids that in a task unless allowed
+    (its guard is against a worker waiting for its own queue: the steps go to the design's queues,
+    the run to `runs`). Celery's context sets a process-wide flag and restores it on exit, so on a
+    threads pool the first of two runs to end put the guard back under the other, whose next
+    `result.get()` then failed its run ("Never call result.get() within a task"). Hand-written
+    because Celery has no per-thread form: the first run in allows, the last one out restores."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._allowed: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._allowed = allow_join_result()
+                self._allowed.__enter__()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._allowed.__exit__(None, None, None)
+                    self._allowed = None
+
+
+joins_allowed = _JoinAllowance()
 
 
 # A pool process keeps one storage connection open, as the webserver does (Dagster's
@@ -142,8 +178,5 @@ def execute_job(self: Any, execute_job_args_packed: Any) -> int:
                  f"{self.request.hostname}); marking the run failed so that its retry runs it.",
             job_failure_data=JobFailureData(error=None, failure_reason=RunFailureReason.RUN_WORKER_RESTART))
         return 1
-    # The `celery` executor, inside a run task, waits for its steps' results: Celery forbids that
-    # in a task unless allowed (its guard is against a worker waiting for its own queue: the
-    # steps go to the design's queues, the run to `runs`).
-    with allow_join_result():
+    with joins_allowed():
         return execute_run(instance, args.run_id)
