@@ -149,6 +149,13 @@ class PipelineSettings(BaseModel):
                     "unset: they hold per machine, in files under CALL_PIPELINE_STATE_DIR")
     redis_key_prefix: str = env_field("CALL_PIPELINE_REDIS_KEY_PREFIX", "call_pipeline",
                                       description="The start of every Redis key of the limits")
+    # A process that dies holding LLM slots (SIGKILL, OOM, a lost machine) cannot give them back:
+    # its leases run out instead. Renewed every third of it while held, so a live holder keeps its
+    # slot through a pause of two thirds of it.
+    redis_lease_seconds: float = env_field(
+        "CALL_PIPELINE_REDIS_LEASE_SECONDS", 30, ge=1, le=300,
+        description="How long the LLM slot of a process that died stays taken in Redis (seconds; "
+                    "renewed every third while held)")
     state_dir: str | None = env_field(
         "CALL_PIPELINE_STATE_DIR", None,
         description="The per-machine limits' files; unset: under DAGSTER_HOME, else the temp folder")

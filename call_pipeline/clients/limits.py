@@ -198,5 +198,6 @@ def concurrency_limit(name: str, slots: int):
     if settings().redis_url:
         from call_pipeline.clients.redis_limits import RedisLeaseSemaphore
 
-        return RedisLeaseSemaphore(settings().redis_url, name, slots, settings().redis_key_prefix)
+        return RedisLeaseSemaphore(settings().redis_url, name, slots, settings().redis_key_prefix,
+                                   settings().redis_lease_seconds)
     return SharedSemaphore(name, slots)

@@ -21,7 +21,6 @@ import redis
 # the rate unless two requests' delays differ by more than JITTER_SECONDS (measured: a few ms at
 # p99, README "Shared limits"). The file limiter's window is widened by the same 5%.
 JITTER_SECONDS = 0.05
-LEASE_SECONDS = 30.0  # renewed every third of it
 POLL_SECONDS = 0.01
 MAX_SLEEP_SECONDS = 1.0
 
@@ -107,10 +106,10 @@ return 0
 
 class RedisLeaseSemaphore:
     """At most `slots` holders at once across processes and machines. A holder's lease lasts
-    `lease_seconds` (LEASE_SECONDS) and is renewed a third of that while it is held; a holder
+    `lease_seconds` (CALL_PIPELINE_REDIS_LEASE_SECONDS) and is renewed a third of that while it is held; a holder
     that dies stops renewing, and its slot is free once the lease runs out."""
 
-    def __init__(self, url: str, name: str, slots: int, prefix: str, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, url: str, name: str, slots: int, prefix: str, lease_seconds: float) -> None:
         self.url, self.slots = url, slots
         self.lease_seconds = lease_seconds
         self.key = f"{prefix}:leases:{name}"

@@ -17,11 +17,11 @@ import redis
 
 from call_pipeline.clients.redis_limits import (
     JITTER_SECONDS,
-    LEASE_SECONDS,
     LimitUnavailable,
     RedisLeaseSemaphore,
     RedisRateLimiter,
 )
+from call_pipeline.settings import PipelineSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -113,9 +113,10 @@ time.sleep(600)
 """
 
 
-# The production lease (LEASE_SECONDS: freed within a minute) scaled down: the same renewal and
-# expiry in seconds.
+# The production lease (CALL_PIPELINE_REDIS_LEASE_SECONDS: freed within a minute) scaled down: the
+# same renewal and expiry in seconds.
 TEST_LEASE_SECONDS = 3.0
+LEASE_SECONDS = PipelineSettings.model_fields["redis_lease_seconds"].default
 
 
 @pytest.mark.serial
@@ -140,7 +141,7 @@ def test_slots_of_a_killed_process_are_free_again_within_two_leases(prefix):
 
 
 def test_a_released_lease_frees_its_slot_at_once(prefix):
-    semaphore = RedisLeaseSemaphore(REDIS_URL, "llm", 1, prefix)
+    semaphore = RedisLeaseSemaphore(REDIS_URL, "llm", 1, prefix, LEASE_SECONDS)
     with semaphore.hold():
         assert semaphore.held() == 1
     assert semaphore.held() == 0
@@ -150,7 +151,7 @@ def test_an_unreachable_redis_is_a_clear_error():
     with pytest.raises(LimitUnavailable, match="CALL_PIPELINE_REDIS_URL is set but Redis at 127.0.0.1:1"):
         RedisRateLimiter("redis://127.0.0.1:1/0", "ob", 20, "p").acquire()
     with pytest.raises(LimitUnavailable, match="unreachable"), RedisLeaseSemaphore("redis://127.0.0.1:1/0", "llm", 2,
-                                                                                  "p").hold():
+                                                                                  "p", LEASE_SECONDS).hold():
         pass
 
 

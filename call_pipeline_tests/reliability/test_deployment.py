@@ -207,6 +207,12 @@ def test_the_sensor_runs_two_tasks_through_the_daemon_on_two_celery_workers(
     assert stats["download_recording_repeats"] == 0 and stats["throttled"] == 0
 
 
+# A killed worker's LLM slots stay taken in Redis until their leases run out; the production
+# lease (30 s) would be most of a killed-worker test's time, so those tests take a short one
+# (renewed every 2.7 s: far more often than a live holder can stall here).
+SHORT_LEASE = {"CALL_PIPELINE_REDIS_LEASE_SECONDS": "8"}
+
+
 @pytest.mark.slow
 def test_a_worker_killed_in_the_middle_of_a_step(mariadb_url, simulator, clean_run, broker_url, redis_prefix,
                                                 dagster_mysql_env, s3, aws_test_credentials, tmp_path):
@@ -221,7 +227,7 @@ def test_a_worker_killed_in_the_middle_of_a_step(mariadb_url, simulator, clean_r
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     simulator.state.set_latency(dashscope_ms=300)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    ui=False, knobs={"max_concurrency": 2}) as (instance, processes, env):
+                    ui=False, knobs={"max_concurrency": 2}, **SHORT_LEASE) as (instance, processes, env):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 3, 180, "the first follow-ups")
         written = follow_up_count(mariadb_url)
         proc, _ = processes.running["download-ai"]

@@ -22,6 +22,7 @@ from call_pipeline_tests.reliability.harness import event_messages
 from call_pipeline_tests.reliability.invariant import assert_matches_clean_run, normalized
 from call_pipeline_tests.reliability.test_deployment import (
     RUNS_WORKER,
+    SHORT_LEASE,
     Processes,
     _wait_for,
     production,
@@ -239,7 +240,8 @@ def test_a_run_whose_worker_is_killed_is_failed_and_retried(
     expected = sum(1 for lead in clean["leads"].values() if lead["follow_up"])
     simulator.state.set_latency(dashscope_ms=300)
     with production(tmp_path, mariadb_url, simulator, broker_url, redis_prefix, dagster_mysql_env, s3,
-                    runs_pool=pool, ui=False, CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2}) as (
+                    runs_pool=pool, ui=False, CALL_PIPELINE_EXECUTOR="in_process", knobs={"max_concurrency": 2},
+                    **SHORT_LEASE) as (
             instance, processes, env):
         _wait_for(lambda: follow_up_count(mariadb_url) >= 3, 180, "the first follow-ups")
         killed_run = next(r for r in sync_runs(instance) if r.status == dg.DagsterRunStatus.STARTED)
