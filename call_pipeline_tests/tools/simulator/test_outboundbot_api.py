@@ -124,6 +124,22 @@ def test_download_recording_and_fetch_the_file(sim, client):
     assert requests.get(expired, timeout=5).status_code == 403
 
 
+def test_expired_recording_urls_go_to_tasks_that_had_none_and_a_url_asked_again_is_fresh(sim, client):
+    group = _load(sim, 10)
+    first, second = [j["Tasks"][-1]["TaskId"] for j in group["jobs"] if j["Status"] == "Succeeded"][:2]
+    sim.state.expire_next_recording_urls(2)
+
+    def fetch(task_id: str) -> int:
+        url = client.download_recording(ob.DownloadRecordingRequest(
+            instance_id=INSTANCE, task_id=task_id)).body.download_params.signature_url
+        return requests.get(url, timeout=5).status_code
+
+    assert fetch(first) == 403  # expired
+    assert fetch(first) == 200  # asked for again: signed anew, though one expired URL is left
+    assert fetch(second) == 403
+    assert fetch(second) == 200
+
+
 def test_describe_job_shape(sim, client):
     group = _load(sim, 20)
     job = next(j for j in group["jobs"] if j["Status"] == "Succeeded" and j["Tasks"][-1]["Conversation"])

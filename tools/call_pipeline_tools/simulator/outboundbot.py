@@ -272,7 +272,7 @@ def _download_recording(state: SimulatorState, params: dict[str, str], base_url:
     if task_id not in state.task_to_job:
         raise ApiError(400, "InvalidParameter", f"The specified TaskId does not exist: {task_id}")
     expires = int(time.time()) + 3600
-    if state.take_expired_recording_url():  # a URL whose signature ran out before it was fetched
+    if state.take_expired_recording_url(task_id):  # a URL whose signature ran out before it was fetched
         expires = int(time.time()) - 60
     signature = hashlib.sha1(f"{task_id}:{expires}".encode()).hexdigest()[:28]
     extension = state.recording_format(task_id)

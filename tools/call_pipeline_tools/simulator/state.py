@@ -101,6 +101,7 @@ class SimulatorState:
 
     def __init__(self, *, seed: int = 0) -> None:
         self._expired_urls_to_give = 0
+        self._expired_url_given_to: set[str] = set()
         self.seed = seed
         self.lock = threading.RLock()
         self.groups: dict[str, dict] = {}
@@ -400,7 +401,9 @@ class SimulatorState:
                 self.dashscope_latency_ms = float(dashscope_ms)
 
     def expire_next_recording_urls(self, count: int) -> None:
-        """The next `count` DownloadRecording answers carry a SignatureUrl that has expired."""
+        """The next `count` DownloadRecording answers carry a SignatureUrl that has expired, each
+        for a task that had none: a URL asked for again is fresh, as the cloud signs it anew (and
+        the `count` do not depend on which of concurrent requests arrives first)."""
         with self.lock:
             self._expired_urls_to_give = int(count)
 
@@ -466,6 +469,8 @@ class SimulatorState:
             self.qps_cap = None
             self.jobs_gone.clear()
             self.page_size_cap = None
+            self._expired_urls_to_give = 0
+            self._expired_url_given_to.clear()
             self.reset_stats()
 
     @property
@@ -564,11 +569,13 @@ class SimulatorState:
         with self.lock:
             self._downloads_by_task[task_id] += 1
 
-    def take_expired_recording_url(self) -> bool:
-        """True if this DownloadRecording answer is to carry an expired URL (``expire_next_recording_urls``)."""
+    def take_expired_recording_url(self, task_id: str) -> bool:
+        """True if this DownloadRecording answer for `task_id` is to carry an expired URL
+        (``expire_next_recording_urls``)."""
         with self.lock:
-            if self._expired_urls_to_give > 0:
+            if self._expired_urls_to_give > 0 and task_id not in self._expired_url_given_to:
                 self._expired_urls_to_give -= 1
+                self._expired_url_given_to.add(task_id)
                 return True
             return False
 
