@@ -129,11 +129,7 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
             read_instance_config(ops_home), ops_env, ui=ui, host="127.0.0.1", port=port, code_port=code_port,
             workspace=write_workspace(tmp_path / "workspace.yaml", code_port), cpus=1)}
         processes.start("code-server", list(services["code server"]), ops_env)
-        _wait_for(lambda: socket.create_connection(("127.0.0.1", code_port), timeout=1).close() is None, 120,
-                  "the code server")
-        processes.start("daemon", list(services["dagster-daemon"]), ops_env)
-        if ui:
-            processes.start("webserver", list(services["dagster-webserver"]), ops_env)
+        # the workers need no code server: they import the project while it does
         step_workers = tuple(QUEUES_OF) if env["CALL_PIPELINE_EXECUTOR"] == "celery" else ()
         for name in step_workers:
             start_worker(processes, env, tmp_path, name, overrides=instance_overrides)
@@ -142,6 +138,11 @@ def production(tmp_path: Path, mariadb_url: str, simulator, broker_url: str, red
             start_worker(processes, env, tmp_path, RUNS_WORKER, suffix=suffix, overrides=instance_overrides,
                          concurrency=runs_concurrency, pool=runs_pool)
         workers = (*step_workers, *(RUNS_WORKER + suffix for suffix in suffixes))
+        _wait_for(lambda: socket.create_connection(("127.0.0.1", code_port), timeout=1).close() is None, 120,
+                  "the code server")
+        processes.start("daemon", list(services["dagster-daemon"]), ops_env)
+        if ui:
+            processes.start("webserver", list(services["dagster-webserver"]), ops_env)
         processes.check_alive()
         _wait_for_workers(broker_url, [f"{name}@localhost" for name in workers])
         if ui:
