@@ -81,14 +81,30 @@ def test_semaphore_never_has_more_holders_than_slots(tmp_path):
 
 def test_the_ring_keeps_the_last_n_send_times_and_a_damaged_file_starts_afresh(tmp_path):
     limiter = SharedRateLimiter("ring", 3, tmp_path)
-    for _ in range(3):
-        assert limiter._try_send() == 0.0  # three sends fit in one window
+    for _ in range(3):  # three sends fit in one window, each its half share after the one before
+        while (wait := limiter._try_send()) > 0:
+            assert wait <= limiter.min_gap
+            time.sleep(wait)
     wait = limiter._try_send()
     assert 0 < wait <= limiter.window  # the fourth waits for the oldest of the last three
     assert limiter.path.stat().st_size == 4 + 8 * 3
     limiter.path.write_bytes(b"\x01")  # cut short: not a state the limiter can read
     assert limiter._try_send() == 0.0
     assert limiter.path.stat().st_size == 4 + 8 * 3
+
+
+def test_a_window_of_sends_is_spread_over_half_of_it_not_let_go_at_once(tmp_path):
+    limiter = SharedRateLimiter("spread", 12, tmp_path)
+    started = time.monotonic()
+    assert limiter._try_send() == 0.0
+    wait = limiter._try_send()
+    assert 0 < wait <= limiter.min_gap  # the second waits its half share, not for the window
+    for _ in range(11):
+        while (wait := limiter._try_send()) > 0:
+            time.sleep(wait)
+    # the window's 12 fit in it, so the rate is the window's; the 13th waits for the window
+    assert time.monotonic() - started < limiter.window
+    assert limiter._try_send() > limiter.min_gap
 
 
 def test_a_very_high_rate_keeps_one_slot_per_request(tmp_path):
@@ -151,7 +167,7 @@ def test_threads_waiting_for_a_slot_take_turns_instead_of_each_polling(tmp_path)
 def test_threads_waiting_for_the_rate_take_turns_instead_of_each_polling(tmp_path):
     limiter = SharedRateLimiter("turns", 20.0, tmp_path)
     tries = _Counted(limiter, "_try_send")
-    waiters = 60  # the first 20 go at once, the next 40 within about two seconds
+    waiters = 60  # the first 20 go within half a second, the next 40 within about two seconds
 
     threads = [threading.Thread(target=limiter.acquire) for _ in range(waiters)]
     started = time.monotonic()
