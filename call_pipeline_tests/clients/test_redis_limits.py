@@ -15,13 +15,14 @@ import uuid
 import pytest
 import redis
 
+from call_pipeline.clients.limits import concurrency_limit
 from call_pipeline.clients.redis_limits import (
     JITTER_SECONDS,
     LimitUnavailable,
     RedisLeaseSemaphore,
     RedisRateLimiter,
 )
-from call_pipeline.settings import PipelineSettings
+from call_pipeline.settings import PipelineSettings, settings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -138,6 +139,22 @@ def test_slots_of_a_killed_process_are_free_again_within_two_leases(prefix):
         time.sleep(0.1)
     with semaphore.hold():
         assert semaphore.held() == 1
+
+
+def test_the_lease_is_the_setting_of_the_process(prefix, monkeypatch):
+    monkeypatch.setenv("CALL_PIPELINE_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("CALL_PIPELINE_REDIS_KEY_PREFIX", prefix)
+    monkeypatch.setenv("CALL_PIPELINE_REDIS_LEASE_SECONDS", "8")
+    settings.cache_clear()
+    try:
+        semaphore = concurrency_limit("llm", 2)
+        assert isinstance(semaphore, RedisLeaseSemaphore) and semaphore.lease_seconds == 8
+        with semaphore.hold() as lease:  # held with the short lease in Redis
+            expiry = semaphore._redis.zscore(semaphore.key, lease)
+            assert 0 < expiry - time.time() <= 8
+    finally:
+        monkeypatch.undo()
+        settings.cache_clear()
 
 
 def test_a_released_lease_frees_its_slot_at_once(prefix):
