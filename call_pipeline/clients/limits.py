@@ -52,12 +52,10 @@ class SharedRateLimiter:
     for jitter) old, and records its own send time as it goes. It counts real send times rather
     than reserving future slots (GCRA), with which threads that wake late bunch up.
 
-    Consecutive sends are also at least half a window's share (window / 2N) apart. The window
-    alone let N go in one burst, every window: requests let go together leave together and
-    reach the cloud as late as the machine takes to send the last of them, and on a busy machine
-    that spread passed the window's 50 ms margin (measured: 14 arrivals in one second at a cap of
-    12, `reliability/test_limits.py`). Half a share keeps the window the binding limit (a
-    window's N still fit in half of it), so the rate is the same."""
+    Consecutive sends are also at least half a window's share (window / 2N) apart: N let go in
+    one burst reach the cloud as late as the machine takes to send the last of them, and on a
+    busy machine that spread can pass the window's margin (README "Shared limits"). A window's N
+    still fit in half of it, so the window stays the binding limit and the rate is the same."""
 
     # Wider than a second: a request recorded as sent reaches the server's counter a little later
     # on a busy machine (the GIL, the server's own scheduling); figures in the README.
