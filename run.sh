@@ -20,12 +20,15 @@ setup() {
   local stamp=.venv/.call_pipeline-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tools/pyproject.toml -nt "$stamp" ]; then
     # uv resolves and installs the same versions as pip in half the time (25 s against 56 s on a
-    # fresh clone here); pip stays the fallback where uv cannot be installed. --compile-bytecode:
-    # pip writes every module's .pyc at install and uv does not; where PYTHONDONTWRITEBYTECODE is
-    # set (this machine sets it), every process would compile Dagster from source (CI took 60% longer).
-    if .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
-      .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python -e ".[dev]" -e ./tools
+    # fresh clone here); pip is the fallback where uv cannot be installed or cannot reach its
+    # index (uv reads PyPI, not pip's configuration). --compile-bytecode: pip writes every
+    # module's .pyc at install and uv does not; where PYTHONDONTWRITEBYTECODE is set (this machine
+    # sets it), every process would compile Dagster from source (the suite took 60% longer).
+    if .venv/bin/python -m pip install -q uv >/dev/null 2>&1 &&
+       .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python -e ".[dev]" -e ./tools
+    then :
     else
+      echo "setup: uv was not available; installing with pip" >&2
       .venv/bin/python -m pip install -q --upgrade pip >/dev/null
       .venv/bin/python -m pip install -q -e ".[dev]" -e ./tools
     fi
