@@ -132,13 +132,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         xdist_shared.remove_shared_dir(config.stash[_SHARED_DIR])
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    shared = xdist_shared.shared_dir()
-    if shared is None:
-        return (yield)
-    with xdist_shared.holding(str(shared), serial=item.get_closest_marker("serial") is not None):
-        return (yield)
+# The hooks that hold the suite's lock around each test (xdist_shared.py), registered here.
+pytest_runtest_protocol = xdist_shared.pytest_runtest_protocol
+pytest_runtest_setup = xdist_shared.pytest_runtest_setup
+pytest_runtest_call = xdist_shared.pytest_runtest_call
+pytest_runtest_teardown = xdist_shared.pytest_runtest_teardown
 
 
 _SHARED_DIR = pytest.StashKey[str]()

@@ -5,11 +5,14 @@ open file, so threads exclude each other as processes do)."""
 from __future__ import annotations
 
 import fcntl
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from call_pipeline_tests.xdist_shared import computed_once, hand_out_order, holding
+from call_pipeline_tests.xdist_shared import SHARED_DIR_VARIABLE, computed_once, hand_out_order, holding
 
 pytest_plugins = ["pytester"]
 
@@ -106,3 +109,62 @@ def test_long_modules_are_handed_out_first_and_serial_tests_last(pytester):
     hand_out_order(items)
     assert [item.name for item in items] == ["test_ui", "test_beside_it", "test_slow", "test_slow_too",
                                              "test_quick", "test_measures"]
+
+
+SIGNALS_CODE = """
+import os, pathlib, time
+SIGNALS = pathlib.Path(os.environ["SIGNALS"])
+
+def wait_for(name):
+    deadline = time.monotonic() + 15
+    while not (SIGNALS / name).exists():
+        assert time.monotonic() < deadline, name + " never came"
+        time.sleep(0.05)
+"""
+SERIAL_TEST = SIGNALS_CODE + """
+import pytest
+
+@pytest.fixture
+def made_beside_the_other_test():
+    (SIGNALS / "setup started").touch()
+    wait_for("other running")  # the other test runs while this one's fixture is made
+    yield
+
+@pytest.mark.serial
+def test_measures(made_beside_the_other_test):
+    assert not (SIGNALS / "other still running").exists()  # the body runs alone
+    (SIGNALS / "body ran").touch()
+"""
+OTHER_TEST = SIGNALS_CODE + """
+def test_other():
+    (SIGNALS / "other still running").touch()
+    (SIGNALS / "other running").touch()
+    wait_for("setup started")
+    time.sleep(0.5)
+    (SIGNALS / "other still running").unlink()
+"""
+
+
+def test_a_serial_tests_fixtures_are_made_beside_other_tests_and_its_body_runs_alone(pytester, tmp_path):
+    """Two pytest processes stand for two workers of one session (the folder of the lock is the
+    session's): the serial test's fixture waits for the other test to run, which waits for that
+    fixture to start. Under a lock held exclusively for the whole test, one of them would wait
+    for the other in vain and fail."""
+    from call_pipeline_tests import conftest as project_conftest
+
+    pytester.makeini("[pytest]\nmarkers =\n    serial\n")
+    pytester.makeconftest("from call_pipeline_tests.conftest import (pytest_runtest_protocol, pytest_runtest_setup,"
+                          " pytest_runtest_call, pytest_runtest_teardown)\n")
+    pytester.makepyfile(test_serial=SERIAL_TEST, test_other=OTHER_TEST)
+    lock_dir, signals = tmp_path / "session", tmp_path / "signals"
+    lock_dir.mkdir()
+    signals.mkdir()
+    env = {**os.environ, SHARED_DIR_VARIABLE: str(lock_dir), "SIGNALS": str(signals),
+           "PYTHONPATH": str(Path(project_conftest.__file__).parents[1])}
+    workers = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                                cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+               for test in ("test_other.py", "test_serial.py")]
+    outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert (signals / "body ran").exists()

@@ -6,7 +6,8 @@ Tests marked `serial` run while no other test runs. A few tests measure the mach
 requests per wall-clock second at the simulator, a read timeout's wall time. Beside three other
 workers' runs and servers on two cores, a grant can reach the simulator later than the limiter's
 margin allows, and those tests would measure the load, not the code. Every other test holds a
-shared lock while it runs; a serial test holds it exclusively. pytest-xdist has no such option
+shared lock while it runs; a serial test holds it exclusively while its body runs (its
+fixtures are made and torn down under the shared lock). pytest-xdist has no such option
 (its groups only pin tests to one worker), hence this hand-written readers-writer lock on two
 files with `flock`: a serial test first closes the gate, so that no new test starts, then waits
 for the running ones to end.
@@ -21,7 +22,7 @@ import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,51 @@ def holding(lock_dir: str, serial: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(running, fcntl.LOCK_UN)
+
+
+def _is_serial(item: pytest.Item) -> bool:
+    return item.get_closest_marker("serial") is not None
+
+
+def _holding(serial: bool) -> AbstractContextManager:
+    directory = shared_dir()
+    return holding(str(directory), serial=serial) if directory else nullcontext()
+
+
+# The session's hooks (registered by conftest.py). A test holds the lock shared while it runs. A
+# serial test holds it exclusively only for its body: its fixtures (servers, databases, the clean
+# runs it compares with) are made and torn down beside other tests, and the other workers stand
+# idle only while it measures.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if _is_serial(item):
+        return (yield)
+    with _holding(serial=False):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    if not _is_serial(item):
+        return (yield)
+    with _holding(serial=False):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    if not _is_serial(item):
+        return (yield)
+    with _holding(serial=True):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    if not _is_serial(item):
+        return (yield)
+    with _holding(serial=False):
+        return (yield)
 
 
 def hand_out_order(items: list[pytest.Item]) -> None:

@@ -21,16 +21,24 @@ LLM_SLOTS = 2
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.fixture
+def tasks_and_cleans(clean_run) -> tuple[list, dict]:
+    """Three tasks and the clean runs to compare them with, made in the test's set-up: beside
+    other tests, not in the time a serial test holds the machine alone."""
+    tasks = [scenarios.mixed(task_id=7200 + i, n_leads=20, leads_id_offset=1000 * i, seed=60 + i)
+             for i in range(3)]
+    return tasks, {s.task_id: clean_run(s) for s in tasks}
+
+
 @pytest.mark.serial
 @pytest.mark.slow
 @pytest.mark.parametrize("shared_through", ["files", "redis"])
-def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, simulator, instance, clean_run,
-                                                                   tmp_path, shared_through, redis_prefix):
+def test_qps_and_llm_concurrency_hold_across_three_concurrent_runs(mariadb_url, simulator, instance,
+                                                                   tasks_and_cleans, tmp_path, shared_through,
+                                                                   redis_prefix):
     """`files`: one state folder for every process (one machine). `redis`: a state folder per
     process, as on three machines, and the limits in Redis (CALL_PIPELINE_REDIS_URL)."""
-    tasks = [scenarios.mixed(task_id=7200 + i, n_leads=20, leads_id_offset=1000 * i, seed=60 + i)
-             for i in range(3)]
-    cleans = {s.task_id: clean_run(s) for s in tasks}
+    tasks, cleans = tasks_and_cleans
     for scenario in tasks:
         scenario.install(mariadb_url, simulator)
         instance.add_dynamic_partitions("call_tasks", [str(scenario.task_id)])
