@@ -110,28 +110,21 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return (yield)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item):
-    if not _is_serial(item):
-        return (yield)
-    with _holding(serial=False):
-        return (yield)
+def _serial_phase(exclusive: bool) -> Callable:
+    """The hook of one phase of a test: around a serial test's phase, the lock held `exclusive`ly
+    or shared (any other test holds it shared for its whole protocol)."""
+    @pytest.hookimpl(wrapper=True)
+    def hook(item: pytest.Item):
+        if not _is_serial(item):
+            return (yield)
+        with _holding(serial=exclusive):
+            return (yield)
+    return hook
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    if not _is_serial(item):
-        return (yield)
-    with _holding(serial=True):
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    if not _is_serial(item):
-        return (yield)
-    with _holding(serial=False):
-        return (yield)
+pytest_runtest_setup = _serial_phase(exclusive=False)
+pytest_runtest_call = _serial_phase(exclusive=True)
+pytest_runtest_teardown = _serial_phase(exclusive=False)
 
 
 def hand_out_order(items: list[pytest.Item]) -> None:
