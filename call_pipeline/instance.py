@@ -1,8 +1,9 @@
-"""The project's instance class (`instance_class` in deploy/dagster.yaml), its run launchers (the
+"""The project's instance class (`instance_class` in both dagster.yaml files), its run launchers (the
 production shape's Celery one, the embedded default's preloaded one), and the pools every
 instance holds before its first run.
 
-The instance class differs from Dagster's own in one thing: starting a run does not reconfigure the process's
+The instance class differs from Dagster's own in two things. Its default storage keeps one database
+engine per file (call_pipeline/storage.py). Starting a run does not reconfigure the process's
 logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
 Dagster 1.13 calls `logging.config.dictConfig` for every run it starts, handlers or not; dictConfig
 holds logging's module lock while it flushes and closes every handler of the process, each under
@@ -41,7 +42,8 @@ _CONFIGURING = threading.Lock()
 
 
 class PipelineInstance(DagsterInstance):
-    """Dagster's instance; runs started side by side in one process do not reconfigure logging."""
+    """Dagster's instance; runs started side by side in one process do not reconfigure logging;
+    without a storage setting, its SQLite storage is the project's (`storage.SqliteStorage`)."""
 
     # What Dagster asks of an `instance_class`: no settings of its own, Dagster's defaults.
     @classmethod
@@ -50,7 +52,11 @@ class PipelineInstance(DagsterInstance):
 
     @staticmethod
     def config_defaults(base_dir: str) -> Mapping[str, Any]:
-        return InstanceRef.config_defaults(base_dir)
+        # Without a `storage` setting (the embedded default), Dagster's SQLite storage in its own
+        # files under the home, with one engine per database file (call_pipeline/storage.py).
+        from call_pipeline.storage import sqlite_storage_defaults
+
+        return {**InstanceRef.config_defaults(base_dir), **sqlite_storage_defaults(base_dir)}
 
     def get_yaml_python_handlers(self) -> Sequence[logging.Handler]:
         if not self.get_python_log_dagster_handler_config():

@@ -17,9 +17,9 @@ def _home(tmp_path: Path, yaml: Path) -> str:
     return str(tmp_path)
 
 
-def test_the_demo_instance_needs_the_sqlite_storage(tmp_path):
+def test_the_demo_instance_needs_the_projects_sqlite_storage(tmp_path):
     modules = forkserver_preload.instance_storage_modules(_home(tmp_path, PROJECT / "dagster.yaml"))
-    assert "dagster._core.storage.sqlite_storage" in modules
+    assert "call_pipeline.storage" in modules
     assert "dagster_mysql" not in modules
 
 

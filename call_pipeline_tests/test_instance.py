@@ -13,7 +13,7 @@ from dagster._core.instance.ref import InstanceRef
 from call_pipeline.crm.database import PROJECT_ROOT
 
 FILES = {"one machine": PROJECT_ROOT / "dagster.yaml", "production": PROJECT_ROOT / "deploy" / "dagster.yaml"}
-SHARED = ("run_retries", "run_monitoring", "python_logs", "telemetry")
+SHARED = ("instance_class", "run_retries", "run_monitoring", "python_logs", "telemetry")
 
 
 def _load(name: str) -> dict:

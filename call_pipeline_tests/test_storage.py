@@ -1,0 +1,165 @@
+"""The embedded default's storage (call_pipeline/storage.py): Dagster's SQLite files, one engine per
+database file, safe across threads and a fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from dagster import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
+
+from call_pipeline import storage
+from call_pipeline.crm.database import PROJECT_ROOT
+
+
+@dg.op
+def talk(context) -> int:
+    context.log.info("said once")
+    return 1
+
+
+@dg.job
+def chatty() -> None:
+    talk()
+
+
+def _home(path: Path, yaml_text: str | None = None) -> str:
+    path.mkdir(exist_ok=True)
+    if yaml_text is None:
+        shutil.copy(PROJECT_ROOT / "dagster.yaml", path / "dagster.yaml")
+    else:
+        (path / "dagster.yaml").write_text(yaml_text, encoding="utf-8")
+    return str(path)
+
+
+def _open(home: str) -> DagsterInstance:
+    return DagsterInstance.from_ref(InstanceRef.from_dir(home))
+
+
+def test_the_project_instance_keeps_dagsters_files_and_dagster_reads_them(tmp_path):
+    home = _home(tmp_path / "home")
+    with _open(home) as instance:
+        assert isinstance(instance.run_storage, storage.SqliteRunStorage)
+        assert isinstance(instance.event_log_storage, storage.SqliteEventLogStorage)
+        assert isinstance(instance.schedule_storage, storage.SqliteScheduleStorage)
+        run_id = chatty.execute_in_process(instance=instance).run_id
+    assert (tmp_path / "home" / "history" / "runs.db").is_file()
+    assert (tmp_path / "home" / "history" / "runs" / f"{run_id}.db").is_file()
+    assert (tmp_path / "home" / "schedules" / "schedules.db").is_file()
+
+    # The same home opened by Dagster's own instance (a home from before this storage, or after it)
+    plain = _home(tmp_path / "home", yaml.safe_dump({"telemetry": {"enabled": False}}))
+    with _open(plain) as instance:
+        assert type(instance.run_storage).__module__.startswith("dagster.")
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+        messages = [record.event_log_entry.user_message for record in instance.get_records_for_run(run_id).records]
+        assert "said once" in messages
+
+
+def test_a_storage_setting_in_the_file_is_kept(tmp_path):
+    text = (PROJECT_ROOT / "dagster.yaml").read_text(encoding="utf-8")
+    data = {**yaml.safe_load(text), "storage": {"sqlite": {"base_dir": str(tmp_path / "elsewhere")}}}
+    with _open(_home(tmp_path / "home", yaml.safe_dump(data))) as instance:
+        assert type(instance.run_storage).__module__.startswith("dagster.")
+        assert chatty.execute_in_process(instance=instance).success
+    assert (tmp_path / "elsewhere" / "history" / "runs.db").is_file()
+
+
+def test_every_connection_of_a_database_file_uses_one_engine(tmp_path):
+    with _open(_home(tmp_path / "home")) as instance:
+        run_id = chatty.execute_in_process(instance=instance).run_id
+        runs, events = instance.run_storage, instance.event_log_storage
+        with runs.connect() as first, runs.connect() as second:
+            assert first.engine is second.engine
+            assert first.connection.dbapi_connection is not second.connection.dbapi_connection
+        with instance.schedule_storage.connect() as first, instance.schedule_storage.connect() as second:
+            assert first.engine is second.engine
+        with events.run_connection(run_id) as first:
+            engine = first.engine
+        # one event log connection at a time, as Dagster's storage holds its lock for each
+        with events.run_connection(run_id) as again:
+            assert again.engine is engine
+        with events.index_connection() as index:
+            assert index.engine is not engine
+
+
+def test_the_event_log_keeps_the_engines_of_its_latest_databases_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "EVENT_LOG_ENGINES", 3)
+    with _open(_home(tmp_path / "home")) as instance:
+        events = instance.event_log_storage
+        engines = {}
+        for run_id in ("a", "b", "c", "d"):
+            with events.run_connection(run_id) as conn:
+                engines[run_id] = conn.engine
+        with events.run_connection("d") as conn:
+            assert conn.engine is engines["d"]
+        with events.run_connection("a") as conn:
+            assert conn.engine is not engines["a"]  # dropped when "d" came
+
+
+def test_runs_written_from_threads_and_a_forked_process_are_all_stored(tmp_path):
+    home = _home(tmp_path / "home")
+    with _open(home) as instance:
+        chatty.execute_in_process(instance=instance)  # the engines exist before the threads and the fork
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                chatty.execute_in_process(instance=instance)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # forked once the threads have ended, as a fork beside running threads may copy a held lock
+        child = multiprocessing.get_context("fork").Process(target=chatty.execute_in_process,
+                                                            kwargs={"instance": instance})
+        child.start()
+        child.join(60)
+        assert errors == []
+        assert child.exitcode == 0
+        runs = instance.get_runs()
+        assert len(runs) == 6
+        assert {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}
+        for run in runs:
+            assert "said once" in [r.event_log_entry.user_message
+                                   for r in instance.get_records_for_run(run.run_id).records]
+
+
+def test_a_database_dagster_made_is_opened_without_loading_the_migration_scripts(tmp_path, monkeypatch):
+    from alembic.script import ScriptDirectory
+
+    home = _home(tmp_path / "home")
+    with _open(home) as instance:  # a new home: Dagster's code creates and stamps each database
+        run_id = chatty.execute_in_process(instance=instance).run_id
+    loaded = []
+    real = ScriptDirectory.from_config.__func__
+    monkeypatch.setattr(ScriptDirectory, "from_config",
+                        classmethod(lambda cls, config, *a: loaded.append(config) or real(cls, config, *a)))
+    with _open(home) as instance:
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+        assert "said once" in [r.event_log_entry.user_message for r in instance.get_records_for_run(run_id).records]
+        assert instance.get_ticks("origin", "selector") == []
+        assert loaded == []
+        chatty.execute_in_process(instance=instance)  # a new run's database: created and stamped by Dagster's code
+        assert len(loaded) >= 1
+
+
+def test_a_database_file_without_dagsters_tables_is_made_by_dagsters_code(tmp_path):
+    home = tmp_path / "home"
+    (home / "history" / "runs").mkdir(parents=True)
+    (home / "schedules").mkdir()
+    for empty in ("history/runs.db", "history/runs/index.db", "schedules/schedules.db"):
+        (home / empty).touch()
+    with _open(_home(home)) as instance:
+        assert chatty.execute_in_process(instance=instance).success
+        assert instance.get_runs_count() == 1
+        assert instance.get_ticks("origin", "selector") == []
