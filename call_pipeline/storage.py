@@ -100,46 +100,42 @@ def _transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-class SqliteRunStorage(DagsterSqliteRunStorage):
+class _OneEngine:
+    """What Dagster's SQLite run and schedule storages get here: one engine for their database
+    `_NAME`.db, opened without the alembic check once it holds `_TABLE`."""
+
+    _NAME: str
+    _TABLE: str
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
+        super().__init__(conn_string, inst_data)  # type: ignore[call-arg]
+        self._engine = create_engine(conn_string, poolclass=NullPool)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> Any:
+        return _opened(cls, base_dir, cls._NAME, cls._TABLE, inst_data) or super().from_local(  # type: ignore[misc]
+            base_dir, inst_data)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with _transaction(self._engine) as conn:
+            yield conn
+
+
+class SqliteRunStorage(_OneEngine, DagsterSqliteRunStorage):
     """Dagster's SQLite run storage with one engine."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(conn_string, inst_data)
-        self._engine = create_engine(conn_string, poolclass=NullPool)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> SqliteRunStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
-
-    @classmethod
-    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> SqliteRunStorage:
-        return _opened(cls, base_dir, "runs", "instance_info", inst_data) or super().from_local(base_dir, inst_data)
-
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with _transaction(self._engine) as conn:
-            yield conn
+    _NAME, _TABLE = "runs", "instance_info"
 
 
-class SqliteScheduleStorage(DagsterSqliteScheduleStorage):
+class SqliteScheduleStorage(_OneEngine, DagsterSqliteScheduleStorage):
     """Dagster's SQLite schedule storage with one engine."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(conn_string, inst_data)
-        self._engine = create_engine(conn_string, poolclass=NullPool)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> SqliteScheduleStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
-
-    @classmethod
-    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> SqliteScheduleStorage:
-        return _opened(cls, base_dir, "schedules", "job_ticks", inst_data) or super().from_local(base_dir, inst_data)
-
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with _transaction(self._engine) as conn:
-            yield conn
+    _NAME, _TABLE = "schedules", "job_ticks"
 
 
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
