@@ -8,7 +8,8 @@ unset, a home folder under the current one holding the packaged copy of the proj
   share (started on their own, each would spawn a code server of its own, and the daemon replaces
   its code server with a new process, which imports the project again, every minute: about 3 s of
   CPU a minute on a machine that only watches);
-- `dagster-daemon run` (sensors, schedule, run queue, run retries and monitoring);
+- `dagster-daemon run` (sensors, schedule, run queue, run retries and monitoring), as
+  `call_pipeline.daemon` starts it;
 - `dagster-webserver`, unless `--no-ui`;
 - a Celery worker on the step queues when `CALL_PIPELINE_EXECUTOR=celery`;
 - a Celery worker on the launcher's queue when the instance's `run_launcher` is dagster-celery's
@@ -208,10 +209,14 @@ def plan_services(config: Mapping[str, Any], env: Mapping[str, str], *, ui: bool
             services.append(Service("run worker" if count == 1 else f"run worker {i}", (
                 *worker, "--queues", run_queue, "--pool", "threads", "--concurrency", threads,
                 "--name", f"runs{'' if count == 1 else i}@%h")))
-    services.append(Service("code server", (python, "-m", "dagster", "code-server", "start", *WORKSPACE_ARGS,
+    # With the UI, Dagster's reloadable proxy: the UI's "Reload" loads changed code. Without a UI
+    # nothing can ask for a reload, and the proxy would cost its keep for nothing: it pings the
+    # server it runs every second (about 1.3 s of CPU a minute between the two, README).
+    server = ("code-server", "start") if ui else ("api", "grpc")
+    services.append(Service("code server", (python, "-m", "dagster", *server, *WORKSPACE_ARGS,
                                              "--location-name", CODE_LOCATION, "-h", "127.0.0.1",
                                              "-p", str(code_port), "--log-level", "warning"), port=code_port))
-    services.append(Service("dagster-daemon", (python, "-m", "dagster._daemon", "run", "-w", str(workspace))))
+    services.append(Service("dagster-daemon", (python, "-m", "call_pipeline.daemon", "run", "-w", str(workspace))))
     if ui:
         services.append(Service("dagster-webserver", (python, "-m", "dagster_webserver", "-w", str(workspace),
                                                       "-h", host, "-p", str(port))))

@@ -16,14 +16,21 @@ Opening a database that Dagster made and stamped skips Dagster's alembic check, 
 migration script to learn the head revision (20 ms of CPU, four times in every run and step
 process) and then does nothing with a stamped database: Dagster's SQLite storages create and stamp
 a database without a revision, and never migrate one on opening (`dagster instance migrate` does).
+
+Dagster's checks of its own schema (has this table, this column, this data migration) reflect the
+database on every query that depends on them: the daemon's run queue asks for the runs table's
+columns every second, the sensors for the schedule storage's tables on every tick. A schema only
+gains what a migration adds, so an answer of yes is kept for the storage's life (`_kept_once_true`);
+no is asked again.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,6 +101,25 @@ def _opened(cls: type, base_dir: str, name: str, table: str, inst_data: Configur
     return cls(conn_string, inst_data) if _stamped(create_engine(conn_string, poolclass=NullPool), table) else None
 
 
+def _kept_once_true(check: Callable[..., bool], keyed: bool = True) -> Callable[..., bool]:
+    """Dagster's schema check `check`, its yes kept per storage (and per argument when `keyed`;
+    otherwise its argument is the connection to ask on)."""
+    name = check.__name__
+
+    @functools.wraps(check)
+    def kept(self: Any, *args: Any) -> bool:
+        seen = self.__dict__.setdefault("_schema_seen", set())
+        key = (name, *args) if keyed else (name,)
+        if key in seen:
+            return True
+        answer = check(self, *args)
+        if answer:
+            seen.add(key)
+        return answer
+
+    return kept
+
+
 @contextmanager
 def _transaction(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn, conn.begin():
@@ -130,12 +156,23 @@ class SqliteRunStorage(_OneEngine, DagsterSqliteRunStorage):
     """Dagster's SQLite run storage with one engine."""
 
     _NAME, _TABLE = "runs", "instance_info"
+    has_run_stats_index_cols = _kept_once_true(DagsterSqliteRunStorage.has_run_stats_index_cols)
+    has_bulk_actions_selector_cols = _kept_once_true(DagsterSqliteRunStorage.has_bulk_actions_selector_cols)
+    has_backfill_id_column = _kept_once_true(DagsterSqliteRunStorage.has_backfill_id_column)
+    has_bulk_action_job_name_column = _kept_once_true(DagsterSqliteRunStorage.has_bulk_action_job_name_column)
+    has_backfill_tags_table = _kept_once_true(DagsterSqliteRunStorage.has_backfill_tags_table)
+    has_built_index = _kept_once_true(DagsterSqliteRunStorage.has_built_index)
 
 
 class SqliteScheduleStorage(_OneEngine, DagsterSqliteScheduleStorage):
     """Dagster's SQLite schedule storage with one engine."""
 
     _NAME, _TABLE = "schedules", "job_ticks"
+    _has_instigators_table = _kept_once_true(DagsterSqliteScheduleStorage._has_instigators_table, keyed=False)
+    _has_asset_daemon_asset_evaluations_table = _kept_once_true(
+        DagsterSqliteScheduleStorage._has_asset_daemon_asset_evaluations_table, keyed=False)
+    has_secondary_index_table = _kept_once_true(DagsterSqliteScheduleStorage.has_secondary_index_table)
+    has_built_index = _kept_once_true(DagsterSqliteScheduleStorage.has_built_index)
 
 
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
@@ -149,6 +186,10 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> SqliteEventLogStorage:
         return cls(inst_data=inst_data, **config_value)
+
+    has_table = _kept_once_true(DagsterSqliteEventLogStorage.has_table)
+    has_asset_key_col = _kept_once_true(DagsterSqliteEventLogStorage.has_asset_key_col)
+    has_secondary_index = _kept_once_true(DagsterSqliteEventLogStorage.has_secondary_index)
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         if not _stamped(engine, "event_logs"):

@@ -13,7 +13,8 @@ from dagster._core.instance.ref import InstanceRef
 from call_pipeline.crm.database import PROJECT_ROOT
 
 FILES = {"one machine": PROJECT_ROOT / "dagster.yaml", "production": PROJECT_ROOT / "deploy" / "dagster.yaml"}
-SHARED = ("instance_class", "run_retries", "run_monitoring", "python_logs", "telemetry")
+SHARED = ("instance_class", "run_retries", "run_monitoring", "python_logs", "auto_materialize", "freshness",
+          "telemetry")
 
 
 def _load(name: str) -> dict:
@@ -33,6 +34,23 @@ def test_both_files_hold_the_same_run_rules():
     # what only production has: shared MySQL storage and the daemon's queue
     assert "mysql" in prod["storage"] and "storage" not in one
     assert prod["run_coordinator"]["class"] == "QueuedRunCoordinator"
+
+
+def test_the_daemon_runs_only_the_threads_the_project_uses(tmp_path):
+    """No asset has an automation condition or a freshness policy: the asset and freshness daemons
+    would only read the instance every few seconds."""
+    for name in FILES:
+        home = tmp_path / name.replace(" ", "_")
+        home.mkdir()
+        text = FILES[name].read_text(encoding="utf-8")
+        if name == "production":  # its MySQL storage is not opened here: the daemons depend on the rest
+            config = yaml.safe_load(text)
+            config.pop("storage")
+            text = yaml.safe_dump(config)
+        (home / "dagster.yaml").write_text(text, encoding="utf-8")
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+            assert sorted(instance.get_required_daemon_types()) == sorted([
+                "SENSOR", "BACKFILL", "SCHEDULER", "QUEUED_RUN_COORDINATOR", "MONITORING", "EVENT_LOG_CONSUMER"]), name
 
 
 def test_a_run_prints_info_and_up(tmp_path, capfd):

@@ -60,11 +60,20 @@ def test_one_machine_runs_one_code_server_for_the_daemon_and_the_webserver():
     assert code[5:9] == ("-m", "call_pipeline.definitions", "-a", "defs")
     assert code[code.index("--location-name") + 1] == CODE_LOCATION == "call_pipeline.definitions:defs"
     assert code[code.index("-p") + 1] == "4266"
-    assert daemon[1:] == ("-m", "dagster._daemon", "run", "-w", str(WORKSPACE))
+    assert daemon[1:] == ("-m", "call_pipeline.daemon", "run", "-w", str(WORKSPACE))
     assert webserver[1:] == ("-m", "dagster_webserver", "-w", str(WORKSPACE), "-h", "10.0.0.5", "-p", "3001")
     for command in (code, daemon, webserver):
         assert command[0] == sys.executable
     assert list(_commands(_plan({}, {}, ui=False, host="127.0.0.1", port=3000))) == ["code server", "dagster-daemon"]
+
+
+def test_without_the_ui_the_code_server_is_a_plain_grpc_server():
+    """Nothing can ask for a reload without the UI: the same location, served without Dagster's
+    reloadable proxy (which pings its server every second)."""
+    with_ui = _commands(_plan({}, {}, ui=True))["code server"]
+    headless = _commands(_plan({}, {}, ui=False))["code server"]
+    assert headless[1:5] == ("-m", "dagster", "api", "grpc")
+    assert headless[5:] == with_ui[5:]
 
 
 def test_the_workspace_names_the_code_server_under_the_modules_own_location_name(tmp_path):
@@ -201,15 +210,16 @@ def test_serve_stops_every_process_it_started_on_a_signal(tmp_path, sqlite_url, 
                 home) as served:
         served.wait_for_daemon()
         lines = served.cmdlines()
-        assert any("dagster._daemon run" in line for line in lines)
+        assert any("call_pipeline.daemon run" in line for line in lines)
         assert (home / "dagster.yaml").read_text(encoding="utf-8") == packaged_instance_yaml()
         if ui:
             wait_until(lambda: served.running() and _server_info(port), 180, "the webserver")
         else:
             assert not any("dagster_webserver" in line for line in lines)
-        # one code server (Dagster's proxy and the server it runs), none spawned by the others
+        # one code server (with the UI, Dagster's reloadable proxy and the server it runs; without,
+        # the server alone), none spawned by the others
         lines = served.cmdlines()
-        assert sum("code-server start" in line for line in lines) == 1, lines
+        assert sum("code-server start" in line for line in lines) == (1 if ui else 0), lines
         assert sum("api grpc" in line for line in lines) == 1, lines
         code, left = served.stop(signum)
         _assert_all_gone(served, code, left)
@@ -229,7 +239,7 @@ def test_when_one_process_dies_serve_stops_the_others_and_fails(tmp_path, sqlite
     with Served(_serve_command("--no-ui"), _serve_env(sqlite_url, simulator), tmp_path, home) as served:
         served.wait_for_daemon()
         family = served.family()
-        daemon = next(p for p in family if "dagster._daemon run" in " ".join(p.cmdline()))
+        daemon = next(p for p in family if "call_pipeline.daemon run" in " ".join(p.cmdline()))
         daemon.kill()
         assert served.process is not None
         code = served.process.wait(timeout=90)

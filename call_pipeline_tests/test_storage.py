@@ -3,15 +3,19 @@ database file, safe across threads and a fork."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import sqlalchemy as sa
 import yaml
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
+from sqlalchemy.engine import Engine
 
 from call_pipeline import storage
 from call_pipeline.crm.database import PROJECT_ROOT
@@ -163,3 +167,50 @@ def test_a_database_file_without_dagsters_tables_is_made_by_dagsters_code(tmp_pa
         assert chatty.execute_in_process(instance=instance).success
         assert instance.get_runs_count() == 1
         assert instance.get_ticks("origin", "selector") == []
+
+
+@contextlib.contextmanager
+def _statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine executes meanwhile."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        seen.append(statement)
+
+    sa.event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_a_schema_check_that_answered_yes_is_not_asked_again_and_a_no_is(tmp_path):
+    """Dagster's run queue and sensors ask the same schema questions on every query; a schema only
+    gains tables and columns, so a yes is kept and a no asked again."""
+    home = _home(tmp_path / "home")
+    _open(home).dispose()  # Dagster makes the databases
+    runs = storage.SqliteRunStorage.from_local(str(tmp_path / "home" / "history"))
+    schedules = storage.SqliteScheduleStorage.from_local(str(tmp_path / "home" / "schedules"))
+    events = storage.SqliteEventLogStorage(str(tmp_path / "home" / "history" / "runs"))
+    checks = {"runs table columns": runs.has_run_stats_index_cols,
+              "run data migration": lambda: runs.has_built_index("run_partitions"),
+              "instigators table": schedules.has_instigators_table,
+              "secondary indexes table": schedules.has_secondary_index_table,
+              "event log table": lambda: events.has_table("dynamic_partitions"),
+              "asset key column": lambda: events.has_asset_key_col("last_materialization_timestamp")}
+    for name, check in checks.items():
+        with _statements() as first:
+            assert check() is True, name
+        with _statements() as again:
+            assert check() is True, name
+        assert first, name
+        assert again == [], (name, again)
+    for _ in range(2):
+        with _statements() as asked:
+            assert events.has_table("no_such_table") is False
+        assert asked
+    events.dispose()
+    # what depends on the checks still works: the run queue's query, the sensors' states
+    with _open(home) as instance:
+        assert instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED])) == []
+        assert instance.all_instigator_state() == []

@@ -123,7 +123,7 @@ def _forked_by_the_daemon(pid: int) -> None:
     server = process.parent()
     assert "multiprocessing.forkserver" in " ".join(server.cmdline()), server.cmdline()
     assert "call_pipeline.definitions" in " ".join(server.cmdline())  # preloaded
-    assert "dagster._daemon run" in " ".join(server.parent().cmdline())
+    assert "call_pipeline.daemon run" in " ".join(server.parent().cmdline())
     assert "execute_run" not in " ".join(process.cmdline())
 
 

@@ -233,6 +233,15 @@ class FollowUpWatcher(threading.Thread):
 # ---- the deployment: `call-pipeline serve --no-ui` -----------------------------------------------
 
 
+# What a process of serve's tree is, by a piece of its command line (the first that matches).
+PROCESS_KINDS = (("call_pipeline.daemon", "daemon"), ("code-server start", "code server (reloadable proxy)"),
+                 ("api grpc", "code server"), (" serve", "serve"), ("call_pipeline.cli worker", "Celery workers"))
+
+
+def process_kind(cmdline: str) -> str:
+    return next((kind for needle, kind in PROCESS_KINDS if needle in cmdline), "runs and others")
+
+
 class Serve:
     """`call-pipeline serve --no-ui` in a session of its own. The benchmark is a child subreaper
     (Linux): processes that `serve`'s tree leaves to their grandparent (a run's forkserver, a code
@@ -294,6 +303,22 @@ class Serve:
                     total += t.user + t.system + t.children_user + t.children_system
         return total
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU (user + system) so far of each process of serve's tree alive now, summed by what it
+        is (PROCESS_KINDS): where watching goes."""
+        import psutil
+
+        totals: dict[str, float] = defaultdict(float)
+        if self.process is None:
+            return totals
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.process.pid)
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = process.cpu_times()
+                    totals[process_kind(" ".join(process.cmdline()))] += t.user + t.system
+        return totals
+
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"call-pipeline serve exited ({self.process.returncode}):\n{self.log_tail()}")
@@ -351,6 +376,7 @@ class LiveFigures:
     idle_wall_s: float = 0.0  # the idle window: no call ends, the sensors only watch
     idle_cpu_s: float = 0.0
     idle_runs: int = 0
+    idle_cpu_by_process: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     tasks_at_4: int = 0
     outboundbot_requests: int = 0
@@ -384,6 +410,7 @@ class LiveFigures:
                 "live_runs": self.live_runs, "live_cpu_s": self.live_cpu_s,
                 "live_cpu_per_run_s": self.live_cpu_s / self.live_runs if self.live_runs else None,
                 "idle_wall_s": self.idle_wall_s, "idle_cpu_s": self.idle_cpu_s, "idle_runs": self.idle_runs,
+                "idle_cpu_by_process_s": self.idle_cpu_by_process,
                 "run_cpu_beyond_watching_s": self.run_cpu_beyond_watching(),
                 "wall_s": self.wall_s, "tasks_at_4": self.tasks_at_4,
                 "outboundbot_requests": self.outboundbot_requests, "requests": self.requests,
@@ -411,6 +438,9 @@ def print_figures(figures: LiveFigures) -> None:
         print(f"CPU of watching (the idle window: {figures.idle_wall_s:.0f} s, {figures.idle_runs} run(s)): "
               f"{figures.idle_cpu_s:.1f} s, {60 * figures.idle_cpu_s / figures.idle_wall_s:.1f} s a minute"
               + (f"; a run beyond watching: {beyond:.2f} s" if beyond is not None else ""))
+        print("  watching, a minute, by process: " + ", ".join(
+            f"{kind} {60 * cpu / figures.idle_wall_s:.2f} s"
+            for kind, cpu in sorted(figures.idle_cpu_by_process.items(), key=lambda item: -item[1])))
     print(f"OutboundBot calls: {figures.outboundbot_requests} ({d['outboundbot_calls_per_result']:.2f} per result; "
           + ", ".join(f"{k} {v}" for k, v in sorted(figures.requests.items())) + f"); throttled {figures.throttled}")
     print(f"LLM calls: {figures.llm_calls} for {figures.llm_needed} leads that need one"
@@ -596,9 +626,11 @@ def _run(args: argparse.Namespace, crm_url: str, cloud: LiveCloud, tasks: list[i
         print(f"  {time.time() - serve.started_at:6.1f} s  every task's first sync is done ({first_syncs} run(s)); "
               "the calls start ending", flush=True)
         if args.idle_window > 0:
-            idle_from, idle_cpu_from = time.time(), serve.tree_cpu()
+            idle_from, idle_cpu_from, by_process_from = time.time(), serve.tree_cpu(), serve.cpu_by_process()
             time.sleep(args.idle_window)
             figures.idle_wall_s, figures.idle_cpu_s = time.time() - idle_from, serve.tree_cpu() - idle_cpu_from
+            figures.idle_cpu_by_process = {kind: round(cpu - by_process_from.get(kind, 0.0), 3)
+                                           for kind, cpu in serve.cpu_by_process().items()}
             with dg.DagsterInstance.get() as instance:
                 figures.idle_runs = run_figures(instance, idle_from)[2]
             print(f"  {time.time() - serve.started_at:6.1f} s  the idle window has passed", flush=True)
