@@ -79,6 +79,18 @@ def test_live_calls_end_within_the_spread_in_order_and_the_same_each_time():
     assert plan == call_schedule(jobs, 240.0, seed=3) and plan != call_schedule(jobs, 240.0, seed=4)
 
 
+def test_watching_is_told_apart_by_the_process_serve_started():
+    from call_pipeline_tools.bench.live import process_kind
+
+    assert process_kind("/v/bin/python -m call_pipeline.daemon run -w /tmp/s/workspace.yaml") == "daemon"
+    assert process_kind("/v/bin/python -m dagster api grpc -m call_pipeline.definitions -a defs") == "code server"
+    assert process_kind("/v/bin/python -m dagster code-server start -m call_pipeline.definitions") == \
+        "code server (reloadable proxy)"
+    assert process_kind("/v/bin/python /v/bin/call-pipeline serve --no-ui") == "serve"
+    assert process_kind("/v/bin/python -m call_pipeline.cli worker --queues runs") == "Celery workers"
+    assert process_kind("/v/bin/python -c from multiprocessing.forkserver import main") == "runs and others"
+
+
 def test_live_freshness_percentiles_are_of_the_measured_delays():
     from call_pipeline_tools.bench.live import LiveFigures
 

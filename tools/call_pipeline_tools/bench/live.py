@@ -37,6 +37,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -286,22 +287,24 @@ class Serve:
                     if child.status() == psutil.STATUS_ZOMBIE:
                         os.waitpid(child.pid, os.WNOHANG)
 
-    def tree_cpu(self) -> float:
-        """CPU (user + system) of everything serve started so far: the processes alive now with
-        what they reaped, plus what the benchmark reaped (the orphans; serve itself at the end)."""
+    def _processes(self) -> Iterator[tuple[Any, Any]]:
+        """Each process of serve's tree alive now, with its CPU times so far."""
         import psutil
 
-        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-        total = reaped.ru_utime + reaped.ru_stime
         if self.process is None:
-            return total
+            return
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(self.process.pid)
             for process in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    t = process.cpu_times()
-                    total += t.user + t.system + t.children_user + t.children_system
-        return total
+                    yield process, process.cpu_times()
+
+    def tree_cpu(self) -> float:
+        """CPU (user + system) of everything serve started so far: the processes alive now with
+        what they reaped, plus what the benchmark reaped (the orphans; serve itself at the end)."""
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return reaped.ru_utime + reaped.ru_stime + sum(
+            t.user + t.system + t.children_user + t.children_system for _, t in self._processes())
 
     def cpu_by_process(self) -> dict[str, float]:
         """CPU (user + system) so far of each process of serve's tree alive now, summed by what it
@@ -309,14 +312,9 @@ class Serve:
         import psutil
 
         totals: dict[str, float] = defaultdict(float)
-        if self.process is None:
-            return totals
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.process.pid)
-            for process in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    t = process.cpu_times()
-                    totals[process_kind(" ".join(process.cmdline()))] += t.user + t.system
+        for process, t in self._processes():
+            with contextlib.suppress(psutil.Error):
+                totals[process_kind(" ".join(process.cmdline()))] += t.user + t.system
         return totals
 
     def check(self) -> None:
