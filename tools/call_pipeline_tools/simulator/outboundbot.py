@@ -110,14 +110,16 @@ def _first_contact(job: dict) -> dict:
 # One request
 
 
-def handle(state: SimulatorState, action: str, params: dict[str, str], base_url: str) -> SimResponse:
+def handle(state: SimulatorState, action: str, params: dict[str, str], base_url: str,
+           arrived: tuple[float, float] | None = None) -> SimResponse:
     """One OutboundBot request, end to end: stats, QPS cap, faults, latency, then the answer.
 
-    ``base_url`` is where the client reached the simulator (DownloadRecording's URLs point there).
+    ``base_url`` is where the client reached the simulator (DownloadRecording's URLs point there);
+    ``arrived`` when the request arrived (``time.time()``, ``time.monotonic()``), now if not given.
     """
-    now = time.time()
+    now, arrived_monotonic = arrived or (time.time(), time.monotonic())
     with state.lock:
-        throttled = state.count_outboundbot_request(action, now)
+        throttled = state.count_outboundbot_request(action, now, arrived_monotonic)
         fault = None
         if not throttled:
             job_ids, group_id = _request_targets(state, params)

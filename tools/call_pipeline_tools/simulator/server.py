@@ -42,6 +42,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
@@ -124,6 +125,12 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.server.track(self.connection)
 
+    def parse_request(self) -> bool:
+        # When the request arrived (wall clock, monotonic): as soon as its request line is read,
+        # before its headers, its body and the state's lock, whose waits would stamp it late.
+        self.arrived = (time.time(), time.monotonic())
+        return super().parse_request()
+
     def finish(self) -> None:
         try:
             super().finish()
@@ -180,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             return dashscope.handle(state, endpoint, self.headers, raw)
         action = self.headers.get("x-acs-action") or query.get("Action")
         if action:
-            return outboundbot.handle(state, action, query, self._base_url())
+            return outboundbot.handle(state, action, query, self._base_url(), self.arrived)
         if path == "/":
             return SimResponse(404, outboundbot.error_body("InvalidAction.NotFound", "No action given "
                                                            "(x-acs-action header or Action query parameter)."))

@@ -484,7 +484,7 @@ class SimulatorState:
         (``max_requests_per_second``, wall-clock seconds; ``max_requests_in_any_1s`` is the sliding
         window maximum), ``throttled`` (QPS-cap rejections), DashScope counts and in-flight maxima."""
         with self.lock:
-            arrivals = self._arrivals
+            arrivals = sorted(self._arrivals)  # stamped on arrival, appended in the lock's order
             best, lo = 0, 0
             for hi, t in enumerate(arrivals):
                 while t - arrivals[lo] >= 1.0:
@@ -547,14 +547,14 @@ class SimulatorState:
                 return copy.copy(f)
             return None
 
-    def count_outboundbot_request(self, action: str, now: float) -> bool:
-        """Counts one OutboundBot request arriving at ``now`` (epoch seconds); True if the QPS cap
-        throttles it."""
+    def count_outboundbot_request(self, action: str, now: float, arrived_monotonic: float | None = None) -> bool:
+        """Counts one OutboundBot request arriving at ``now`` (epoch seconds; ``arrived_monotonic``
+        the same moment by the monotonic clock, now if not given); True if the QPS cap throttles it."""
         with self.lock:
             self._action_counts[action] += 1
             second = int(now)
             self._per_second[second] += 1
-            self._arrivals.append(time.monotonic())
+            self._arrivals.append(time.monotonic() if arrived_monotonic is None else arrived_monotonic)
             throttled = self.qps_cap is not None and self._per_second[second] > self.qps_cap
             if throttled:
                 self._stats["throttled"] += 1
