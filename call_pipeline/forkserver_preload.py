@@ -1,5 +1,6 @@
 """Imported once by the forkserver of the multiprocess executor (`executors.PRELOADED_MODULES`),
-so that the step processes it forks start with the modules they need already imported.
+and by that of the embedded default's run launcher (`instance.PreloadedRunLauncher`), so that the
+step and run processes they fork start with the modules they need already imported.
 
 Each step process builds its own `DagsterInstance` from the run's instance reference, and that
 imports the instance's storage classes and what they pull in (alembic, the daemon's event
@@ -20,7 +21,10 @@ import importlib
 import logging
 import os
 
-# Imported by every instance whatever its storage, or lazily on first use by a step.
+# Imported by every instance whatever its storage, or lazily on first use by a step. Opening an
+# instance imports the last four lazily (Dagster's per-project state store under the home, its
+# migration checks; `upath.core` brings fsspec): a forked run process opened its instance in
+# 105 ms of CPU, 45 ms with them preloaded.
 _ALWAYS = (
     "dagster._core.storage.runs",
     "dagster._core.storage.event_log",
@@ -31,7 +35,10 @@ _ALWAYS = (
     "dagster._core.scheduler",
     "dagster._core.storage.sqlite_storage",
     "dagster._daemon",
-    "upath",
+    "dagster._core.instance.factory",
+    "dagster._core.storage.migration.utils",
+    "upath.core",
+    "upath.implementations.local",
 )
 
 

@@ -6,6 +6,7 @@ file (installing Dagster again would take minutes); the project itself comes onl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -68,18 +69,33 @@ def wheels(tmp_path_factory) -> Wheels:
                     ignore=shutil.ignore_patterns("__pycache__"))
     out = root / "out"
     for folder in (source, tools_source):
-        subprocess.run([sys.executable, "-m", "pip", "wheel", str(folder), "--no-deps", "-q", "-w", str(out)],
-                       check=True, timeout=300)
+        subprocess.run(_build_wheel(folder, out), check=True, timeout=300)
     (main,) = out.glob("call_pipeline-*.whl")
     (tools,) = out.glob("call_pipeline_tools-*.whl")
     return Wheels(main, tools)
 
 
+def _uv() -> bool:
+    """uv is in the environment when `./run.sh setup` installed with it (its fallback is pip)."""
+    return importlib.util.find_spec("uv") is not None
+
+
+def _build_wheel(folder: Path, out: Path) -> list[str]:
+    # uv builds in an isolated environment from its cache, which set-up filled with the same
+    # build requirements; pip makes a fresh one and installs setuptools into it for each wheel.
+    if _uv():
+        return [sys.executable, "-m", "uv", "build", "--wheel", "-q", "--out-dir", str(out), str(folder)]
+    return [sys.executable, "-m", "pip", "wheel", str(folder), "--no-deps", "-q", "-w", str(out)]
+
+
 def _install(root: Path, *wheel_files: Path) -> Installed:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", *map(str, wheel_files)], check=True, timeout=300)
+    # --compile-bytecode: pip writes the .pyc files at install, uv only when asked (run.sh's reason)
+    python = str(venv / "bin" / "python")
+    install = ([sys.executable, "-m", "uv", "pip", "install", "--python", python, "--compile-bytecode", "--offline"]
+               if _uv() else [sys.executable, "-m", "pip", "--python", python, "install", "--no-index"])
+    subprocess.run([*install, "-q", "--no-deps", *map(str, wheel_files)], check=True, timeout=300)
     site_packages = Path(subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True).stdout.strip())
