@@ -69,7 +69,7 @@ def wheels(tmp_path_factory) -> Wheels:
                     ignore=shutil.ignore_patterns("__pycache__"))
     out = root / "out"
     for folder in (source, tools_source):
-        subprocess.run(_build_wheel(folder, out), check=True, timeout=300)
+        _build_wheel(folder, out)
     (main,) = out.glob("call_pipeline-*.whl")
     (tools,) = out.glob("call_pipeline_tools-*.whl")
     return Wheels(main, tools)
@@ -80,12 +80,15 @@ def _uv() -> bool:
     return importlib.util.find_spec("uv") is not None
 
 
-def _build_wheel(folder: Path, out: Path) -> list[str]:
-    # uv builds in an isolated environment from its cache, which set-up filled with the same
-    # build requirements; pip makes a fresh one and installs setuptools into it for each wheel.
-    if _uv():
-        return [sys.executable, "-m", "uv", "build", "--wheel", "-q", "--out-dir", str(out), str(folder)]
-    return [sys.executable, "-m", "pip", "wheel", str(folder), "--no-deps", "-q", "-w", str(out)]
+def _build_wheel(folder: Path, out: Path) -> None:
+    # uv builds offline, from its cache, which set-up filled with the same build requirements; pip
+    # makes a fresh build environment and installs setuptools into it for each wheel. Where set-up
+    # fell back to pip (uv could not reach its index), the cache is empty and pip builds.
+    if _uv() and subprocess.run([sys.executable, "-m", "uv", "build", "--wheel", "-q", "--offline", "--out-dir",
+                                 str(out), str(folder)], timeout=300).returncode == 0:
+        return
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(folder), "--no-deps", "-q", "-w", str(out)],
+                   check=True, timeout=300)
 
 
 def _install(root: Path, *wheel_files: Path) -> Installed:
