@@ -106,7 +106,8 @@ def _wait_for_run(served: Served, instance: dg.DagsterInstance, find, what: str,
 
 def _retry_daemon_state(instance: dg.DagsterInstance) -> str:
     """Where the daemon's run-retry consumer stands against the run failures in the event log: what
-    a retry that never came is to be read from (seen once in CI, not explained)."""
+    a retry that never came is to be read from (it found the race between Dagster's failure event
+    and the run's record that `call_pipeline.daemon.retry_runs_whose_record_lags_their_failure` closes)."""
     storage = instance.event_log_storage
     cursors = instance.daemon_cursor_storage.get_cursor_values(
         {f"EVENT_LOG_CONSUMER_CURSOR-{t.value}" for t in (dg.DagsterEventType.RUN_FAILURE,
