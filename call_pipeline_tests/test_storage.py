@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import shutil
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,57 @@ def test_every_connection_of_a_database_file_uses_one_engine(tmp_path):
             assert index.engine is not engine
 
 
+def _dbapi_connection(storage_connect) -> int:
+    with storage_connect() as conn:
+        return id(conn.connection.dbapi_connection)
+
+
+def test_a_connection_is_kept_for_the_next_query_of_its_database(tmp_path):
+    """A new SQLite connection reads the schema again; each database's engine keeps its connections."""
+    with _open(_home(tmp_path / "home")) as instance:
+        run_id = chatty.execute_in_process(instance=instance).run_id
+        events = instance.event_log_storage
+        for connect in (instance.run_storage.connect, instance.schedule_storage.connect, events.index_connection,
+                        lambda: events.run_connection(run_id)):
+            assert _dbapi_connection(connect) == _dbapi_connection(connect)
+
+
+def _child_connection(connect, answer) -> None:
+    answer.send(_dbapi_connection(connect))
+
+
+def test_a_forked_process_opens_connections_of_its_own(tmp_path):
+    with _open(_home(tmp_path / "home")) as instance:
+        run_id = chatty.execute_in_process(instance=instance).run_id
+        events = instance.event_log_storage
+        fork = multiprocessing.get_context("fork")
+        for connect in (instance.run_storage.connect, instance.schedule_storage.connect,
+                        lambda: events.run_connection(run_id)):
+            kept = _dbapi_connection(connect)  # pooled in this process before the fork
+            ours, theirs = fork.Pipe()
+            child = fork.Process(target=_child_connection, args=(connect, theirs))
+            child.start()
+            assert ours.poll(60)
+            assert ours.recv() != kept  # the parent's connection, copied into the child, is not used there
+            child.join(60)
+            assert child.exitcode == 0
+            assert _dbapi_connection(connect) == kept  # nor closed under the parent
+
+
+def test_a_run_stored_after_a_wipe_is_read_by_another_process(tmp_path):
+    """Dagster's wipe deletes the runs' database files: a connection kept to one would write where no
+    other process reads."""
+    home = _home(tmp_path / "home")
+    with _open(home) as instance:
+        run_id = chatty.execute_in_process(instance=instance).run_id
+        instance.wipe()
+        assert instance.get_runs() == []
+        again = chatty.execute_in_process(instance=instance, run_id=run_id).run_id
+    with _open(home) as other:
+        assert other.get_run_by_id(again).status == dg.DagsterRunStatus.SUCCESS
+        assert "said once" in [r.event_log_entry.user_message for r in other.get_records_for_run(again).records]
+
+
 def test_the_event_log_keeps_the_engines_of_its_latest_databases_only(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "EVENT_LOG_ENGINES", 3)
     with _open(_home(tmp_path / "home")) as instance:
@@ -148,13 +200,56 @@ def test_a_database_dagster_made_is_opened_without_loading_the_migration_scripts
     real = ScriptDirectory.from_config.__func__
     monkeypatch.setattr(ScriptDirectory, "from_config",
                         classmethod(lambda cls, config, *a: loaded.append(config) or real(cls, config, *a)))
+    storage._event_log_scripts.cache_clear()
     with _open(home) as instance:
         assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
         assert "said once" in [r.event_log_entry.user_message for r in instance.get_records_for_run(run_id).records]
         assert instance.get_ticks("origin", "selector") == []
         assert loaded == []
-        chatty.execute_in_process(instance=instance)  # a new run's database: created and stamped by Dagster's code
-        assert len(loaded) >= 1
+        for _ in range(3):  # new runs' databases: the scripts loaded for the first only
+            chatty.execute_in_process(instance=instance)
+        assert len(loaded) == 1
+
+
+def _shape(path: Path) -> dict:
+    """What a database is made of: its tables' and indexes' SQL, its journal mode, its revision."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {"schema": sorted(conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=str),
+                "journal": conn.execute("PRAGMA journal_mode").fetchone()[0],
+                "revision": conn.execute("SELECT version_num FROM alembic_version").fetchall()}
+
+
+def test_a_new_run_database_is_made_as_dagster_makes_it(tmp_path):
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+        SqliteEventLogStorage as DagsterSqliteEventLogStorage,
+    )
+
+    ours = storage.SqliteEventLogStorage(str(tmp_path / "ours"))
+    theirs = DagsterSqliteEventLogStorage(str(tmp_path / "theirs"))
+    for events in (ours, theirs):
+        with events.run_connection("a-run"):
+            pass
+        events.dispose()
+    made = _shape(tmp_path / "ours" / "a-run.db")
+    assert made == _shape(tmp_path / "theirs" / "a-run.db")
+    assert made["journal"] == "wal"
+    assert len(made["revision"]) == 1
+
+
+def test_a_database_being_made_by_another_process_is_left_to_dagsters_code(tmp_path):
+    """A database that is not empty when a run's first event comes (another process is making it)
+    is not made again here: Dagster's `_initdb`, which waits for the other process, decides."""
+    path = tmp_path / "runs" / "a-run.db"
+    path.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE event_logs (id INTEGER PRIMARY KEY)")
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        assert storage._made_stamped(engine) is False
+    finally:
+        engine.dispose()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("event_logs",)]
 
 
 def test_a_database_file_without_dagsters_tables_is_made_by_dagsters_code(tmp_path):
