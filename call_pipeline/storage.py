@@ -1,7 +1,7 @@
 """The embedded default's Dagster storage (the default of the project's instance class,
 `instance.PipelineInstance`, when dagster.yaml names no storage): Dagster's SQLite storages, in
-Dagster's files under the home, with one SQLAlchemy engine per database file and process instead
-of a new engine for every query.
+Dagster's files under the home, with one SQLAlchemy engine per database file and process (for
+every instance the process opens) instead of a new engine for every query.
 
 Dagster's SQLite storages build an engine on every connection (`create_engine(..., NullPool)` in
 `SqliteRunStorage.connect`, `SqliteEventLogStorage._connect`, `SqliteScheduleStorage.connect`).
@@ -27,8 +27,8 @@ a database without a revision, and never migrate one on opening (`dagster instan
 Dagster's checks of its own schema (has this table, this column, this data migration) reflect the
 database on every query that depends on them: the daemon's run queue asks for the runs table's
 columns every second, the sensors for the schedule storage's tables on every tick. A schema only
-gains what a migration adds, so an answer of yes is kept for the storage's life (`_kept_once_true`);
-no is asked again.
+gains what a migration adds, so an answer of yes is kept for the process's life
+(`_kept_once_true`); no is asked again.
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ from dagster._serdes import ConfigurableClassData
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import QueuePool
 
-# The event log has a database per run; a process that reads many runs (the webserver) keeps the
-# engines of the latest ones only.
-EVENT_LOG_ENGINES = 32
+# A process keeps the engines of the databases it used last: the runs' and the schedules'
+# databases, the event log's index and the latest runs' own databases (a process that reads many
+# runs, the webserver, drops the oldest).
+ENGINES = 64
 # The event log uses one connection at a time (Dagster's lock per storage): one kept per database.
 EVENT_LOG_POOL_SIZE = 1
 
@@ -98,30 +99,37 @@ os.register_at_fork(after_in_child=_forget_pooled_connections)
 
 
 class _Engines:
-    """Engines by connection string, the least recently used dropped past `size`."""
+    """Engines by database file, shared by every storage of the process that opens the file (each
+    file is opened by one kind of storage, with its `engine_args`), the least recently used
+    dropped past `size`. Shared because Dagster opens a new instance where it could keep one: the
+    code server for every sensor tick, whose storages then found their engines, their pooled
+    connections and their compiled statements already there."""
 
-    def __init__(self, size: int, **engine_args: Any) -> None:
+    def __init__(self, size: int) -> None:
         self._size = size
-        self._engine_args = engine_args
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, conn_string: str) -> Engine:
+    def get(self, conn_string: str, **engine_args: Any) -> Engine:
         with self._lock:
             engine = self._engines.get(conn_string)
             if engine is None:
-                engine = self._engines[conn_string] = _pooled_engine(conn_string, **self._engine_args)
+                engine = self._engines[conn_string] = _pooled_engine(conn_string, **engine_args)
                 while len(self._engines) > self._size:
                     self._engines.popitem(last=False)[1].dispose()
             else:
                 self._engines.move_to_end(conn_string)
             return engine
 
-    def dispose(self) -> None:
-        """Close every engine's connections and forget the engines."""
+    def dispose_under(self, directory: str) -> None:
+        """Close the connections of the engines of the databases in `directory`, and forget them."""
+        prefix = create_db_conn_string(directory, "")[: -len(".db")]
         with self._lock:
-            while self._engines:
-                self._engines.popitem()[1].dispose()
+            for conn_string in [key for key in self._engines if key.startswith(prefix)]:
+                self._engines.pop(conn_string).dispose()
+
+
+_ENGINES = _Engines(ENGINES)
 
 
 def _stamped(engine: Engine, table: str | None = None) -> bool:
@@ -137,23 +145,26 @@ def _opened(cls: type, base_dir: str, name: str, table: str, inst_data: Configur
     if not os.path.exists(os.path.join(base_dir, f"{name}.db")):
         return None
     conn_string = create_db_conn_string(base_dir, name)
-    return cls(conn_string, inst_data) if _stamped(create_engine(conn_string, poolclass=NullPool), table) else None
+    return cls(conn_string, inst_data) if _stamped(_ENGINES.get(conn_string), table) else None
+
+
+# The schema checks that answered yes in this process: (database, check, argument).
+_SCHEMA_SEEN: set[tuple] = set()
 
 
 def _kept_once_true(check: Callable[..., bool], keyed: bool = True) -> Callable[..., bool]:
-    """Dagster's schema check `check`, its yes kept per storage (and per argument when `keyed`;
-    otherwise its argument is the connection to ask on)."""
+    """Dagster's schema check `check`, its yes kept per database and process (and per argument
+    when `keyed`; otherwise its argument is the connection to ask on)."""
     name = check.__name__
 
     @functools.wraps(check)
     def kept(self: Any, *args: Any) -> bool:
-        seen = self.__dict__.setdefault("_schema_seen", set())
-        key = (name, *args) if keyed else (name,)
-        if key in seen:
+        key = (self.schema_database(), name, *args) if keyed else (self.schema_database(), name)
+        if key in _SCHEMA_SEEN:
             return True
         answer = check(self, *args)
         if answer:
-            seen.add(key)
+            _SCHEMA_SEEN.add(key)
         return answer
 
     return kept
@@ -194,15 +205,18 @@ def _transaction(engine: Engine) -> Iterator[Connection]:
 
 
 class _OneEngine:
-    """What Dagster's SQLite run and schedule storages get here: one engine for their database
-    `_NAME`.db, opened without the alembic check once it holds `_TABLE`."""
+    """What Dagster's SQLite run and schedule storages get here: the process's engine of their
+    database `_NAME`.db, opened without the alembic check once it holds `_TABLE`."""
 
     _NAME: str
     _TABLE: str
 
     def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
+        self._database = conn_string
         super().__init__(conn_string, inst_data)  # type: ignore[call-arg]
-        self._engine = _pooled_engine(conn_string)
+
+    def schema_database(self) -> str:
+        return self._database
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
@@ -215,7 +229,7 @@ class _OneEngine:
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        with _transaction(self._engine) as conn:
+        with _transaction(_ENGINES.get(self._database)) as conn:
             yield conn
 
 
@@ -243,13 +257,11 @@ class SqliteScheduleStorage(_OneEngine, DagsterSqliteScheduleStorage):
 
 
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
-    """Dagster's SQLite event log storage (a database per run and an index) with one engine per
-    database, for the latest `EVENT_LOG_ENGINES` of them."""
+    """Dagster's SQLite event log storage (a database per run and an index) with the process's
+    engine of each database."""
 
-    def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
-        self._engines = _Engines(EVENT_LOG_ENGINES, pool_size=EVENT_LOG_POOL_SIZE,
-                                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
-        super().__init__(base_dir, inst_data)
+    def schema_database(self) -> str:
+        return self._base_dir
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> SqliteEventLogStorage:
@@ -267,7 +279,8 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     def _connect(self, shard: str) -> Iterator[Connection]:
         # As Dagster's: one connection at a time per storage, the run's database made on first use.
         with self._db_lock:
-            engine = self._engines.get(self.conn_string_for_shard(shard))
+            engine = _ENGINES.get(self.conn_string_for_shard(shard), pool_size=EVENT_LOG_POOL_SIZE,
+                                  connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
             if shard not in self._initialized_dbs:
                 self._initdb(engine)
                 self._initialized_dbs.add(shard)
@@ -277,7 +290,7 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     def wipe(self) -> None:
         # Dagster deletes the runs' database files: no pooled connection may outlive them.
         with self._db_lock:
-            self._engines.dispose()
+            _ENGINES.dispose_under(self._base_dir)
         super().wipe()
 
 

@@ -144,8 +144,22 @@ def test_a_run_stored_after_a_wipe_is_read_by_another_process(tmp_path):
         assert "said once" in [r.event_log_entry.user_message for r in other.get_records_for_run(again).records]
 
 
+def test_instances_opened_on_one_home_in_one_process_share_its_connections(tmp_path):
+    """Dagster's code server opens an instance for every sensor tick: its storages find the
+    engines, their connections and their compiled statements there."""
+    home = _home(tmp_path / "home")
+    with _open(home) as first:
+        run_id = chatty.execute_in_process(instance=first).run_id
+        kept = [_dbapi_connection(first.run_storage.connect), _dbapi_connection(first.schedule_storage.connect),
+                _dbapi_connection(lambda: first.event_log_storage.run_connection(run_id))]
+    with _open(home) as second:
+        assert [_dbapi_connection(second.run_storage.connect), _dbapi_connection(second.schedule_storage.connect),
+                _dbapi_connection(lambda: second.event_log_storage.run_connection(run_id))] == kept
+        assert second.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
 def test_the_event_log_keeps_the_engines_of_its_latest_databases_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "EVENT_LOG_ENGINES", 3)
+    monkeypatch.setattr(storage, "_ENGINES", storage._Engines(3))
     with _open(_home(tmp_path / "home")) as instance:
         events = instance.event_log_storage
         engines = {}
@@ -279,11 +293,12 @@ def _statements() -> Iterator[list[str]]:
         sa.event.remove(Engine, "before_cursor_execute", record)
 
 
-def test_a_schema_check_that_answered_yes_is_not_asked_again_and_a_no_is(tmp_path):
+def test_a_schema_check_that_answered_yes_is_not_asked_again_and_a_no_is(tmp_path, monkeypatch):
     """Dagster's run queue and sensors ask the same schema questions on every query; a schema only
     gains tables and columns, so a yes is kept and a no asked again."""
     home = _home(tmp_path / "home")
     _open(home).dispose()  # Dagster makes the databases
+    monkeypatch.setattr(storage, "_SCHEMA_SEEN", set())  # what opening the home asked is forgotten
     runs = storage.SqliteRunStorage.from_local(str(tmp_path / "home" / "history"))
     schedules = storage.SqliteScheduleStorage.from_local(str(tmp_path / "home" / "schedules"))
     events = storage.SqliteEventLogStorage(str(tmp_path / "home" / "history" / "runs"))
