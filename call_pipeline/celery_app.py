@@ -20,6 +20,7 @@ from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_resume_job_task, create_task
 from kombu import Queue
 
+from call_pipeline.instance import POOL_RECYCLE_S, keep_connections
 from call_pipeline.queues import WORKER_QUEUES
 from call_pipeline.run_worker import execute_run
 from call_pipeline.settings import settings
@@ -79,7 +80,6 @@ joins_allowed = _JoinAllowance()
 # storage otherwise opens a connection for every event a run writes. Beyond the one kept, as many
 # as the runs of a threads pool ask for at once (-1: no cap, so that none waits for another's),
 # each closed when given back, as before.
-_POOL_RECYCLE_S = 3600
 _POOL_MAX_OVERFLOW = -1
 _STATEMENT_TIMEOUT_MS = 15000
 # Connections a threads pool's process keeps per storage: its runs write events at once, and an
@@ -102,27 +102,10 @@ def worker_instance() -> Any:
             import dagster as dg
 
             _instance = dg.DagsterInstance.get()
-            _instance.optimize_for_webserver(_STATEMENT_TIMEOUT_MS, _POOL_RECYCLE_S, _POOL_MAX_OVERFLOW)
+            _instance.optimize_for_webserver(_STATEMENT_TIMEOUT_MS, POOL_RECYCLE_S, _POOL_MAX_OVERFLOW)
             if _run_slots > 1:
                 keep_connections(_instance, min(_run_slots, _THREADS_POOL_KEPT_CONNECTIONS))
     return _instance
-
-
-def keep_connections(instance: Any, size: int) -> None:
-    """Makes each of the instance's MySQL storages keep `size` connections instead of the one
-    Dagster's `optimize_for_webserver` keeps (its pool size is fixed at 1, with no option): the
-    same engine as dagster-mysql's own, but for that size."""
-    import sqlalchemy as sa
-    from dagster_mysql.utils import mysql_isolation_level
-
-    for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
-        url = getattr(storage, "mysql_url", None)
-        if url is None:
-            continue
-        storage._engine.dispose()  # noqa: SLF001 - dagster-mysql's storages keep their engine there
-        storage._engine = sa.create_engine(  # noqa: SLF001
-            url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=_POOL_RECYCLE_S,
-            max_overflow=_POOL_MAX_OVERFLOW)
 
 
 @worker_init.connect

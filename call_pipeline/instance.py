@@ -23,7 +23,7 @@ import multiprocessing.forkserver
 import socket
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 from dagster._core.instance import DagsterInstance
@@ -40,10 +40,40 @@ from call_pipeline.run_worker import execute_run
 
 _CONFIGURING = threading.Lock()
 
+# Kept MySQL connections are recycled after an hour, the webserver's default.
+POOL_RECYCLE_S = 3600
+
+
+def keep_connections(instance: DagsterInstance, size: int) -> None:
+    """Makes each of the instance's MySQL storages keep `size` connections (beyond them, as many
+    as asked for at once, each closed when given back): the same engine as dagster-mysql's own,
+    which opens a connection for every query (or, after Dagster's `optimize_for_webserver`, keeps
+    one), but for that size. A storage of another kind is left as it is."""
+    import sqlalchemy as sa
+    from dagster_mysql.utils import mysql_isolation_level
+
+    for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
+        url = getattr(storage, "mysql_url", None)
+        if url is None:
+            continue
+        storage._engine.dispose()  # noqa: SLF001 - dagster-mysql's storages keep their engine there
+        storage._engine = sa.create_engine(  # noqa: SLF001
+            url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=POOL_RECYCLE_S,
+            max_overflow=-1)
+
 
 class PipelineInstance(DagsterInstance):
     """Dagster's instance; runs started side by side in one process do not reconfigure logging;
     without a storage setting, its SQLite storage is the project's (`storage.SqliteStorage`)."""
+
+    # MySQL connections each storage keeps in a process that asked for it before opening its
+    # instance (the daemon: `daemon.main`); 0, Dagster's: a new connection for every query.
+    kept_connections: ClassVar[int] = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if PipelineInstance.kept_connections:
+            keep_connections(self, PipelineInstance.kept_connections)
 
     # What Dagster asks of an `instance_class`: no settings of its own, Dagster's defaults.
     @classmethod
