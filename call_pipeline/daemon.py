@@ -22,7 +22,7 @@ says the run finished (`runs_as_recorded`, at most RECORD_WAIT_S).
 Dagster's MySQL storage opens a connection for every query (`NullPool`), and the daemon queries all
 the time: 100 runs queued at once spent 5.4 s of the daemon's 13.1 s of CPU connecting (a sampler
 of per-thread CPU; mysql-connector does its handshake in Python). Here each storage keeps
-KEPT_CONNECTIONS (`instance.keep_connections`, through the project's instance class).
+`instance.KEPT_CONNECTIONS` (`instance.keep_connections`, through the project's instance class).
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ WATCH_INTERVAL_S = 60
 # writes it right after the event.
 RECORD_WAIT_S = 10.0
 RECORD_POLL_S = 0.05
-# As many as the threads that query at once: the run queue launches on 8 and the sensors submit
-# on 8 (deploy/dagster.yaml); beyond them a connection is opened and closed, as Dagster's are.
-KEPT_CONNECTIONS = 8
 
 
 def watch_code_servers_less_often() -> None:
@@ -80,20 +77,14 @@ def retry_runs_whose_record_lags_their_failure() -> None:
     auto_run_reexecution.filter_runs_to_should_retry = filter_runs_to_should_retry
 
 
-def keep_storage_connections() -> None:
-    """For the rest of this process, an instance of the project's class keeps KEPT_CONNECTIONS
-    connections to each of its MySQL storages (other storages are left as they are)."""
-    from call_pipeline.instance import PipelineInstance
-
-    PipelineInstance.kept_connections = KEPT_CONNECTIONS
-
-
 def main() -> None:
     from dagster._daemon.cli import main as dagster_daemon
 
     watch_code_servers_less_often()
     retry_runs_whose_record_lags_their_failure()
-    keep_storage_connections()
+    from call_pipeline.instance import keep_connections_in_this_process
+
+    keep_connections_in_this_process()
     dagster_daemon()
 
 

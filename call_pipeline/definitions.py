@@ -11,6 +11,13 @@ from call_pipeline.executors import start_forkserver_early
 # (call_pipeline/executors.py says why).
 start_forkserver_early(sys.argv)
 
+from call_pipeline.instance import keep_connections_in_this_process  # noqa: E402
+
+# A process that loads the definitions keeps its connections to a MySQL instance: Dagster's code
+# server opens an instance for every sensor tick, and dagster-mysql connects for every query
+# (call_pipeline/instance.py, `keep_connections`).
+keep_connections_in_this_process()
+
 from call_pipeline.jobs import advance_task_states, sync_call_task  # noqa: E402
 from call_pipeline.partitions import call_tasks_partitions  # noqa: E402
 from call_pipeline.resources import resources_from_env  # noqa: E402

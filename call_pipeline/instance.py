@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -42,24 +43,56 @@ _CONFIGURING = threading.Lock()
 
 # Kept MySQL connections are recycled after an hour, the webserver's default.
 POOL_RECYCLE_S = 3600
+# MySQL connections a long-lived process keeps per storage (the daemon, the code server): as many
+# as its threads that query at once (the daemon's run queue launches on 8 and its sensors submit
+# on 8, deploy/dagster.yaml); beyond them one is opened and closed, as Dagster's are.
+KEPT_CONNECTIONS = 8
+
+# The engines a process keeps: one per storage of the instance it uses (three); a process that
+# opens instances of other databases (the tests) closes the least recently used.
+KEPT_ENGINES = 6
+
+_kept_engines: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
+_kept_lock = threading.Lock()
 
 
 def keep_connections(instance: DagsterInstance, size: int) -> None:
     """Makes each of the instance's MySQL storages keep `size` connections (beyond them, as many
     as asked for at once, each closed when given back): the same engine as dagster-mysql's own,
     which opens a connection for every query (or, after Dagster's `optimize_for_webserver`, keeps
-    one), but for that size. A storage of another kind is left as it is."""
+    one), but for that size. The engine is the process's, for every instance it opens of that
+    database (Dagster's code server opens one for every sensor tick). A storage of another kind is
+    left as it is."""
     import sqlalchemy as sa
     from dagster_mysql.utils import mysql_isolation_level
+
+    from call_pipeline.storage import dropped_in_forked_children
 
     for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
         url = getattr(storage, "mysql_url", None)
         if url is None:
             continue
-        storage._engine.dispose()  # noqa: SLF001 - dagster-mysql's storages keep their engine there
-        storage._engine = sa.create_engine(  # noqa: SLF001
-            url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=POOL_RECYCLE_S,
-            max_overflow=-1)
+        key = (type(storage).__name__, url, size)
+        with _kept_lock:
+            engine = _kept_engines.get(key)
+            if engine is None:
+                engine = _kept_engines[key] = dropped_in_forked_children(sa.create_engine(
+                    url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=POOL_RECYCLE_S,
+                    max_overflow=-1))
+                while len(_kept_engines) > KEPT_ENGINES:
+                    _kept_engines.popitem(last=False)[1].dispose()
+            else:
+                _kept_engines.move_to_end(key)
+            own = storage._engine not in _kept_engines.values()  # noqa: SLF001 - dagster-mysql keeps it there
+        if own:
+            storage._engine.dispose()  # noqa: SLF001
+        storage._engine = engine  # noqa: SLF001
+
+
+def keep_connections_in_this_process(size: int = KEPT_CONNECTIONS) -> None:
+    """For the rest of this process, an instance of the project's class keeps `size` connections
+    to each of its MySQL storages (`keep_connections`)."""
+    PipelineInstance.kept_connections = size
 
 
 class PipelineInstance(DagsterInstance):
@@ -67,7 +100,7 @@ class PipelineInstance(DagsterInstance):
     without a storage setting, its SQLite storage is the project's (`storage.SqliteStorage`)."""
 
     # MySQL connections each storage keeps in a process that asked for it before opening its
-    # instance (the daemon: `daemon.main`); 0, Dagster's: a new connection for every query.
+    # instance (`keep_connections_in_this_process`); 0, Dagster's: a new connection for every query.
     kept_connections: ClassVar[int] = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -78,15 +78,22 @@ ENGINES = 64
 # The event log uses one connection at a time (Dagster's lock per storage): one kept per database.
 EVENT_LOG_POOL_SIZE = 1
 
-# Every pooled engine of this process, for a forked child to drop.
+# Every pooled engine of this process (the SQLite ones here, the MySQL ones the instance keeps),
+# for a forked child to drop.
 _POOLED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def dropped_in_forked_children(engine: Engine) -> Engine:
+    """`engine`, whose pool a process forked from this one replaces with its own (SQLAlchemy's
+    recipe for `os.fork`: the parent's connections are left to the parent, neither used nor closed)."""
+    _POOLED.add(engine)
+    return engine
 
 
 def _pooled_engine(conn_string: str, **engine_args: Any) -> Engine:
     # Last in, first out: sequential queries use one connection; the others are there for threads.
-    engine = create_engine(conn_string, poolclass=QueuePool, pool_use_lifo=True, **engine_args)
-    _POOLED.add(engine)
-    return engine
+    return dropped_in_forked_children(
+        create_engine(conn_string, poolclass=QueuePool, pool_use_lifo=True, **engine_args))
 
 
 def _forget_pooled_connections() -> None:

@@ -1,15 +1,16 @@
 """What a process keeps of the instance's MySQL storage (`instance.keep_connections`): the `runs`
-workers' processes, the daemon."""
+workers' processes, the daemon, the code server."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import dagster as dg
 import sqlalchemy as sa
 import yaml
 
-from call_pipeline import daemon
 from call_pipeline import instance as instance_module
 
 
@@ -72,11 +73,37 @@ def test_the_daemons_instance_keeps_connections_to_each_mysql_storage(dagster_my
         assert _kept_after_eight_at_once(instance) == [0, 0, 0]  # Dagster's: none kept (NullPool)
     finally:
         instance.dispose()
-    daemon.keep_storage_connections()  # what `python -m call_pipeline.daemon` does before it starts
+    instance_module.keep_connections_in_this_process()  # what `python -m call_pipeline.daemon` does first
     instance = dg.DagsterInstance.from_config(home)
     try:
         assert isinstance(instance, instance_module.PipelineInstance)
-        assert _kept_after_eight_at_once(instance) == [daemon.KEPT_CONNECTIONS] * 3
+        assert _kept_after_eight_at_once(instance) == [instance_module.KEPT_CONNECTIONS] * 3
         assert instance.get_runs_count() == 0
     finally:
         instance.dispose()
+
+
+def test_instances_opened_one_after_another_in_a_process_use_its_kept_connections(dagster_mysql_env, tmp_path,
+                                                                                  monkeypatch):
+    """Dagster's code server opens an instance for every sensor tick: each finds the connections the
+    one before kept."""
+    home = _mysql_home(dagster_mysql_env, tmp_path)
+    monkeypatch.setattr(instance_module.PipelineInstance, "kept_connections", instance_module.KEPT_CONNECTIONS)
+    seen = []
+    for _ in range(3):
+        instance = dg.DagsterInstance.from_config(home)
+        try:
+            instance.get_runs_count()
+            with instance.run_storage.connect() as conn:
+                seen.append(id(conn.connection.dbapi_connection))
+        finally:
+            instance.dispose()
+    assert len(set(seen)) == 1
+
+
+def test_a_process_that_loads_the_definitions_keeps_its_connections():
+    """The code server, and every run, step and worker process: they load the definitions."""
+    code = ("import call_pipeline.definitions; from call_pipeline.instance import PipelineInstance; "
+            "print(PipelineInstance.kept_connections)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[-1] == str(instance_module.KEPT_CONNECTIONS)
