@@ -13,10 +13,12 @@ start_forkserver_early(sys.argv)
 
 from call_pipeline.instance import keep_connections_in_this_process  # noqa: E402
 
-# A process that loads the definitions keeps its connections to a MySQL instance: Dagster's code
-# server opens an instance for every sensor tick, and dagster-mysql connects for every query
-# (call_pipeline/instance.py, `keep_connections`).
-keep_connections_in_this_process()
+# A process that loads the definitions keeps a connection to each storage of a MySQL instance, as
+# Dagster's webserver does: Dagster's code server opens an instance for every sensor tick, and
+# dagster-mysql connects for every query (call_pipeline/instance.py, `keep_connections`). One, not
+# more: every run, step and worker process loads the definitions too, and MariaDB's connections
+# are counted (151 by default).
+keep_connections_in_this_process(1)
 
 from call_pipeline.jobs import advance_task_states, sync_call_task  # noqa: E402
 from call_pipeline.partitions import call_tasks_partitions  # noqa: E402

@@ -43,9 +43,9 @@ _CONFIGURING = threading.Lock()
 
 # Kept MySQL connections are recycled after an hour, the webserver's default.
 POOL_RECYCLE_S = 3600
-# MySQL connections a long-lived process keeps per storage (the daemon, the code server): as many
-# as its threads that query at once (the daemon's run queue launches on 8 and its sensors submit
-# on 8, deploy/dagster.yaml); beyond them one is opened and closed, as Dagster's are.
+# MySQL connections the daemon keeps per storage: as many as its threads that query at once (its
+# run queue launches on 8 and its sensors submit on 8, deploy/dagster.yaml); beyond them one is
+# opened and closed, as Dagster's are.
 KEPT_CONNECTIONS = 8
 
 # The engines a process keeps: one per storage of the instance it uses (three); a process that
@@ -63,15 +63,16 @@ def keep_connections(instance: DagsterInstance, size: int) -> None:
     one), but for that size. The engine is the process's, for every instance it opens of that
     database (Dagster's code server opens one for every sensor tick). A storage of another kind is
     left as it is."""
-    import sqlalchemy as sa
-    from dagster_mysql.utils import mysql_isolation_level
-
-    from call_pipeline.storage import dropped_in_forked_children
-
     for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
         url = getattr(storage, "mysql_url", None)
         if url is None:
             continue
+        # Imported here: an instance of another kind (SQLite) imports no MySQL driver for this.
+        import sqlalchemy as sa
+        from dagster_mysql.utils import mysql_isolation_level
+
+        from call_pipeline.storage import dropped_in_forked_children
+
         key = (type(storage).__name__, url, size)
         with _kept_lock:
             engine = _kept_engines.get(key)

@@ -13,7 +13,8 @@ every second. Dagster has no option for it, hence these subclasses.
 The engines pool their connections (SQLAlchemy's `QueuePool`, its default for a SQLite file):
 a new SQLite connection reads the database's schema again on its first statement, and Dagster's
 run database has many tables and indexes. Measured: a run-queue read and a run-record read took
-1.9 ms of CPU on a new connection each, 0.6 ms on pooled ones. A connection is used by one thread
+1.9 ms of CPU on a new connection each, 0.6 ms on pooled ones. A run's own event database is the
+exception (`_event_log_engine_args`: the webserver follows it by watching its file). A connection is used by one thread
 at a time (the pool's checkout; `check_same_thread` off, as SQLAlchemy sets it for files); a
 forked child drops the pools it inherited without closing their connections
 (`_forget_pooled_connections`, SQLAlchemy's recipe for `os.fork`), and a wipe of the event log
@@ -48,6 +49,7 @@ from alembic.script import ScriptDirectory
 from dagster._core.storage.event_log import SqlEventLogStorageMetadata
 from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
 )
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
@@ -69,13 +71,13 @@ from dagster._serdes import ConfigurableClassData
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import NullPool, QueuePool
 
 # A process keeps the engines of the databases it used last: the runs' and the schedules'
 # databases, the event log's index and the latest runs' own databases (a process that reads many
 # runs, the webserver, drops the oldest).
 ENGINES = 64
-# The event log uses one connection at a time (Dagster's lock per storage): one kept per database.
+# The event log uses one connection at a time (Dagster's lock per storage): one kept for its index.
 EVENT_LOG_POOL_SIZE = 1
 
 # Every pooled engine of this process (the SQLite ones here, the MySQL ones the instance keeps),
@@ -90,7 +92,9 @@ def dropped_in_forked_children(engine: Engine) -> Engine:
     return engine
 
 
-def _pooled_engine(conn_string: str, **engine_args: Any) -> Engine:
+def _engine(conn_string: str, pooled: bool, **engine_args: Any) -> Engine:
+    if not pooled:
+        return create_engine(conn_string, poolclass=NullPool, **engine_args)
     # Last in, first out: sequential queries use one connection; the others are there for threads.
     return dropped_in_forked_children(
         create_engine(conn_string, poolclass=QueuePool, pool_use_lifo=True, **engine_args))
@@ -117,11 +121,11 @@ class _Engines:
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, conn_string: str, **engine_args: Any) -> Engine:
+    def get(self, conn_string: str, pooled: bool = True, **engine_args: Any) -> Engine:
         with self._lock:
             engine = self._engines.get(conn_string)
             if engine is None:
-                engine = self._engines[conn_string] = _pooled_engine(conn_string, **engine_args)
+                engine = self._engines[conn_string] = _engine(conn_string, pooled, **engine_args)
                 while len(self._engines) > self._size:
                     self._engines.popitem(last=False)[1].dispose()
             else:
@@ -263,6 +267,18 @@ class SqliteScheduleStorage(_OneEngine, DagsterSqliteScheduleStorage):
     has_built_index = _kept_once_true(DagsterSqliteScheduleStorage.has_built_index)
 
 
+def _event_log_engine_args(shard: str) -> dict[str, Any]:
+    """A run's own database is not pooled: Dagster's webserver follows a run's events by watching
+    the run's database file (`SqliteEventLogStorageWatchdog`), which changes when the last
+    connection to it closes (SQLite then moves the write-ahead log into the file); a connection
+    kept open anywhere would keep a live run's page from showing new events. The index is read by
+    polling and is pooled."""
+    args: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}}
+    if shard == INDEX_SHARD_NAME:
+        return {**args, "pool_size": EVENT_LOG_POOL_SIZE}
+    return {**args, "pooled": False}
+
+
 class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     """Dagster's SQLite event log storage (a database per run and an index) with the process's
     engine of each database."""
@@ -286,8 +302,7 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     def _connect(self, shard: str) -> Iterator[Connection]:
         # As Dagster's: one connection at a time per storage, the run's database made on first use.
         with self._db_lock:
-            engine = _ENGINES.get(self.conn_string_for_shard(shard), pool_size=EVENT_LOG_POOL_SIZE,
-                                  connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+            engine = _ENGINES.get(self.conn_string_for_shard(shard), **_event_log_engine_args(shard))
             if shard not in self._initialized_dbs:
                 self._initdb(engine)
                 self._initialized_dbs.add(shard)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 import yaml
 from dagster import DagsterInstance
@@ -98,14 +99,47 @@ def _dbapi_connection(storage_connect) -> int:
         return id(conn.connection.dbapi_connection)
 
 
-def test_a_connection_is_kept_for_the_next_query_of_its_database(tmp_path):
-    """A new SQLite connection reads the schema again; each database's engine keeps its connections."""
+def test_a_connection_is_kept_for_the_next_query_of_its_database_but_a_runs_own(tmp_path):
+    """A new SQLite connection reads the schema again; each database's engine keeps its connections,
+    but a run's own event database, which the webserver follows by watching its file."""
     with _open(_home(tmp_path / "home")) as instance:
         run_id = chatty.execute_in_process(instance=instance).run_id
         events = instance.event_log_storage
-        for connect in (instance.run_storage.connect, instance.schedule_storage.connect, events.index_connection,
-                        lambda: events.run_connection(run_id)):
+        for connect in (instance.run_storage.connect, instance.schedule_storage.connect, events.index_connection):
             assert _dbapi_connection(connect) == _dbapi_connection(connect)
+        with events.run_connection(run_id) as first:
+            dbapi = first.connection.dbapi_connection
+        with pytest.raises(sqlite3.ProgrammingError):  # closed when given back
+            dbapi.execute("SELECT 1")
+
+
+def _write_an_event(home: str, run_id: str) -> None:
+    with _open(home) as instance:
+        instance.report_engine_event("written by another process", instance.get_run_by_id(run_id))
+
+
+def test_a_watcher_of_a_run_sees_the_events_another_process_writes(tmp_path):
+    """What the webserver's run page does (Dagster's watchdog on the run's database file): a
+    connection kept to that database by the reader would keep the file from changing."""
+    home = _home(tmp_path / "home")
+    with _open(home) as instance:
+        run_id = chatty.execute_in_process(instance=instance).run_id
+        records = instance.get_records_for_run(run_id)  # the reader has used the run's database
+        seen = threading.Event()
+
+        def callback(event, cursor) -> None:
+            if event.dagster_event is not None and event.dagster_event.message == "written by another process":
+                seen.set()
+
+        instance.event_log_storage.watch(run_id, records.cursor, callback)
+        try:
+            child = multiprocessing.get_context("fork").Process(target=_write_an_event, args=(home, run_id))
+            child.start()
+            child.join(60)
+            assert child.exitcode == 0
+            assert seen.wait(30), "the watcher never saw the event"
+        finally:
+            instance.event_log_storage.end_watch(run_id, callback)
 
 
 def _child_connection(connect, answer) -> None:
@@ -114,11 +148,10 @@ def _child_connection(connect, answer) -> None:
 
 def test_a_forked_process_opens_connections_of_its_own(tmp_path):
     with _open(_home(tmp_path / "home")) as instance:
-        run_id = chatty.execute_in_process(instance=instance).run_id
+        chatty.execute_in_process(instance=instance)
         events = instance.event_log_storage
         fork = multiprocessing.get_context("fork")
-        for connect in (instance.run_storage.connect, instance.schedule_storage.connect,
-                        lambda: events.run_connection(run_id)):
+        for connect in (instance.run_storage.connect, instance.schedule_storage.connect, events.index_connection):
             kept = _dbapi_connection(connect)  # pooled in this process before the fork
             ours, theirs = fork.Pipe()
             child = fork.Process(target=_child_connection, args=(connect, theirs))
@@ -151,10 +184,10 @@ def test_instances_opened_on_one_home_in_one_process_share_its_connections(tmp_p
     with _open(home) as first:
         run_id = chatty.execute_in_process(instance=first).run_id
         kept = [_dbapi_connection(first.run_storage.connect), _dbapi_connection(first.schedule_storage.connect),
-                _dbapi_connection(lambda: first.event_log_storage.run_connection(run_id))]
+                _dbapi_connection(first.event_log_storage.index_connection)]
     with _open(home) as second:
         assert [_dbapi_connection(second.run_storage.connect), _dbapi_connection(second.schedule_storage.connect),
-                _dbapi_connection(lambda: second.event_log_storage.run_connection(run_id))] == kept
+                _dbapi_connection(second.event_log_storage.index_connection)] == kept
         assert second.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
 
 

@@ -106,4 +106,4 @@ def test_a_process_that_loads_the_definitions_keeps_its_connections():
     code = ("import call_pipeline.definitions; from call_pipeline.instance import PipelineInstance; "
             "print(PipelineInstance.kept_connections)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split()[-1] == str(instance_module.KEPT_CONNECTIONS)
+    assert out.stdout.split()[-1] == "1"  # one per storage, as Dagster's webserver keeps
