@@ -2,8 +2,10 @@
 production shape's Celery one, the embedded default's preloaded one), and the pools every
 instance holds before its first run.
 
-The instance class differs from Dagster's own in two things. Its default storage keeps one database
-engine per file (call_pipeline/storage.py). Starting a run does not reconfigure the process's
+The instance class differs from Dagster's own in three things. Its default storage keeps one
+pooled database engine per file and process (call_pipeline/storage.py). In a process that asked
+for it (`keep_connections_in_this_process`: the daemon, every process that loads the definitions)
+its MySQL storages keep their connections (`keep_connections`). Starting a run does not reconfigure the process's
 logging when the instance defines no logging handlers (`python_logs.dagster_handler_config`).
 Dagster 1.13 calls `logging.config.dictConfig` for every run it starts, handlers or not; dictConfig
 holds logging's module lock while it flushes and closes every handler of the process, each under
