@@ -19,12 +19,12 @@ configures them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -55,8 +55,14 @@ KEPT_CONNECTIONS = 4
 # opens instances of other databases (the tests) closes the least recently used.
 KEPT_ENGINES = 6
 
-_kept_engines: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
-_kept_lock = threading.Lock()
+
+@functools.cache
+def _kept_engines() -> Any:
+    """The MySQL engines this process keeps (`storage.Engines`, made at first use: an instance of
+    another kind imports nothing for it)."""
+    from call_pipeline.storage import Engines
+
+    return Engines(KEPT_ENGINES)
 
 
 def keep_connections(instance: DagsterInstance, size: int) -> None:
@@ -76,20 +82,14 @@ def keep_connections(instance: DagsterInstance, size: int) -> None:
 
         from call_pipeline.storage import dropped_in_forked_children
 
-        key = (type(storage).__name__, url, size)
-        with _kept_lock:
-            engine = _kept_engines.get(key)
-            if engine is None:
-                engine = _kept_engines[key] = dropped_in_forked_children(sa.create_engine(
-                    url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=POOL_RECYCLE_S,
-                    max_overflow=-1))
-                while len(_kept_engines) > KEPT_ENGINES:
-                    _kept_engines.popitem(last=False)[1].dispose()
-            else:
-                _kept_engines.move_to_end(key)
-            own = storage._engine not in _kept_engines.values()  # noqa: SLF001 - dagster-mysql keeps it there
-        if own:
-            storage._engine.dispose()  # noqa: SLF001
+        def make(url: str = url) -> Any:
+            return dropped_in_forked_children(sa.create_engine(
+                url, isolation_level=mysql_isolation_level(), pool_size=size, pool_recycle=POOL_RECYCLE_S,
+                max_overflow=-1))
+
+        engine = _kept_engines().get((type(storage).__name__, url, size), make)
+        if storage._engine is not engine and not _kept_engines().holds(storage._engine):  # noqa: SLF001
+            storage._engine.dispose()  # noqa: SLF001 - dagster-mysql's storages keep their engine there
         storage._engine = engine  # noqa: SLF001
 
 

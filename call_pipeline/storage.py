@@ -109,38 +109,49 @@ def _forget_pooled_connections() -> None:
 os.register_at_fork(after_in_child=_forget_pooled_connections)
 
 
-class _Engines:
-    """Engines by database file, shared by every storage of the process that opens the file (each
-    file is opened by one kind of storage, with its `engine_args`), the least recently used
-    dropped past `size`. Shared because Dagster opens a new instance where it could keep one: the
-    code server for every sensor tick, whose storages then found their engines, their pooled
-    connections and their compiled statements already there."""
+class Engines:
+    """Engines by key (a database), shared by everything of the process that opens that database,
+    the least recently used closed past `size`. Shared because Dagster opens a new instance where it
+    could keep one: the code server for every sensor tick, whose storages then find their engines,
+    their pooled connections and their compiled statements already there."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._engines: OrderedDict[Any, Engine] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, conn_string: str, pooled: bool = True, **engine_args: Any) -> Engine:
+    def get(self, key: Any, make: Callable[[], Engine]) -> Engine:
+        """The engine of `key`, made by `make` the first time."""
         with self._lock:
-            engine = self._engines.get(conn_string)
+            engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[conn_string] = _engine(conn_string, pooled, **engine_args)
+                engine = self._engines[key] = make()
                 while len(self._engines) > self._size:
                     self._engines.popitem(last=False)[1].dispose()
             else:
-                self._engines.move_to_end(conn_string)
+                self._engines.move_to_end(key)
             return engine
 
+    def holds(self, engine: Engine) -> bool:
+        with self._lock:
+            return any(kept is engine for kept in self._engines.values())
+
     def dispose_under(self, directory: str) -> None:
-        """Close the connections of the engines of the databases in `directory`, and forget them."""
+        """Close the connections of the engines of the SQLite databases in `directory` (keyed by
+        connection string), and forget them."""
         prefix = create_db_conn_string(directory, "")[: -len(".db")]
         with self._lock:
-            for conn_string in [key for key in self._engines if key.startswith(prefix)]:
-                self._engines.pop(conn_string).dispose()
+            for key in [key for key in self._engines if isinstance(key, str) and key.startswith(prefix)]:
+                self._engines.pop(key).dispose()
 
 
-_ENGINES = _Engines(ENGINES)
+def _sqlite_engine(conn_string: str, pooled: bool = True, **engine_args: Any) -> Engine:
+    """The process's engine of a SQLite database file (each file is opened by one kind of storage,
+    with its `engine_args`)."""
+    return _ENGINES.get(conn_string, lambda: _engine(conn_string, pooled, **engine_args))
+
+
+_ENGINES = Engines(ENGINES)
 
 
 def _stamped(engine: Engine, table: str | None = None) -> bool:
@@ -156,7 +167,7 @@ def _opened(cls: type, base_dir: str, name: str, table: str, inst_data: Configur
     if not os.path.exists(os.path.join(base_dir, f"{name}.db")):
         return None
     conn_string = create_db_conn_string(base_dir, name)
-    return cls(conn_string, inst_data) if _stamped(_ENGINES.get(conn_string), table) else None
+    return cls(conn_string, inst_data) if _stamped(_sqlite_engine(conn_string), table) else None
 
 
 # The schema checks that answered yes in this process: (database, check, argument).
@@ -240,7 +251,7 @@ class _OneEngine:
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        with _transaction(_ENGINES.get(self._database)) as conn:
+        with _transaction(_sqlite_engine(self._database)) as conn:
             yield conn
 
 
@@ -302,7 +313,7 @@ class SqliteEventLogStorage(DagsterSqliteEventLogStorage):
     def _connect(self, shard: str) -> Iterator[Connection]:
         # As Dagster's: one connection at a time per storage, the run's database made on first use.
         with self._db_lock:
-            engine = _ENGINES.get(self.conn_string_for_shard(shard), **_event_log_engine_args(shard))
+            engine = _sqlite_engine(self.conn_string_for_shard(shard), **_event_log_engine_args(shard))
             if shard not in self._initialized_dbs:
                 self._initdb(engine)
                 self._initialized_dbs.add(shard)

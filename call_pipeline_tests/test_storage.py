@@ -192,7 +192,7 @@ def test_instances_opened_on_one_home_in_one_process_share_its_connections(tmp_p
 
 
 def test_the_event_log_keeps_the_engines_of_its_latest_databases_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "_ENGINES", storage._Engines(3))
+    monkeypatch.setattr(storage, "_ENGINES", storage.Engines(3))
     with _open(_home(tmp_path / "home")) as instance:
         events = instance.event_log_storage
         engines = {}
