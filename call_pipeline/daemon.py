@@ -1,5 +1,5 @@
 """`python -m call_pipeline.daemon run -w WORKSPACE`: Dagster's daemon (`dagster-daemon run`, the
-same command line), with two changes to how it behaves, each Dagster's own code with one thing
+same command line), with three changes to how it behaves, each Dagster's own code with one thing
 set differently in this process only.
 
 Dagster's workspace watches each code server it reaches over gRPC by asking for the server's id
