@@ -58,19 +58,45 @@ def _limits_state_dir(tmp_path_factory) -> Iterator[None]:
     settings.cache_clear()
 
 
+# Several production-shaped deployments run at once under xdist (reliability/test_run_launcher.py:
+# a daemon, a code server and run workers each, every one keeping its MySQL connections), beside
+# the other workers' tests: 171 connections at the suite's peak, measured. MariaDB's default of
+# 151 refused some, and a refused connection failed a killed-worker test's runs in its own way
+# (three failures in one CI). 300 is what the README advises a deployment that starts bursts.
+MARIADB_CONNECTIONS_NEEDED = 300
+
+
 @pytest.fixture(scope="session")
-def mariadb_database_url() -> Iterator[str]:
-    """A fresh utf8mb4 database on the machine's MariaDB for this test session, dropped after.
-    An unreachable MariaDB is an error, never a skip: CI must not pass without the MySQL tests."""
-    name = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+def mariadb_server_url() -> Iterator[str]:
+    """The machine's MariaDB, reachable and taking MARIADB_CONNECTIONS_NEEDED connections (raised
+    to that when lower; `SET GLOBAL` lasts until the server restarts). An unreachable MariaDB is an
+    error, never a skip: CI must not pass without the MySQL tests."""
     server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
     try:
         with server.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+            allowed = conn.execute(sa.text("SELECT @@GLOBAL.max_connections")).scalar_one()
+            if allowed < MARIADB_CONNECTIONS_NEEDED:
+                try:
+                    conn.execute(sa.text(f"SET GLOBAL max_connections = {MARIADB_CONNECTIONS_NEEDED}"))
+                except sa.exc.DBAPIError as exc:
+                    pytest.fail(f"MariaDB at {MARIADB_SERVER_URL} takes {allowed} connections, the suite needs "
+                                f"{MARIADB_CONNECTIONS_NEEDED}, and raising max_connections failed: {exc}")
     except sa.exc.OperationalError as exc:
         pytest.fail(f"MariaDB at {MARIADB_SERVER_URL} is unreachable; the MySQL tests cannot run: {exc}")
+    finally:
+        server.dispose()
+    yield MARIADB_SERVER_URL
+
+
+@pytest.fixture(scope="session")
+def mariadb_database_url(mariadb_server_url: str) -> Iterator[str]:
+    """A fresh utf8mb4 database on the machine's MariaDB for this test session, dropped after."""
+    name = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
+    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
     try:
-        yield f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4"
+        yield f"{mariadb_server_url}/{name}?charset=utf8mb4"
     finally:
         with server.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
@@ -113,7 +139,8 @@ def simulator():
         handle.stop()
 
 
-MARIADB_FIXTURES = {"mariadb_url", "mariadb_database_url", "crm_url", "clean_database_url"}
+MARIADB_FIXTURES = {"mariadb_url", "mariadb_server_url", "mariadb_database_url", "crm_url", "clean_database_url",
+                    "dagster_mysql_env"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

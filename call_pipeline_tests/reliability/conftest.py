@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
-from call_pipeline_tests.conftest import MARIADB_SERVER_URL
 from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
@@ -29,16 +28,16 @@ def instance(tmp_path) -> Iterator[dg.DagsterInstance]:
 
 
 @pytest.fixture(scope="session")
-def clean_database_url() -> Iterator[str]:
+def clean_database_url(mariadb_server_url: str) -> Iterator[str]:
     """A second database, where each scenario's clean run happens."""
     name = f"call_pipeline_clean_{uuid.uuid4().hex[:10]}"
-    server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
+    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
     try:
-        yield f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4"
+        yield f"{mariadb_server_url}/{name}?charset=utf8mb4"
     finally:
-        get_crm_engine(f"{MARIADB_SERVER_URL}/{name}?charset=utf8mb4").dispose()
+        get_crm_engine(f"{mariadb_server_url}/{name}?charset=utf8mb4").dispose()
         with server.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         server.dispose()
@@ -122,11 +121,11 @@ def redis_prefix():
 
 
 @pytest.fixture
-def dagster_mysql_env() -> Iterator[dict[str, str]]:
+def dagster_mysql_env(mariadb_server_url: str) -> Iterator[dict[str, str]]:
     """A utf8mb4 database of its own on the machine's MariaDB for a production-like Dagster
     instance (deploy/dagster.yaml reads these variables), dropped after."""
     name = f"call_pipeline_dagster_{uuid.uuid4().hex[:10]}"
-    server = sa.create_engine(MARIADB_SERVER_URL, isolation_level="AUTOCOMMIT")
+    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
     try:
