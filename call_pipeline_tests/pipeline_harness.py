@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +21,19 @@ from call_pipeline.settings import env_name
 ORGANIZATION = 9
 TEST_ACCESS_KEY_SECRET = "test-secret-5f1d0c"
 TEST_DASHSCOPE_KEY = "sk-test-key-8a2b71"
+
+
+# The project's instance class, as both dagster.yaml files name it: with no storage setting, the
+# embedded default's SQLite storage (call_pipeline/storage.py). Dagster's own would load its
+# migration scripts in every step process and build an engine for every query.
+PROJECT_INSTANCE_CLASS = {"instance_class": {"module": "call_pipeline.instance", "class": "PipelineInstance"}}
+
+
+@contextlib.contextmanager
+def project_instance_for_test(overrides: Mapping | None = None, **kwargs) -> Iterator[dg.DagsterInstance]:
+    """`dg.instance_for_test` on the project's instance class (`kwargs`: instance_for_test's)."""
+    with dg.instance_for_test(overrides={**PROJECT_INSTANCE_CLASS, **(overrides or {})}, **kwargs) as instance:
+        yield instance
 
 
 def _backoff(model: type, *fields: str) -> dict:

@@ -12,7 +12,12 @@ import pytest
 
 from call_pipeline.sensors import failure_alert_sensor
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import TEST_ACCESS_KEY_SECRET, create_task, run_sync
+from call_pipeline_tests.pipeline_harness import (
+    TEST_ACCESS_KEY_SECRET,
+    create_task,
+    project_instance_for_test,
+    run_sync,
+)
 
 
 @pytest.fixture
@@ -53,7 +58,7 @@ def test_a_failed_run_posts_one_alert(mariadb_url, simulator, webhook, monkeypat
     # the cloud fails for good, and says a phone number in its error
     simulator.state.inject_fault(action="ListJobsByGroup", status=400, code="InvalidParameter", times=None,
                                  message="bad contact 13800138000")
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         result = run_sync(mariadb_url, simulator, task_id, instance)
         assert not result.success
         run = instance.get_run_by_id(result.run_id)

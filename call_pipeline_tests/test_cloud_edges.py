@@ -7,18 +7,23 @@ from __future__ import annotations
 import json
 import time
 
-import dagster as dg
 import pytest
 
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tests.test_sync_job import create_task_leads
 from call_pipeline_tools.simulator.scenarios import build_job_group
 
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

@@ -15,6 +15,7 @@ from dagster._core.storage.compute_log_manager import ComputeIOType
 
 from call_pipeline.compute_logs import MirroredComputeLogManager
 from call_pipeline.crm.database import PROJECT_ROOT
+from call_pipeline_tests.pipeline_harness import project_instance_for_test
 
 COMPUTE_LOGS = {"module": "call_pipeline.compute_logs", "class": "MirroredComputeLogManager"}
 
@@ -71,7 +72,7 @@ def printing_job() -> None:
 
 
 def test_a_steps_output_is_in_the_uis_logs_and_no_process_mirrors_it(tmp_path, capfd):
-    with dg.instance_for_test(temp_dir=str(tmp_path), overrides={"compute_logs": COMPUTE_LOGS}) as instance:
+    with project_instance_for_test(temp_dir=str(tmp_path), overrides={"compute_logs": COMPUTE_LOGS}) as instance:
         manager = instance.compute_log_manager
         assert isinstance(manager, MirroredComputeLogManager)
         # without a base_dir, Dagster's own default: the instance's storage/
@@ -100,7 +101,7 @@ def test_off_the_main_thread_it_is_dagsters_own(tmp_path):
     process mirrors the step's output there."""
     import threading
 
-    with dg.instance_for_test(temp_dir=str(tmp_path), overrides={"compute_logs": COMPUTE_LOGS}) as instance:
+    with project_instance_for_test(temp_dir=str(tmp_path), overrides={"compute_logs": COMPUTE_LOGS}) as instance:
         results = []
         thread = threading.Thread(target=lambda: results.append(printing_job.execute_in_process(instance=instance)))
         thread.start()

@@ -11,7 +11,7 @@ from call_pipeline.cli import main
 from call_pipeline.definitions import defs
 from call_pipeline.resources import resources_from_env
 from call_pipeline.sensors import make_call_task_sensor, make_late_jobs_sensor
-from call_pipeline_tests.pipeline_harness import create_task
+from call_pipeline_tests.pipeline_harness import create_task, project_instance_for_test
 
 CREDENTIALS = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "OUTBOUNDBOT_INSTANCE_ID",
                "DASHSCOPE_API_KEY")
@@ -27,7 +27,7 @@ def without_crm_url(monkeypatch):
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

@@ -9,13 +9,18 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-import dagster as dg
 import pytest
 import sqlalchemy as sa
 
 from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import leads_task_list
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tools.simulator.scenarios import build_job_group_from_crm
 
 LEADS = 250
@@ -25,7 +30,7 @@ BATCHES = 3
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

@@ -9,7 +9,6 @@ import threading
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import dagster as dg
 import pytest
 
 from call_pipeline.crm import repository as repo
@@ -18,7 +17,13 @@ from call_pipeline.crm.schema import call_pipeline_hot_leads_posted
 from call_pipeline.domain.alerts import hot_lead, hot_lead_payload
 from call_pipeline.ops import CRM_ASSET_KEY
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tests.test_sync_job import create_task_leads
 from call_pipeline_tools.simulator.scenarios import build_job_group
 
@@ -68,7 +73,7 @@ def webhook():
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

@@ -4,11 +4,16 @@ SDK, counted by the simulator's per-action counters."""
 
 from __future__ import annotations
 
-import dagster as dg
 import pytest
 
 from call_pipeline.domain.call_results import TERMINAL_JOB_STATUSES
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tools.simulator.scenarios import build_job_group
 
 PAGING = {"page_size": 50, "pages_per_batch": 2}
@@ -16,7 +21,7 @@ PAGING = {"page_size": 50, "pages_per_batch": 2}
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

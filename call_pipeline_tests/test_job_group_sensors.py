@@ -18,7 +18,12 @@ from call_pipeline.crm.schema import call_tasks
 from call_pipeline.definitions import defs
 from call_pipeline.resources import CrmDatabase
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, pipeline_resources
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    pipeline_resources,
+    project_instance_for_test,
+)
 from call_pipeline_tools.simulator.scenarios import DEFAULT_BASE_TIME_MS, build_job_group
 
 DAY_MS = 86_400_000
@@ -36,7 +41,7 @@ def _credentials(monkeypatch):
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

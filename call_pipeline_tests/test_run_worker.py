@@ -12,6 +12,7 @@ import pytest
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 from call_pipeline import run_worker
+from call_pipeline_tests.pipeline_harness import project_instance_for_test
 
 
 @dg.op(pool="call_pipeline_test_pool")
@@ -29,7 +30,7 @@ def test_a_run_whose_step_waits_for_its_pool_sleeps_instead_of_spinning():
     Dagster's own interval (always 0) the waiting run spins on a core; with the worker's, it
     sleeps until its next claim and then runs."""
     run_worker.sleep_while_a_step_waits_for_its_pool()
-    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
+    with project_instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
         storage = instance.event_log_storage
         storage.set_concurrency_slots("call_pipeline_test_pool", 1)
         assert storage.claim_concurrency_slot("call_pipeline_test_pool", "another-run", "its-step").is_claimed
@@ -67,7 +68,7 @@ def test_runs_off_the_main_thread_share_one_watcher_and_only_the_canceling_one_i
     `raise_if_canceling` stays silent for each until its own run is CANCELING, then raises
     Dagster's interrupt (which no op's retry policy turns into a retry: it is no Exception); the
     other run is not touched; the watcher ends with the last run and nothing stays marked."""
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+    with project_instance_for_test(temp_dir=str(tmp_path)) as instance:
         terminated, kept = instance.create_run_for_job(_pooled_job), instance.create_run_for_job(_pooled_job)
         both_in, release = threading.Barrier(3), threading.Event()
         seen: dict[str, BaseException | None] = {}
@@ -118,7 +119,7 @@ class _StorageOnceUnreachable:
 
 
 def test_a_failed_poll_does_not_end_the_watch(tmp_path, caplog):
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as real:
+    with project_instance_for_test(temp_dir=str(tmp_path)) as real:
         instance = _StorageOnceUnreachable(real)
         run = real.create_run_for_job(_pooled_job)
         real.report_run_canceling(run)

@@ -6,7 +6,7 @@ from call_pipeline.crm.database import get_crm_engine
 from call_pipeline.crm.schema import leads_task_list
 from call_pipeline.jobs import advance_task_states
 from call_pipeline.resources import CrmDatabase
-from call_pipeline_tests.pipeline_harness import create_task, snapshot
+from call_pipeline_tests.pipeline_harness import create_task, project_instance_for_test, snapshot
 
 
 def lead(leads_id, job=None, status=None, interested=None):
@@ -31,7 +31,7 @@ def test_advance_task_states_moves_every_task_as_far_as_spec_allows(mariadb_url)
     ids = {}
     for name, (task_type, leads) in tasks.items():
         ids[name] = create_task(mariadb_url, task_type=task_type, job_group_id=f"jg-{name}", leads=leads)
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         result = advance_task_states.execute_in_process(instance=instance,
                                                         resources={"crm": CrmDatabase(url=mariadb_url)})
     assert result.success
@@ -43,7 +43,7 @@ def test_advance_task_states_moves_every_task_as_far_as_spec_allows(mariadb_url)
 
 def test_running_it_again_changes_nothing(mariadb_url):
     task_id = create_task(mariadb_url, task_type=2, leads=[lead(1, "j1", "Succeeded", 1)])
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         for _ in range(2):
             assert advance_task_states.execute_in_process(
                 instance=instance, resources={"crm": CrmDatabase(url=mariadb_url)}).success
@@ -54,7 +54,7 @@ def test_running_it_again_changes_nothing(mariadb_url):
 
 def test_a_task_whose_last_sync_run_failed_is_left_to_its_rerun(mariadb_url):
     task_id = create_task(mariadb_url, task_type=2, leads=[lead(1, "j1", "Succeeded", 1)])
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         job = defs_sync_job()
         run = instance.create_run_for_job(job, tags={"dagster/partition": str(task_id)},
                                           status=dg.DagsterRunStatus.NOT_STARTED)

@@ -9,7 +9,7 @@ from call_pipeline.definitions import defs
 from call_pipeline.run_status import RETRY_GRACE_SECONDS, SYNC_JOB_NAME, partitions_with_active_runs
 from call_pipeline.sensors import make_call_task_sensor, run_key_for
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import create_task
+from call_pipeline_tests.pipeline_harness import create_task, project_instance_for_test
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _credentials(monkeypatch):
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

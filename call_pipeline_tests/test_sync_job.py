@@ -15,6 +15,7 @@ from call_pipeline_tests.pipeline_harness import (
     create_task,
     expected_jobs_by_lead,
     new_reference,
+    project_instance_for_test,
     run_sync,
     snapshot,
 )
@@ -75,7 +76,7 @@ def scenario_group(task_id: int, leads: list[dict]) -> dict:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

@@ -16,7 +16,13 @@ from call_pipeline.domain.followups import AI_UNAVAILABLE_REMARK_PREFIX
 from call_pipeline.ops import LATE_JOBS_TAG
 from call_pipeline.sensors import alert_for, failure_alert_sensor
 from call_pipeline.settings import settings
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tests.test_alerts import webhook  # noqa: F401 - the local HTTP server fixture
 from call_pipeline_tools.simulator.scenarios import build_job_group
 
@@ -29,7 +35,7 @@ DELETED_JOB = 6  # ListJobs no longer returns its job
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 

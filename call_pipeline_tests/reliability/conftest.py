@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
+from call_pipeline_tests.pipeline_harness import project_instance_for_test
 from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
 from call_pipeline_tests.reliability.scenarios import Scenario
@@ -23,7 +24,7 @@ from call_pipeline_tools.simulator.server import start_simulator
 def instance(tmp_path) -> Iterator[dg.DagsterInstance]:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
+    with project_instance_for_test(temp_dir=str(home)) as instance:
         yield instance
 
 
@@ -56,7 +57,7 @@ def clean_run(clean_database_url, tmp_path_factory) -> Callable[[Scenario], dict
         engine.dispose()
         home = tmp_path_factory.mktemp("clean_home")
         with start_simulator() as simulator, pipeline_env(clean_database_url, simulator), \
-                dg.instance_for_test(temp_dir=str(home)) as instance:
+                project_instance_for_test(temp_dir=str(home)) as instance:
             scenario.install(clean_database_url, simulator, all_jobs=True)
             settled = settle(instance, clean_database_url, scenario.task_id, page_size=page_size,
                              executor=FAULT_RUNS_EXECUTOR)

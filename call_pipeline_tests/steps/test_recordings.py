@@ -5,11 +5,16 @@ empty with a warning, fails the run after the rest is saved, and the next run ar
 
 from __future__ import annotations
 
-import dagster as dg
 import pytest
 
 from call_pipeline.clients.recording_store import recording_key
-from call_pipeline_tests.pipeline_harness import create_task, new_reference, run_sync, snapshot
+from call_pipeline_tests.pipeline_harness import (
+    create_task,
+    new_reference,
+    project_instance_for_test,
+    run_sync,
+    snapshot,
+)
 from call_pipeline_tools.simulator.outboundbot import mp3_bytes, wav_bytes
 from call_pipeline_tools.simulator.scenarios import build_job_group
 
@@ -20,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with project_instance_for_test() as instance:
         yield instance
 
 
