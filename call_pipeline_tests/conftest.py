@@ -4,6 +4,7 @@ for the embedded default, and the simulator on a free port, reached through the 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -88,19 +89,26 @@ def mariadb_server_url() -> Iterator[str]:
     yield MARIADB_SERVER_URL
 
 
-@pytest.fixture(scope="session")
-def mariadb_database_url(mariadb_server_url: str) -> Iterator[str]:
-    """A fresh utf8mb4 database on the machine's MariaDB for this test session, dropped after."""
-    name = f"call_pipeline_test_{uuid.uuid4().hex[:10]}"
-    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
+@contextlib.contextmanager
+def mariadb_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new utf8mb4 database named `prefix` and a random suffix on the server; its name, then dropped."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    server = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
     try:
-        yield f"{mariadb_server_url}/{name}?charset=utf8mb4"
+        yield name
     finally:
         with server.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         server.dispose()
+
+
+@pytest.fixture(scope="session")
+def mariadb_database_url(mariadb_server_url: str) -> Iterator[str]:
+    """A fresh database on the machine's MariaDB for this test session, dropped after."""
+    with mariadb_database(mariadb_server_url, "call_pipeline_test") as name:
+        yield f"{mariadb_server_url}/{name}?charset=utf8mb4"
 
 
 @pytest.fixture

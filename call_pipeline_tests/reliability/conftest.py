@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import dagster as dg
 import pytest
-import sqlalchemy as sa
 
 from call_pipeline.crm.database import create_crm_engine, create_crm_tables, get_crm_engine
+from call_pipeline_tests.conftest import mariadb_database
 from call_pipeline_tests.pipeline_harness import project_instance_for_test
 from call_pipeline_tests.reliability.harness import FAULT_RUNS_EXECUTOR, pipeline_env, settle
 from call_pipeline_tests.reliability.invariant import normalized
@@ -31,17 +31,12 @@ def instance(tmp_path) -> Iterator[dg.DagsterInstance]:
 @pytest.fixture(scope="session")
 def clean_database_url(mariadb_server_url: str) -> Iterator[str]:
     """A second database, where each scenario's clean run happens."""
-    name = f"call_pipeline_clean_{uuid.uuid4().hex[:10]}"
-    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    try:
-        yield f"{mariadb_server_url}/{name}?charset=utf8mb4"
-    finally:
-        get_crm_engine(f"{mariadb_server_url}/{name}?charset=utf8mb4").dispose()
-        with server.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        server.dispose()
+    with mariadb_database(mariadb_server_url, "call_pipeline_clean") as name:
+        url = f"{mariadb_server_url}/{name}?charset=utf8mb4"
+        try:
+            yield url
+        finally:
+            get_crm_engine(url).dispose()
 
 
 @pytest.fixture(scope="session")
@@ -125,14 +120,6 @@ def redis_prefix():
 def dagster_mysql_env(mariadb_server_url: str) -> Iterator[dict[str, str]]:
     """A utf8mb4 database of its own on the machine's MariaDB for a production-like Dagster
     instance (deploy/dagster.yaml reads these variables), dropped after."""
-    name = f"call_pipeline_dagster_{uuid.uuid4().hex[:10]}"
-    server = sa.create_engine(mariadb_server_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    try:
+    with mariadb_database(mariadb_server_url, "call_pipeline_dagster") as name:
         yield {"DAGSTER_MYSQL_HOST": "127.0.0.1", "DAGSTER_MYSQL_PORT": "3306", "DAGSTER_MYSQL_USER": "root",
                "DAGSTER_MYSQL_PASSWORD": "", "DAGSTER_MYSQL_DB": name}
-    finally:
-        with server.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        server.dispose()
