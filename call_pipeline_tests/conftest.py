@@ -61,9 +61,9 @@ def _limits_state_dir(tmp_path_factory) -> Iterator[None]:
 
 # Several production-shaped deployments run at once under xdist (reliability/test_run_launcher.py:
 # a daemon, a code server and run workers each, every one keeping its MySQL connections), beside
-# the other workers' tests: 171 connections at the suite's peak, measured. MariaDB's default of
-# 151 refused some, and a refused connection failed a killed-worker test's runs in its own way
-# (three failures in one CI). 300 is what the README advises a deployment that starts bursts.
+# the other workers' tests: 171 connections at the suite's peak, measured (README, "Tests").
+# MariaDB's default of 151 refuses some, and a refused connection fails those tests' runs in ways
+# of its own. 300 is what the README advises a deployment that starts bursts.
 MARIADB_CONNECTIONS_NEEDED = 300
 
 
